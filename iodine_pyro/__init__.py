@@ -1,0 +1,1 @@
+"""IODINE as a Pyro program."""

@@ -1,0 +1,226 @@
+"""The ``iodine-pyro`` command line: a thin layer over the package's functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="IODINE (Greff et al., 2019) as a Pyro program: train, evaluate, sample, plot.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate and inspect datasets.")
+app.add_typer(data_app, name="data")
+
+
+class Preset(str, Enum):
+    paper = "paper"
+    deepmind = "deepmind"
+
+
+class GuideKind(str, Enum):
+    iterative = "iterative"
+    amortized = "amortized"
+
+
+class DecoderKind(str, Enum):
+    broadcast = "broadcast"
+    deconv = "deconv"
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+
+
+@app.command()
+def fit(
+    dataset: str = typer.Option("tetrominoes", help="Dataset and its architecture preset (paper appendix C)."),
+    preset: Preset = typer.Option(Preset.paper, help="paper (appendix C) or deepmind (released code)."),
+    steps: int = typer.Option(300, help="Total optimisation steps of the run (a resumed run continues to this)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step (default: the preset's)."),
+    out: Path = typer.Option(Path("runs/tetrominoes"), help="Run directory (resumed when it holds a checkpoint)."),
+    data: Optional[Path] = typer.Option(None, help="Stored dataset to train on (default: generate one in OUT/data)."),
+    eval_data: Optional[Path] = typer.Option(None, help="Held-out dataset for evaluate (default: generated with --data unset)."),
+    num_images: int = typer.Option(4096, help="Images to generate when --data is not given."),
+    guide: GuideKind = typer.Option(GuideKind.iterative, help="iterative (IODINE) or amortized (VAE baseline)."),
+    decoder: Optional[DecoderKind] = typer.Option(None, help="broadcast (default) or deconv (ablation)."),
+    num_slots: Optional[int] = typer.Option(None, help="K (default: the dataset's)."),
+    num_iters: Optional[int] = typer.Option(None, help="T refinement iterations (default: 5)."),
+    ablate: list[str] = typer.Option([], help="Leave out a refinement input by name (repeatable)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the preset's)."),
+    seed: int = typer.Option(0, help="Seed of parameters, sampling, data generation and order."),
+    log_every: int = typer.Option(25, help="Log metrics every N steps."),
+    checkpoint_every: int = typer.Option(250, help="Write a checkpoint every N steps."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Train IODINE; writes OUT/checkpoint.pt, OUT/metrics.jsonl and pictures of the result."""
+    from .config import ARCHITECTURES
+    from .data import GENERATORS, generate
+    from .train import fit as run_fit
+
+    for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--num-slots", num_slots),
+                        ("--num-iters", num_iters), ("--num-images", num_images),
+                        ("--log-every", log_every), ("--checkpoint-every", checkpoint_every)]:
+        _positive(name, value)
+    if dataset not in ARCHITECTURES:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from {', '.join(sorted(ARCHITECTURES))}",
+                                 param_hint="--dataset")
+    overrides = {"guide.kind": guide.value}
+    for key, value in [("train.batch_size", batch_size), ("model.num_slots", num_slots),
+                       ("guide.num_iters", num_iters), ("train.lr", lr),
+                       ("model.decoder", decoder.value if decoder else None)]:
+        if value is not None:
+            overrides[key] = value
+    if ablate:
+        overrides["guide.disabled_inputs"] = tuple(ablate)
+    if data is None:
+        if dataset not in GENERATORS:
+            raise UserError(f"no generator for {dataset!r} yet; pass --data with a stored dataset")
+        data, gen_eval = out / "data" / "train", out / "data" / "test"
+        progress = not quiet
+        if not (data / "zarr.json").exists() and not (data / ".zattrs").exists():
+            generate(dataset, num_images, data, seed=seed, progress=progress, overwrite=True)
+        if eval_data is None:
+            if not (gen_eval / "zarr.json").exists() and not (gen_eval / ".zattrs").exists():
+                generate(dataset, min(1024, num_images), gen_eval, seed=seed + 10_000,
+                         progress=progress, overwrite=True)
+            eval_data = gen_eval
+    result = run_fit(out=out, data=data, eval_data=eval_data, steps=steps, dataset=dataset,
+                     preset=preset.value, overrides=overrides, seed=seed, log_every=log_every,
+                     checkpoint_every=checkpoint_every, device=device, progress=not quiet)
+    _finish_pictures(out, device)
+    last = result.last_metrics
+    summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "mse", "kl", "fg_ari") if k in last)
+    how = "stopped by signal at" if result.stopped == "signal" else "trained to"
+    typer.echo(f"{how} step {result.step}: {summary or 'no metrics logged'}; run in {out}")
+
+
+def _finish_pictures(out: Path, device: str) -> None:
+    """decomposition.png and curves.png of a run directory."""
+    import torch
+
+    from .data import load_images, open_dataset
+    from .evaluate import default_data, load_run
+    from .plotting import plot_curves, plot_decomposition
+
+    system, ckpt = load_run(out, device)
+    ds = open_dataset(default_data(ckpt))
+    batch = load_images(ds, 0, min(4, ds.sizes["image"]))
+    torch.manual_seed(0)
+    last = system.infer(batch["image"].to(device))[-1]
+    plot_decomposition(batch["image"], last, out / "decomposition.png",
+                       title=f"{ckpt['config'].dataset}, step {ckpt['step']}, final refinement step")
+    records = _read_metrics(out)
+    if records:
+        plot_curves(records, out / "curves.png", title=str(out))
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    return rows
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Run directory (or checkpoint file)."),
+    num_images: int = typer.Option(256, help="Number of images to evaluate."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    data: Optional[Path] = typer.Option(None, help="Dataset (default: the run's held-out set)."),
+    num_iters: Optional[int] = typer.Option(None, help="Refinement iterations (may exceed the trained T)."),
+    num_slots: Optional[int] = typer.Option(None, help="K at test time (may differ from training)."),
+    seed: int = typer.Option(0, help="Seed of the posterior samples."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """FG-ARI, ARI, MSE, KL and NLL at every refinement step."""
+    from .evaluate import evaluate as run_evaluate
+
+    for name, value in [("--num-images", num_images), ("--batch-size", batch_size),
+                        ("--num-iters", num_iters), ("--num-slots", num_slots)]:
+        _positive(name, value)
+    result = run_evaluate(run_dir, num_images=num_images, batch_size=batch_size, data=data,
+                          num_iters=num_iters, num_slots=num_slots, seed=seed, device=device,
+                          progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{result['dataset']}/{result['preset']} run at step {result['step']}, "
+               f"{result['num_images']} images of {result['data']}")
+    typer.echo(f"{'t':>3} {'FG-ARI':>8} {'ARI':>8} {'MSE':>9} {'KL':>9} {'NLL':>11}")
+    for t in range(result["num_iters"]):
+        typer.echo(f"{t + 1:>3} {result['fg_ari'][t]:>8.4f} {result['ari'][t]:>8.4f} "
+                   f"{result['mse'][t]:>9.5f} {result['kl'][t]:>9.3f} {result['nll'][t]:>11.1f}")
+
+
+@data_app.command("generate")
+def data_generate(
+    name: str = typer.Argument(..., help="Dataset to generate."),
+    num_images: int = typer.Option(..., help="Number of images."),
+    out: Path = typer.Option(..., help="Output directory."),
+    seed: int = typer.Option(0, help="Seed."),
+    workers: Optional[int] = typer.Option(None, help="Processes (default: up to 4)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing dataset at OUT."),
+):
+    """Generate a dataset procedurally into the on-disk format."""
+    from .data import GENERATORS, generate
+
+    _positive("--num-images", num_images)
+    if name not in GENERATORS:
+        raise typer.BadParameter(f"unknown dataset {name!r}; choose from {', '.join(sorted(GENERATORS))}",
+                                 param_hint="NAME")
+    path = generate(name, num_images, out, seed=seed, workers=workers, overwrite=overwrite)
+    typer.echo(f"wrote {num_images} {name} images to {path}")
+
+
+@data_app.command("info")
+def data_info(path: Path = typer.Argument(..., help="Dataset directory.")):
+    """Counts, shapes and the object-count histogram of a stored dataset."""
+    import numpy as np
+
+    from .data import open_dataset
+
+    ds = open_dataset(path)
+    typer.echo(f"{path}: {ds.attrs.get('dataset', '?')}, {ds.sizes['image']} images of "
+               f"{ds.sizes['height']}x{ds.sizes['width']}x{ds.sizes['channel']}, {ds.sizes['group']} mask groups")
+    if "visibility" in ds:
+        counts = np.asarray(ds["visibility"][:, 1:].values > 0).sum(1)
+        hist = np.bincount(counts.astype(int))
+        typer.echo("objects per image: " + ", ".join(f"{i}: {c}" for i, c in enumerate(hist) if c))
+    typer.echo("variables: " + ", ".join(f"{k} {tuple(v.dims)}" for k, v in ds.data_vars.items()))
+
+
+def main() -> None:
+    """Entry point: known errors print one line and exit 2, never a traceback."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .train import TrainingError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app()  # usage errors are reported by typer (exit 2)
+    except (UserError, DatasetError, CheckpointError, TrainingError, ValueError, OSError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

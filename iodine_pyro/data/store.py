@@ -1,0 +1,521 @@
+"""The on-disk dataset format: generation, lazy opening, and batches for training.
+
+Every dataset (generated here, or converted from official files) is one zarr store (a
+directory) written with xarray, chunked by 256 images along ``image`` and zstd-compressed
+(with a checksum per chunk), so that a large set is written chunk by chunk and read lazily:
+
+=============  ==================================  ==========================================
+variable       dims                                dtype
+=============  ==================================  ==========================================
+``image``      (image, height, width, channel)     uint8
+``mask``       (image, group, height, width)       uint8 0/1; group 0 is the background
+factors        (image, group) or (image, group,    numeric; e.g. ``x``, ``y``, ``shape``,
+               rgb) for ``color``                  ``color``, ``visibility``
+=============  ==================================  ==========================================
+
+Dataset attributes: ``format = "iodine-pyro-dataset"``, ``format_version = 1``,
+``dataset`` (e.g. ``"tetrominoes"``), ``seed``, ``generator`` (a description) and
+``num_images`` (written first, so an interrupted generation is recognised as incomplete).
+xarray files a variable named like a dimension (``image``) under coordinates; this module
+turns it back into a data variable on writing and opening.
+
+Training reads whole chunks through :class:`Batches` (a shuffle buffer of a few chunks)
+instead of one image at a time, since each random image access would decompress a chunk.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+from tqdm.auto import tqdm
+
+from . import tetrominoes
+from .errors import DatasetError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CHUNK_SIZE",
+    "GeneratorSpec",
+    "GENERATORS",
+    "generate",
+    "open_dataset",
+    "Batches",
+    "load_images",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "iodine-pyro-dataset"
+FORMAT_VERSION = 1
+CHUNK_SIZE = 256
+ZSTD_LEVEL = 9
+
+IMAGE_DIMS = ("image", "height", "width", "channel")
+Arrays = dict[str, np.ndarray]
+MASK_DIMS = ("image", "group", "height", "width")
+
+
+# ---------------------------------------------------------------------------------------
+# Generators
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """A procedural dataset.
+
+    Args:
+        image_shape: (height, width, channels) of one image.
+        num_groups: mask groups per image, background (group 0) included.
+        make_chunk: ``make_chunk(rng, n)`` -> dict of numpy arrays with a leading axis of
+            length n: ``image`` [n, H, W, C] uint8, ``mask`` [n, G, H, W] uint8 0/1, and
+            per-group factors [n, G] or [n, G, k].
+        description: a short description, stored as the ``generator`` attribute.
+        factor_dims: names of the trailing dims of factors with more than 2 dims.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_groups: int
+    make_chunk: Callable[[np.random.Generator, int], dict[str, np.ndarray]]
+    description: str
+    factor_dims: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"color": ("rgb",)})
+
+
+GENERATORS: dict[str, GeneratorSpec] = {
+    "tetrominoes": GeneratorSpec(
+        image_shape=(tetrominoes.IMAGE_SIZE, tetrominoes.IMAGE_SIZE, 3),
+        num_groups=tetrominoes.NUM_GROUPS,
+        make_chunk=tetrominoes.make_chunk,
+        description="iodine_pyro.data.tetrominoes: 3 non-overlapping bevelled tetrominoes, "
+        "35x35, as DeepMind's multi_object_datasets",
+    ),
+}
+
+
+def _generate_chunk(name: str, seed: np.random.SeedSequence, n: int) -> dict[str, np.ndarray]:
+    """One chunk of a registered generator (runs in a worker process)."""
+    return GENERATORS[name].make_chunk(np.random.default_rng(seed), n)
+
+
+def _to_xarray(arrays: dict[str, np.ndarray], spec: GeneratorSpec) -> xr.Dataset:
+    variables = {}
+    for key, value in arrays.items():
+        if key == "image":
+            dims = IMAGE_DIMS
+        elif key == "mask":
+            dims = MASK_DIMS
+        elif value.ndim == 2:
+            dims = ("image", "group")
+        else:
+            dims = ("image", "group") + spec.factor_dims[key]
+        variables[key] = (dims, value)
+    return _image_as_data(xr.Dataset(variables))
+
+
+def _image_as_data(ds: xr.Dataset) -> xr.Dataset:
+    """Make ``image`` a data variable: xarray files a variable named like a dimension
+    under coordinates."""
+    return ds.reset_coords("image") if "image" in ds.coords else ds
+
+
+def _encoding(ds: xr.Dataset, chunk_size: int) -> dict[str, dict[str, Any]]:
+    codec = zarr.codecs.ZstdCodec(level=ZSTD_LEVEL, checksum=True)
+    return {
+        name: {
+            "chunks": (chunk_size,) + var.shape[1:],
+            "compressors": (codec,),
+            "chunk_key_encoding": {"name": "default", "separator": "."},  # flat: one file per chunk
+        }
+        for name, var in ds.variables.items()
+    }
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber existing data; remove an old store when ``overwrite``."""
+    if out.is_file():
+        raise DatasetError(f"{out} is a file, not a dataset directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise DatasetError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    if not _is_store(out):
+        raise DatasetError(f"{out} is not empty and not a dataset store; refusing to delete it")
+    log.info("removing existing store %s", out)
+    shutil.rmtree(out)
+
+
+class _InProcess(Executor):
+    """A serial executor: workers=1 runs without spawning processes."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _ordered_results(executor: Executor, tasks: list[tuple], window: int) -> Iterator[dict[str, np.ndarray]]:
+    """Run ``_generate_chunk`` over tasks in order, at most ``window`` chunks in flight."""
+    pending: collections.deque[Future] = collections.deque()
+    for task in tasks:
+        pending.append(executor.submit(_generate_chunk, *task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def generate(
+    name: str,
+    num_images: int,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+) -> Path:
+    """Generate ``num_images`` images of dataset ``name`` into a new store at ``out``.
+
+    Chunk i is drawn from ``SeedSequence(seed).spawn(...)[i]``, so the data depend only on
+    ``seed`` and ``chunk_size``, not on ``workers``; for Tetrominoes a smaller set is a
+    prefix of a larger one. Chunks are appended to the store as they arrive; memory stays bounded.
+
+    Args:
+        name: a key of :data:`GENERATORS`.
+        num_images: number of images (at least 1).
+        out: the store directory; must not exist or be empty unless ``overwrite``.
+        seed: the dataset's seed.
+        workers: processes (default ``min(cpu_count, 4)``); 1 runs in this process.
+        progress: show a tqdm progress bar.
+        overwrite: replace an existing store at ``out``.
+        chunk_size: images per chunk (also the generation unit).
+
+    Returns:
+        the store's path.
+    """
+    if name not in GENERATORS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(sorted(GENERATORS))}")
+    if num_images < 1 or chunk_size < 1:
+        raise ValueError("num_images and chunk_size must be at least 1")
+    spec = GENERATORS[name]
+    out = Path(out)
+    _prepare_output(out, overwrite)
+    workers = workers or min(os.cpu_count() or 1, 4)
+    num_chunks = math.ceil(num_images / chunk_size)
+    seeds = np.random.SeedSequence(seed).spawn(num_chunks)
+    tasks = [(name, s, min(chunk_size, num_images - i * chunk_size)) for i, s in enumerate(seeds)]
+    attrs = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dataset": name,
+        "seed": int(seed),
+        "generator": spec.description,
+        "num_images": int(num_images),
+    }
+    executor: Executor = _InProcess() if workers == 1 else ProcessPoolExecutor(min(workers, num_chunks))
+    with executor, tqdm(total=num_images, disable=not progress, desc=f"generate {name}", unit="img") as bar:
+        for i, arrays in enumerate(_ordered_results(executor, tasks, window=2 * workers)):
+            chunk = _to_xarray(arrays, spec)
+            chunk.attrs.update(attrs)  # an append rewrites the group's attributes
+            if i == 0:
+                chunk.to_zarr(out, mode="w", encoding=_encoding(chunk, chunk_size), consolidated=False,
+                              zarr_format=3, write_empty_chunks=True)
+            else:
+                chunk.to_zarr(out, append_dim="image", consolidated=False, write_empty_chunks=True)
+            bar.update(chunk.sizes["image"])
+    log.info("wrote %d %s images to %s", num_images, name, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Opening and validation
+# ---------------------------------------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_attrs(ds: xr.Dataset, path: Path) -> None:
+    if ds.attrs.get("format") != FORMAT:
+        raise DatasetError(f"{path} is not an iodine-pyro dataset (no format={FORMAT!r} attribute)")
+    version = ds.attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{path} has format_version {version!r}; this version reads {FORMAT_VERSION}")
+
+
+def _check_variables(ds: xr.Dataset, path: Path) -> None:
+    for name, dims in (("image", IMAGE_DIMS), ("mask", MASK_DIMS)):
+        if name not in ds.data_vars:
+            raise DatasetError(f"{path} has no {name!r} variable")
+        var = ds[name]
+        if var.dims != dims or var.dtype != np.uint8:
+            raise DatasetError(f"{path}: {name!r} is {var.dtype} {var.dims}; expected uint8 {dims}")
+    for name, var in ds.data_vars.items():
+        if var.dims[:2] != ("image", "group") and name not in ("image", "mask"):
+            raise DatasetError(f"{path}: factor {name!r} has dims {var.dims}; "
+                               f"expected ('image', 'group', ...)")
+        if not np.issubdtype(var.dtype, np.number):
+            raise DatasetError(f"{path}: {name!r} has non-numeric dtype {var.dtype}")
+
+
+def _check_sizes(ds: xr.Dataset, path: Path) -> None:
+    n = ds.sizes["image"]
+    expected = ds.attrs.get("num_images", n)
+    if n == 0 or n != expected:
+        raise DatasetError(f"{path} is incomplete: {n} of {expected} images")
+    spec = GENERATORS.get(ds.attrs.get("dataset", ""))
+    if spec is not None:
+        shape = (ds.sizes["height"], ds.sizes["width"], ds.sizes["channel"])
+        if shape != spec.image_shape or ds.sizes["group"] != spec.num_groups:
+            raise DatasetError(f"{path}: images {shape} with {ds.sizes['group']} groups do not match "
+                               f"{ds.attrs['dataset']} ({spec.image_shape}, {spec.num_groups} groups)")
+
+
+def _check_chunks(path: Path) -> None:
+    """Every chunk file is present (zarr would silently read a missing one as zeros)."""
+    try:
+        counts = {name: (array.nchunks_initialized, array.nchunks)
+                  for name, array in zarr.open_group(path, mode="r").arrays()}
+    except Exception as err:
+        raise DatasetError(f"cannot open dataset {path}: {_first_line(err)}") from err
+    for name, (present, total) in counts.items():
+        if present != total:
+            raise DatasetError(f"{path} is truncated: {name!r} has {present} of {total} chunks")
+
+
+def open_dataset(path: str | Path) -> xr.Dataset:
+    """Open a stored dataset lazily (nothing is read until indexed) and validate it.
+
+    Raises:
+        DatasetError: with a one-line message naming ``path`` when it is missing, not this
+            format, lacks a variable, has wrong dims/dtypes/sizes, or is truncated/unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"no dataset at {path}")
+    if not path.is_dir():
+        raise DatasetError(f"{path} is not a dataset directory")
+    try:  # cache=False: indexing reads from disk each time, nothing accumulates in memory
+        ds = xr.open_dataset(path, engine="zarr", chunks=None, cache=False, consolidated=False,
+                             mask_and_scale=False)
+    except Exception as err:  # zarr, json and OS errors alike: the store is not readable
+        raise DatasetError(f"cannot open dataset {path}: {_first_line(err)}") from err
+    ds = _image_as_data(ds)
+    _check_attrs(ds, path)
+    _check_variables(ds, path)
+    _check_sizes(ds, path)
+    _check_chunks(path)
+    ds = ds[["image", "mask", *sorted(k for k in ds.data_vars if k not in ("image", "mask"))]]
+    ds.encoding["source"] = str(path)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------
+
+
+def _read(ds: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Images and masks [start, stop) as numpy; read errors become DatasetError."""
+    try:
+        return {
+            "image": ds["image"][start:stop].values,  # [n, H, W, C] uint8
+            "mask": ds["mask"][start:stop].values,  # [n, G, H, W] uint8
+        }
+    except Exception as err:  # codec or OS errors of a damaged store
+        source = ds.encoding.get("source", "dataset")
+        raise DatasetError(f"cannot read images {start}:{stop} of {source}: {_first_line(err)}") from err
+
+
+def _to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    image = torch.from_numpy(arrays["image"]).permute(0, 3, 1, 2)  # [B, C, H, W] uint8
+    return {
+        "image": image.float().div_(255.0).contiguous(),  # [B, C, H, W] float32 in [0, 1]
+        "mask": torch.from_numpy(arrays["mask"]).float(),  # [B, G, H, W] float32 0/1
+    }
+
+
+def load_images(ds: xr.Dataset, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Images ``start:stop`` as a batch dict: ``image`` [B, C, H, W] float32 in [0, 1],
+    ``mask`` [B, G, H, W] float32 0/1 (for evaluation)."""
+    n = ds.sizes["image"]
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"image range {start}:{stop} is outside 0:{n}")
+    return _to_tensors(_read(ds, start, stop))
+
+
+def _chunk_size(ds: xr.Dataset) -> int:
+    encoding = ds["image"].encoding
+    preferred = encoding.get("preferred_chunks", {}).get("image")
+    if preferred:
+        return int(preferred)
+    chunks = encoding.get("chunks")
+    return int(chunks[0]) if chunks else CHUNK_SIZE
+
+
+class Batches:
+    """Shuffled mini-batches over a stored dataset, infinite over epochs and resumable.
+
+    Each epoch permutes the order of the store's chunks, reads ``buffer_chunks`` chunks at a
+    time, shuffles the images within that buffer and cuts the resulting stream into batches.
+    Batches may span two buffers but never two epochs; with ``drop_last`` the epoch's final
+    partial batch is dropped, otherwise it is yielded (smaller). The order depends only on
+    ``seed``, the epoch and the buffer index, so :meth:`state_dict` (epoch, position) is all
+    that a resumed stream needs to continue exactly where the original left off.
+
+    Each batch is a dict: ``image`` [B, C, H, W] float32 in [0, 1], ``mask`` [B, G, H, W]
+    float32 0/1.
+
+    Args:
+        ds: a dataset from :func:`open_dataset` (or a path to one).
+        batch_size: images per batch.
+        seed: seed of the order.
+        shuffle: shuffle chunks and images; otherwise images come in stored order.
+        drop_last: drop each epoch's final partial batch.
+        buffer_chunks: chunks read and shuffled together.
+    """
+
+    def __init__(self, ds: xr.Dataset | str | Path, batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, buffer_chunks: int = 4):
+        self.ds = ds if isinstance(ds, xr.Dataset) else open_dataset(ds)
+        self.num_images = self.ds.sizes["image"]
+        if batch_size < 1 or buffer_chunks < 1:
+            raise ValueError("batch_size and buffer_chunks must be at least 1")
+        if drop_last and batch_size > self.num_images:
+            raise ValueError(f"batch_size {batch_size} exceeds the {self.num_images} images with drop_last")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.buffer_chunks = buffer_chunks
+        self.chunk_size = _chunk_size(self.ds)
+        self.num_chunks = math.ceil(self.num_images / self.chunk_size)
+        self.epoch = 0
+        self.position = 0  # images of the current epoch already yielded
+        self._stream: Iterator[dict[str, torch.Tensor]] | None = None
+
+    # -- order ----------------------------------------------------------------------------
+
+    def _epoch_end(self) -> int:
+        """Stream position at which the epoch's batches end."""
+        if self.drop_last:
+            return self.num_images - self.num_images % self.batch_size
+        return self.num_images
+
+    def _buffers(self, epoch: int) -> list[list[int]]:
+        """Chunk indices of each buffer of an epoch, in reading order."""
+        chunks = np.arange(self.num_chunks)
+        if self.shuffle:
+            chunks = np.random.default_rng([self.seed, epoch]).permutation(self.num_chunks)
+        return [sorted(chunks[i : i + self.buffer_chunks].tolist())
+                for i in range(0, self.num_chunks, self.buffer_chunks)]
+
+    def _load_buffer(self, epoch: int, index: int, chunks: list[int]) -> dict[str, np.ndarray]:
+        """The images of a buffer, shuffled, as numpy arrays."""
+        parts = [_read(self.ds, c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_images))
+                 for c in chunks]
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # [n, ...] each
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, index]).permutation(len(arrays["image"]))
+            arrays = {k: v[order] for k, v in arrays.items()}
+        return arrays
+
+    def _buffer_size(self, chunks: list[int]) -> int:
+        return sum(min(self.chunk_size, self.num_images - c * self.chunk_size) for c in chunks)
+
+    # -- iteration ------------------------------------------------------------------------
+
+    def _epoch_stream(self, epoch: int, position: int) -> Iterator[dict[str, np.ndarray]]:
+        """Images of an epoch from stream position ``position`` on, buffer by buffer."""
+        start = 0
+        for index, chunks in enumerate(self._buffers(epoch)):
+            size = self._buffer_size(chunks)
+            if start + size > position:
+                arrays = self._load_buffer(epoch, index, chunks)
+                skip = max(position - start, 0)
+                yield {k: v[skip:] for k, v in arrays.items()}
+            start += size
+
+    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            epoch, position, end = self.epoch, self.position, self._epoch_end()
+            pending: list[dict[str, np.ndarray]] = []
+            held = 0
+            for arrays in self._epoch_stream(epoch, position):
+                pending.append(arrays)
+                held += len(arrays["image"])
+                while held >= self.batch_size and position < end:
+                    batch, pending = _take(pending, self.batch_size)
+                    held -= self.batch_size
+                    position += self.batch_size
+                    self._advance(epoch, position, end)
+                    yield _to_tensors(batch)
+            if position < end:  # the final partial batch (drop_last=False)
+                batch, pending = _take(pending, end - position)
+                self._advance(epoch, end, end)
+                yield _to_tensors(batch)
+            if self.epoch == epoch:  # an epoch with no batch left to yield
+                self._advance(epoch, end, end)
+
+    def _advance(self, epoch: int, position: int, end: int) -> None:
+        self.epoch, self.position = (epoch + 1, 0) if position >= end else (epoch, position)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._stream is None:
+            self._stream = self._generate()
+        return next(self._stream)
+
+    # -- resuming -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream stands: the next batch is the one at ``position`` of ``epoch``."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict`; the next batch is the one it names."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < max(self._epoch_end(), 1):
+            raise ValueError(f"invalid data state {state} for {self.num_images} images")
+        self.epoch, self.position = epoch, position
+        self._stream = None
+
+
+def _take(pending: list[Arrays], n: int) -> tuple[Arrays, list[Arrays]]:
+    """The first n images of a list of array dicts, and what is left."""
+    taken, rest, need = [], list(pending), n
+    while need > 0:
+        head = rest.pop(0)
+        count = len(head["image"])
+        if count <= need:
+            taken.append(head)
+            need -= count
+        else:
+            taken.append({k: v[:need] for k, v in head.items()})
+            rest.insert(0, {k: v[need:] for k, v in head.items()})
+            need = 0
+    batch = {k: np.concatenate([t[k] for t in taken]) if len(taken) > 1 else taken[0][k] for k in taken[0]}
+    return batch, rest

@@ -1,0 +1,204 @@
+"""IODINE's iterative amortized posterior as a Pyro guide.
+
+    lambda_1 = trainable vector, tiled over images and slots
+    for t = 1..T:
+        z_t ~ q(z | lambda_t)                     (site f"t{t-1}/z", scaled w_t / B)
+        decode z_t; L_t = -ELBO_t (mean over images)
+        lambda_{t+1} = lambda_t + f_phi(inputs(x, z_t, dL_t/d(lambda_t, mu, m)), h_t)
+
+The refinement inputs are stop-gradient (layer-normed where `LAYER_NORMED` says); the
+chain of lambdas is not, so training backpropagates through every step. The last
+step's refinement is never scored and is not computed.
+
+At inference (grad disabled by the caller, as in `Predictive` or evaluation) each step
+starts from a detached lambda and LSTM state, so no activations of earlier steps are kept.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pyro
+import torch
+import torch.nn as nn
+from pyro.contrib.autoname import scope
+from torch.distributions import Normal, kl_divergence
+
+from ..config import LAYER_NORMED, SPATIAL_INPUTS, Config
+from ..models.decoders import coordinate_grid, cosine_grid
+from ..models.iodine import Decoded, IodineModel, step_scale, step_weights
+from .refinement import InputNorm, RefinementNetwork, posterior_scale
+
+
+class Step(NamedTuple):
+    """What one refinement step saw: its posterior parameters, sample and decoding."""
+
+    lam: torch.Tensor          # [B, K, 2 n_z]
+    z: torch.Tensor            # [B, K, n_z]
+    decoded: Decoded           # means [B, K, C, H, W], mask_logits [B, K, H, W]
+
+
+def input_channels(name: str, image_channels: int) -> int:
+    return {"image": image_channels, "means": image_channels, "grad_means": image_channels,
+            "coordinates": 2, "cos_coordinates": 8}.get(name, 1)
+
+
+def initial_scale_param(kind: str, prior_var: float) -> float:
+    """s such that the initial posterior's sigma equals the prior's."""
+    import math
+
+    target = prior_var if kind == "sqrt_softplus" else prior_var ** 0.5  # softplus(s) = target
+    return math.log(math.expm1(target))
+
+
+class IterativeGuide(nn.Module):
+    """q(z | x) refined for T steps by a learned network reading the ELBO's gradients.
+
+    Args:
+        model: the `IodineModel` whose decoder and likelihood the guide differentiates
+            (held by reference, not registered as a submodule).
+        cfg: the full `Config`; uses ``cfg.guide`` and the model's shapes.
+    """
+
+    def __init__(self, model: IodineModel, cfg: Config):
+        super().__init__()
+        self.__dict__["model"] = model            # a reference, not a child module
+        g, m = cfg.guide, cfg.model
+        self.cfg, self.n_z = g, m.latent_dim
+        self.spatial_names = [n for n in g.active_inputs() if n in SPATIAL_INPUTS]
+        self.vector_names = [n for n in g.active_inputs() if n not in SPATIAL_INPUTS]
+        C = m.image_channels
+        self.norms = nn.ModuleDict({n: InputNorm(input_channels(n, C))
+                                    for n in self.spatial_names if n in LAYER_NORMED})
+        if "grad_posterior" in self.vector_names:
+            self.norms["grad_posterior"] = InputNorm(2 * self.n_z)
+        s0 = initial_scale_param(g.posterior_scale, m.prior_var)
+        self.lambda0 = nn.Parameter(torch.cat([torch.zeros(self.n_z), torch.full((self.n_z,), s0)]))
+        self.net = RefinementNetwork(
+            spatial_channels=sum(input_channels(n, C) for n in self.spatial_names),
+            vector_dim=2 * self.n_z * len(self.vector_names), out_dim=2 * self.n_z,
+            conv_channels=g.conv_channels, kernel=g.conv_kernel, stride=g.conv_stride,
+            mlp=g.mlp, lstm=g.lstm)
+        self.default_weights = step_weights("iterative", g.loss_weights, g.num_iters)
+
+    def posterior(self, lam: torch.Tensor) -> Normal:
+        """q(z | lambda) with batch shape [B, K, n_z]."""
+        loc, s = lam.split(self.n_z, -1)                        # [B, K, n_z] each
+        return Normal(loc, posterior_scale(s, self.cfg.posterior_scale))
+
+    def forward(self, x: torch.Tensor, weights: list[float] | None = None,
+                batch_size: int | None = None, num_slots: int | None = None) -> list[Step]:
+        pyro.module("guide", self)
+        model, training = self.model, torch.is_grad_enabled()
+        weights = weights or self.default_weights
+        B, K = x.shape[0], num_slots or model.cfg.num_slots
+        model.forget()
+        lam = self.lambda0.expand(B, K, 2 * self.n_z)           # lam: [B, K, 2 n_z]
+        state, steps = None, []
+        with pyro.plate("images", B):
+            for t, w in enumerate(weights):
+                with torch.enable_grad():
+                    if not training:                            # keep no earlier activations
+                        lam = lam.detach().requires_grad_()
+                    q = self.posterior(lam)
+                    with scope(prefix=f"t{t}"), step_scale(w, B):
+                        z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
+                    decoded = model.decode(z)                   # [B, K, C, H, W], [B, K, H, W]
+                    last = t == len(weights) - 1
+                    if not last:
+                        spatial, vector = self.refinement_inputs(x, lam, q, decoded, training)
+                        delta, state = self.net(spatial, vector, state)  # [B*K, 2 n_z]
+                if not training:
+                    decoded = Decoded(decoded.means.detach(), decoded.mask_logits.detach())
+                    state = tuple(s.detach() for s in state) if state is not None else None
+                    delta = delta.detach() if not last else None
+                model.remember(z, decoded)
+                steps.append(Step(lam if training else lam.detach(), z if training else z.detach(), decoded))
+                if not last:
+                    lam = lam + delta.view(B, K, -1)            # [B, K, 2 n_z]
+        return steps
+
+    # -- refinement inputs ---------------------------------------------------------------
+    def refinement_inputs(self, x: torch.Tensor, lam: torch.Tensor, q: Normal, decoded: Decoded,
+                          keep_graph: bool, terms=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All inputs of f_phi, stop-gradient: ([B*K, C_in, H, W], [B*K, V]).
+
+        `terms` are the `mixture_terms` of (x, decoded) when the caller has them already.
+        """
+        B, K, C, H, W = decoded.means.shape
+        if terms is None:
+            terms = self.model.terms(x, decoded)                # log_px [B, H, W], comp, log_masks [B, K, H, W]
+        grads = self._loss_gradients(x, lam, q, decoded, terms, keep_graph)
+        feats = []
+        for name in self.spatial_names:
+            with torch.no_grad():                               # stop-gradient inputs
+                f = self._spatial(name, x, decoded, terms, grads)   # [B, K|1, c, H, W]
+                f = f.expand(B, K, *f.shape[2:]).reshape(B * K, *f.shape[2:])  # [B*K, c, H, W]
+            feats.append(self.norms[name](f) if name in self.norms else f)  # norms are trained
+        spatial = torch.cat(feats, 1)                           # [B*K, C_in, H, W]
+        vec = {"posterior": lambda: lam.detach().reshape(B * K, -1),                  # [B*K, 2 n_z]
+               "grad_posterior": lambda: self.norms["grad_posterior"](grads["lam"].reshape(B * K, -1))}
+        vector = torch.cat([vec[n]() for n in self.vector_names], 1) if self.vector_names \
+            else spatial.new_zeros(B * K, 0)                     # [B*K, V]
+        return spatial, vector
+
+    def _loss_gradients(self, x, lam, q, decoded, terms, keep_graph) -> dict[str, torch.Tensor]:
+        """dL_t / d(lambda, mu, mask logits), L_t = mean_b[-log p(x_b | z_b) + KL(q_b || p)]."""
+        wanted = {"lam": "grad_posterior", "means": "grad_means", "mask_logits": "grad_mask"}
+        wanted = {k: v for k, v in wanted.items() if v in self.cfg.active_inputs()}
+        if not wanted:
+            return {}
+        prior = self.model.prior(x.shape[0], lam.shape[1], like=lam)
+        loss = -terms.log_px.sum((1, 2)).mean() + kl_divergence(q, prior).sum((1, 2)).mean()
+        targets = {"lam": lam, "means": decoded.means, "mask_logits": decoded.mask_logits}
+        values = torch.autograd.grad(loss, [targets[k] for k in wanted], retain_graph=keep_graph)
+        return dict(zip(wanted, values))
+
+    def _spatial(self, name, x, decoded, terms, grads) -> torch.Tensor:
+        B, K, C, H, W = decoded.means.shape
+        if name == "image":
+            return x.unsqueeze(1)                               # [B, 1, C, H, W]
+        if name == "means":
+            return decoded.means.detach()
+        if name == "mask":
+            return terms.log_masks.exp().unsqueeze(2)          # [B, K, 1, H, W]
+        if name == "mask_logits":
+            return decoded.mask_logits.detach().unsqueeze(2)
+        if name == "mask_posterior":
+            if self.cfg.mask_posterior == "responsibility":     # p(m_k | x, mu)
+                return (terms.log_masks + terms.comp).softmax(1).unsqueeze(2)
+            p = terms.comp.exp()                                # p_k(x) / (sum_j p_j(x) + 1e-6)
+            return (p / (p.sum(1, keepdim=True) + 1e-6)).unsqueeze(2)
+        if name == "grad_means":
+            return grads["means"]
+        if name == "grad_mask":
+            return grads["mask_logits"].unsqueeze(2)
+        if name == "likelihood":
+            return terms.log_px[:, None, None]                  # [B, 1, 1, H, W]
+        if name == "leave_one_out":
+            return (terms.log_px.unsqueeze(1) - leave_one_out(decoded.mask_logits, terms.comp)).unsqueeze(2)
+        if name == "coordinates":
+            return coordinate_grid(H, W, x.device, x.dtype)[None, None]   # [1, 1, 2, H, W]
+        if name == "capacity":
+            return x.new_full((1, 1, 1, H, W), 0.5)
+        if name == "cos_coordinates":
+            return cosine_grid(H, W, x.device, x.dtype)[None, None]       # [1, 1, 8, H, W]
+        raise ValueError(f"unknown refinement input {name!r}")
+
+
+def leave_one_out(mask_logits: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """log p(x | z_{i != k}): the mixture of the other K-1 slots, masks renormalised.
+
+    Args:
+        mask_logits, comp: [B, K, H, W]. Returns [B, K, H, W] (zeros when K = 1).
+    """
+    B, K, H, W = comp.shape
+    if K == 1:
+        return torch.zeros_like(comp)
+    drop = torch.eye(K, dtype=torch.bool, device=comp.device)[None, :, :, None, None]  # [1, K, K, 1, 1]
+
+    def lse_without(v):                                        # v: [B, K, H, W]
+        vv = v.unsqueeze(1).expand(B, K, K, H, W).masked_fill(drop, float("-inf"))
+        return torch.logsumexp(vv, 2)                           # [B, K, H, W]
+
+    return lse_without(mask_logits + comp) - lse_without(mask_logits)

@@ -1,0 +1,110 @@
+"""The refinement network f_phi and the input normalisation of IODINE's guide."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class InputNorm(nn.Module):
+    """Layer norm over all non-batch axes of one input, with a per-channel affine.
+
+    Normalises each image-slot's [C, H, W] (or [D]) input to zero mean, unit variance,
+    then scales and shifts per channel. The per-channel affine keeps the module
+    independent of image size and K, so a trained guide runs at another K or resolution.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.dim()))                         # x: [N, C, ...]
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, keepdim=True, unbiased=False)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+class RefinementNetwork(nn.Module):
+    """conv stack -> global average pool -> MLP -> concat vector inputs -> (LSTM) -> linear.
+
+    Args:
+        spatial_channels: channels of the concatenated image-sized inputs.
+        vector_dim: size of the concatenated vector inputs (lambda, grad lambda).
+        out_dim: 2 * n_z (the update of lambda).
+        conv_channels, kernel, stride: the conv stack (ELU after every conv).
+        mlp: hidden sizes after pooling (ELU).
+        lstm: LSTM hidden size, or None for none (Tetrominoes).
+    """
+
+    def __init__(self, spatial_channels: int, vector_dim: int, out_dim: int,
+                 conv_channels: tuple[int, ...], kernel: int, stride: int,
+                 mlp: tuple[int, ...], lstm: int | None):
+        super().__init__()
+        convs, c_in = [], spatial_channels
+        for c in conv_channels:
+            convs += [nn.Conv2d(c_in, c, kernel, stride=stride, padding=kernel // 2), nn.ELU()]
+            c_in = c
+        self.convs = nn.Sequential(*convs)
+        layers, d_in = [], c_in
+        for d in mlp:
+            layers += [nn.Linear(d_in, d), nn.ELU()]
+            d_in = d
+        self.mlp = nn.Sequential(*layers)
+        d_in += vector_dim
+        self.lstm = nn.LSTMCell(d_in, lstm) if lstm else None
+        self.head = nn.Linear(lstm or d_in, out_dim)
+
+    def forward(self, spatial: torch.Tensor, vector: torch.Tensor,
+                state: tuple[torch.Tensor, torch.Tensor] | None):
+        """spatial: [N, C_in, H, W]; vector: [N, V]; state: LSTM (h, c) or None.
+
+        Returns the update [N, out_dim] and the new state.
+        """
+        h = self.convs(spatial)                                 # [N, c, H', W']
+        h = self.mlp(h.mean((2, 3)))                            # [N, d]
+        h = torch.cat([h, vector], 1)                           # [N, d + V]
+        if self.lstm is not None:
+            state = self.lstm(h, state)                         # ([N, L], [N, L])
+            h = state[0]
+        return self.head(h), state                              # [N, 2 n_z]
+
+
+class AmortizedEncoder(nn.Module):
+    """One-shot encoder of the amortized VAE baseline: image -> K slot posteriors.
+
+    The conv stack of the refinement network (same widths) reads the image and the
+    coordinates, is pooled, and an MLP emits K * 2 n_z parameters.
+    """
+
+    def __init__(self, in_channels: int, num_slots: int, out_dim: int,
+                 conv_channels: tuple[int, ...], kernel: int, stride: int, mlp: tuple[int, ...]):
+        super().__init__()
+        self.num_slots, self.out_dim = num_slots, out_dim
+        convs, c_in = [], in_channels
+        for c in conv_channels:
+            convs += [nn.Conv2d(c_in, c, kernel, stride=stride, padding=kernel // 2), nn.ELU()]
+            c_in = c
+        self.convs = nn.Sequential(*convs)
+        layers, d_in = [], c_in
+        for d in mlp:
+            layers += [nn.Linear(d_in, d), nn.ELU()]
+            d_in = d
+        self.mlp = nn.Sequential(*layers)
+        self.head = nn.Linear(d_in, num_slots * out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(self.convs(x).mean((2, 3)))                # [B, d]
+        return self.head(h).view(x.shape[0], self.num_slots, self.out_dim)  # [B, K, 2 n_z]
+
+
+def posterior_scale(s: torch.Tensor, kind: str) -> torch.Tensor:
+    """sigma from the unconstrained scale parameter s."""
+    if kind == "softplus":
+        return F.softplus(s) + 1e-4
+    return torch.sqrt(F.softplus(s) + 1e-8)

@@ -1,0 +1,83 @@
+"""The IODINE system: model + guide + objective behind one small facade.
+
+    system = Iodine(make_config("tetrominoes"))
+    loss = system.loss(x)            # sum_t w_t L_t, differentiable (Pyro TraceMeanField_ELBO)
+    steps = system.infer(x)          # per refinement step: posterior, masks, reconstruction, KL
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from pyro.infer import TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+
+from .config import Config
+from .guides.iodine import IterativeGuide, Step
+from .models.iodine import IodineModel, step_weights
+
+
+class StepResult(NamedTuple):
+    """Everything evaluation needs from one refinement step (all detached)."""
+
+    lam: torch.Tensor          # [B, K, 2 n_z] posterior parameters
+    z: torch.Tensor            # [B, K, n_z] the sample decoded at this step
+    means: torch.Tensor        # [B, K, C, H, W]
+    mask_logits: torch.Tensor  # [B, K, H, W]
+    masks: torch.Tensor        # [B, K, H, W] softmax over slots
+    recon: torch.Tensor        # [B, C, H, W] sum_k pi_k mu_k
+    nll: torch.Tensor          # [B] -log p(x | z)
+    kl: torch.Tensor           # [B] KL(q || p) summed over slots and dims
+
+
+class Iodine(nn.Module):
+    """Model, guide and loss of IODINE.
+
+    Args:
+        cfg: a `Config` (see `iodine_pyro.config.make_config`).
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = IodineModel(cfg.model)
+        if cfg.guide.kind == "iterative":
+            self.guide = IterativeGuide(self.model, cfg)
+        else:
+            from .guides.amortized import AmortizedGuide
+            self.guide = AmortizedGuide(self.model, cfg)
+        self.elbo = TraceMeanField_ELBO()
+
+    def weights(self, num_iters: int | None = None) -> list[float]:
+        """The per-decoder-pass loss weights for `num_iters` refinement iterations (default T)."""
+        g = self.cfg.guide
+        return step_weights(g.kind, g.loss_weights, num_iters or g.num_iters)
+
+    def loss(self, x: torch.Tensor, num_iters: int | None = None) -> torch.Tensor:
+        """sum_t w_t L_t with L_t the per-image mean negative ELBO of step t (analytic KL)."""
+        return self.elbo.differentiable_loss(self.model.model, self.guide, x, self.weights(num_iters))
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor, num_iters: int | None = None,
+              num_slots: int | None = None) -> list[StepResult]:
+        """Run the guide on images `x` [B, C, H, W] and summarise every refinement step.
+
+        `num_iters` may exceed the trained T and `num_slots` differ from the trained K.
+        The guide keeps no activations of earlier steps.
+        """
+        steps: list[Step] = self.guide(x, self.weights(num_iters), num_slots=num_slots)
+        self.model.forget()
+        return [self.summarize(x, s) for s in steps]
+
+    def summarize(self, x: torch.Tensor, step: Step) -> StepResult:
+        d = step.decoded
+        terms = self.model.terms(x, d)
+        masks = terms.log_masks.exp()                                   # [B, K, H, W]
+        recon = (masks.unsqueeze(2) * d.means).sum(1)                   # [B, C, H, W]
+        q = self.guide.posterior(step.lam)
+        prior = self.model.prior(x.shape[0], step.lam.shape[1], like=x)
+        kl = kl_divergence(q, prior).sum((1, 2))                        # [B]
+        nll = -terms.log_px.sum((1, 2))                                 # [B]
+        return StepResult(step.lam, step.z, d.means, d.mask_logits, masks, recon, nll, kl)

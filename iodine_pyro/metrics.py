@@ -1,0 +1,161 @@
+"""Segmentation and reconstruction metrics for IODINE.
+
+Adjusted Rand Index (ARI)
+-------------------------
+The ARI compares two partitions of the same pixels, corrected for chance:
+1 means identical partitions (up to relabelling), ~0 means no better than a
+random assignment with the same cluster sizes, and it can be negative.
+
+We follow the definition in DeepMind's ``multi_object_datasets``
+(``segmentation_metrics.adjusted_rand_index``), which IODINE's paper uses:
+
+* the predicted segmentation is the argmax over the K predicted masks (ties
+  go to the first slot), turned into a one-hot vector per pixel;
+* the ground-truth masks are used directly as one-hot group memberships; a
+  pixel whose ground-truth vector is all zeros is ignored;
+* from the contingency table ``n_ij`` (pixels in true group i and predicted
+  segment j), its row sums ``a``, column sums ``b`` and total ``n``::
+
+      E   = sum a(a-1) * sum b(b-1) / (n(n-1))
+      ARI = (sum n_ij(n_ij-1) - E) / (0.5 [sum a(a-1) + sum b(b-1)] - E)
+
+* FG-ARI ("foreground only") drops the background group(s) from the ground
+  truth first, so background pixels are ignored.
+
+Degenerate cases (the denominator is exactly 0):
+
+* both partitions of the scored pixels are a single cluster and there are at
+  least two scored pixels -> 1.0 (as the official ``both_single_cluster``
+  special case);
+* anything else -> NaN: fewer than two scored pixels (e.g. all-zero ground
+  truth), or every scored pixel being its own cluster in both partitions.
+  Average with :func:`summarize` (or another nan-aware mean).
+
+The official code evaluates its single-cluster test over *all* pixels,
+ignored ones included; here it only looks at the scored pixels, so that
+predictions on ignored pixels never change the result. Note that a single
+ground-truth object split over several predicted segments is not degenerate:
+the ARI is exactly 0 there (numerator 0, denominator > 0), as officially.
+
+All computations are vectorised over the batch with one-hot contingency
+tables (a batched matmul) in float64; results are float64 tensors of shape
+[B] on the inputs' device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ari", "summarize", "mse"]
+
+
+def _num_dropped_groups(foreground_only: bool | int, n_groups: int) -> int:
+    if isinstance(foreground_only, bool):
+        n_drop = int(foreground_only)
+    elif isinstance(foreground_only, int):
+        n_drop = foreground_only
+    else:
+        raise TypeError(f"foreground_only must be a bool or an int, got {type(foreground_only).__name__}")
+    if not 0 <= n_drop <= n_groups:
+        raise ValueError(f"foreground_only={foreground_only} must drop between 0 and G={n_groups} groups")
+    return n_drop
+
+
+def ari(
+    true_masks: torch.Tensor,
+    pred_masks: torch.Tensor,
+    foreground_only: bool | int = False,
+) -> torch.Tensor:
+    """Adjusted Rand Index per image, DeepMind ``multi_object_datasets`` style.
+
+    Args:
+        true_masks: [B, G, H, W] ground-truth group masks with values 0/1
+            (any numeric or bool dtype); group 0 is the background. Pixels
+            whose G values are all zero are ignored.
+        pred_masks: [B, K, H, W] predicted masks (probabilities or one-hot,
+            any dtype); each pixel is assigned to its argmax slot.
+        foreground_only: ``False`` scores every labelled pixel (ARI); ``True``
+            drops true group 0 (FG-ARI); an int ``n`` drops the first ``n``
+            groups (e.g. 4 for Objects Room: sky, floor and two walls).
+
+    Returns:
+        float64 tensor [B]; NaN for degenerate images (see module docstring),
+        so aggregate with :func:`summarize`.
+
+    Raises:
+        ValueError: if the inputs are not 4-D, their B, H, W differ, K == 0,
+            or ``foreground_only`` drops more groups than there are.
+    """
+    if true_masks.dim() != 4 or pred_masks.dim() != 4:
+        raise ValueError(
+            f"ari expects 4-D [B, G, H, W] and [B, K, H, W] masks, got shapes "
+            f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}"
+        )
+    (B, G, H, W), (Bp, K, Hp, Wp) = true_masks.shape, pred_masks.shape
+    if (B, H, W) != (Bp, Hp, Wp):
+        raise ValueError(
+            f"ari: batch and spatial sizes differ: true_masks {tuple(true_masks.shape)} "
+            f"vs pred_masks {tuple(pred_masks.shape)}"
+        )
+    if K == 0:
+        raise ValueError("ari: pred_masks has no slots (K == 0)")
+    n_drop = _num_dropped_groups(foreground_only, G)
+
+    true = true_masks[:, n_drop:].flatten(2).to(torch.float64)  # true: [B, G', N]
+    pred = pred_masks.flatten(2)  # pred: [B, K, N]
+    if not pred.is_floating_point():
+        pred = pred.to(torch.float64)  # argmax is not defined for bool
+    pred_oh = F.one_hot(pred.argmax(dim=1), K).to(torch.float64)  # pred_oh: [B, N, K]
+
+    nij = torch.bmm(true, pred_oh)  # nij: [B, G', K]
+    a = nij.sum(dim=2)  # a: [B, G']
+    b = nij.sum(dim=1)  # b: [B, K]
+    n = a.sum(dim=1)  # n: [B]
+
+    rindex = (nij * (nij - 1)).sum(dim=(1, 2))  # rindex: [B]
+    aindex = (a * (a - 1)).sum(dim=1)  # aindex: [B]
+    bindex = (b * (b - 1)).sum(dim=1)  # bindex: [B]
+    n_pairs = n * (n - 1)  # n_pairs: [B]
+
+    # The denominator vanishes exactly when both partitions are a single
+    # cluster (aindex == bindex == n_pairs) or all singletons (aindex ==
+    # bindex == 0, which includes n < 2). Detect these from exact integer
+    # quantities rather than comparing a rounded float denominator to 0.
+    single = ((a > 0).sum(dim=1) == 1) & ((b > 0).sum(dim=1) == 1) & (n >= 2)  # single: [B]
+    degenerate = single | ((aindex == 0) & (bindex == 0))  # degenerate: [B]
+
+    safe_pairs = torch.where(n_pairs > 0, n_pairs, torch.ones_like(n_pairs))  # safe_pairs: [B]
+    expected = aindex * bindex / safe_pairs  # expected: [B]
+    denom = 0.5 * (aindex + bindex) - expected  # denom: [B]
+    safe_denom = torch.where(degenerate, torch.ones_like(denom), denom)  # safe_denom: [B]
+    value = (rindex - expected) / safe_denom  # value: [B]
+
+    nan = torch.full_like(value, float("nan"))
+    return torch.where(single, torch.ones_like(value), torch.where(degenerate, nan, value))
+
+
+def summarize(values: torch.Tensor) -> float:
+    """Nan-aware mean of per-image metric values (NaN if all are NaN or empty)."""
+    values = values.detach().to(torch.float64).flatten()
+    if values.numel() == 0:
+        return float("nan")
+    return float(torch.nanmean(values))
+
+
+def mse(image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image over channels and pixels.
+
+    Args:
+        image, recon: [B, C, H, W] tensors on the [0, 1] scale.
+
+    Returns:
+        float64 tensor [B].
+    """
+    if image.dim() != 4 or image.shape != recon.shape:
+        raise ValueError(
+            f"mse expects two [B, C, H, W] tensors of equal shape, got "
+            f"{tuple(image.shape)} and {tuple(recon.shape)}"
+        )
+    diff = image.to(torch.float64) - recon.to(torch.float64)  # diff: [B, C, H, W]
+    return diff.pow(2).mean(dim=(1, 2, 3))

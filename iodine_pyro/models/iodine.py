@@ -1,0 +1,143 @@
+"""IODINE's generative model as a Pyro program.
+
+Generative story, for each image b (plate ``images``):
+
+    z_bk ~ N(0, prior_var I)                  k = 1..K      (site ``z``, event dims [K, n_z])
+    (m_bk, mu_bk) = decoder(z_bk)             all B*K slots in one decoder call
+    pi_b = softmax_k(m_b)                     per pixel
+    x_bhw ~ sum_k pi_bkhw prod_c p(x_bhwc | mu_bkhwc)   (site ``x``, `PixelMixture`)
+
+Training scores T copies of this one-step model, one per refinement step t, under
+``scope(prefix=f"t{t}")`` and a scale w_t / B: with the guide scaling its step-t site
+the same way, Pyro's stock ``Trace_ELBO`` / ``TraceMeanField_ELBO`` give exactly
+sum_t w_t L_t, with L_t the per-image mean negative ELBO of step t.
+
+The guide decodes each of its samples to build its refinement inputs; it hands the
+decoder output to the model with `remember`, and `decode` returns it for that very
+sample tensor, so a training step runs the decoder once per z, not twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+import torch.nn as nn
+from pyro.contrib.autoname import scope
+
+from ..config import ModelConfig, loss_weights
+from .decoders import DeconvDecoder, SpatialBroadcastDecoder
+from .likelihood import PixelMixture, mixture_terms
+
+
+class Decoded(NamedTuple):
+    means: torch.Tensor        # [B, K, C, H, W]
+    mask_logits: torch.Tensor  # [B, K, H, W]
+
+
+def step_scale(weight: float, batch_size: int):
+    """Scale of the step-t sites: w_t / B (per-image mean); weight 0 masks the sites."""
+    if weight <= 0:
+        return poutine.mask(mask=False)
+    return poutine.scale(scale=weight / batch_size)
+
+
+def step_weights(guide_kind: str, loss_kind: str, num_iters: int) -> list[float]:
+    """The loss weight of every decoder pass of a guide (one pass for the amortized guide)."""
+    return [1.0] if guide_kind == "amortized" else loss_weights(loss_kind, num_iters)
+
+
+class IodineModel(nn.Module):
+    """p(x, z): prior over K slot latents, decoder, per-pixel mixture likelihood.
+
+    Args:
+        cfg: `ModelConfig` (image shape, K, n_z, pixel distribution, prior, decoder).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in = cfg.latent_dim + (1 if cfg.decoder_constant is not None else 0)
+        if cfg.decoder == "broadcast":
+            self.decoder = SpatialBroadcastDecoder(d_in, cfg.image_channels, cfg.image_size,
+                                                   cfg.decoder_channels, cfg.decoder_kernel)
+        else:
+            self.decoder = DeconvDecoder(d_in, cfg.image_channels, cfg.image_size, cfg.deconv_mlp,
+                                         cfg.deconv_start, cfg.decoder_channels, cfg.decoder_kernel)
+        self._memo: dict[int, tuple[torch.Tensor, Decoded]] = {}
+
+    # -- pieces shared with the guide ---------------------------------------------------
+    def prior(self, batch_size: int, num_slots: int | None = None, like: torch.Tensor | None = None):
+        """N(0, prior_var I) over [B, K, n_z], as a distribution with batch shape [B, K, n_z]."""
+        K = num_slots or self.cfg.num_slots
+        ref = like if like is not None else next(self.parameters())
+        loc = ref.new_zeros(batch_size, K, self.cfg.latent_dim)          # [B, K, n_z]
+        return dist.Normal(loc, torch.full_like(loc, self.cfg.prior_var ** 0.5))
+
+    def decode(self, z: torch.Tensor) -> Decoded:
+        """Decode all slots of all images in one call; reuse the guide's pass for this z."""
+        hit = self._memo.pop(id(z), None)
+        if hit is not None and hit[0] is z:
+            return hit[1]
+        B, K, D = z.shape                                       # z: [B, K, n_z]
+        flat = z.reshape(B * K, D)                              # [B*K, n_z]
+        if self.cfg.decoder_constant is not None:
+            const = flat.new_full((B * K, 1), self.cfg.decoder_constant)
+            flat = torch.cat([flat, const], 1)                  # [B*K, n_z + 1]
+        out = self.decoder(flat)                                # [B*K, C + 1, H, W]
+        out = out.view(B, K, *out.shape[1:])                    # [B, K, C + 1, H, W]
+        return Decoded(means=out[:, :, 1:], mask_logits=out[:, :, 0])
+
+    def remember(self, z: torch.Tensor, decoded: Decoded) -> None:
+        """Offer the decoder output of sample `z` to the next `decode(z)` of the same tensor."""
+        self._memo[id(z)] = (z, decoded)
+
+    def forget(self) -> None:
+        self._memo.clear()
+
+    def likelihood(self, decoded: Decoded) -> PixelMixture:
+        return PixelMixture(decoded.means, decoded.mask_logits, self.cfg.pixel, self.cfg.pixel_scale)
+
+    def terms(self, x: torch.Tensor, decoded: Decoded):
+        """The per-pixel mixture terms the likelihood is made of (see `mixture_terms`)."""
+        return mixture_terms(x, decoded.means, decoded.mask_logits, self.cfg.pixel, self.cfg.pixel_scale)
+
+    # -- the Pyro model -----------------------------------------------------------------
+    def model(self, x: torch.Tensor | None = None, weights: list[float] | None = None,
+              batch_size: int | None = None, num_slots: int | None = None):
+        """Pyro model: one copy of the generative model per weight (one per refinement step).
+
+        Args:
+            x: [B, C, H, W] observed images in [0, 1], or None to sample images.
+            weights: loss weight per step (default: one step of weight 1).
+            batch_size: number of images when `x` is None.
+            num_slots: K at test time (default: the configured K).
+        Returns:
+            the list of per-step `Decoded` outputs.
+        """
+        pyro.module("decoder", self.decoder)
+        weights = weights or [1.0]
+        B = x.shape[0] if x is not None else batch_size
+        outputs = []
+        with pyro.plate("images", B):
+            for t, w in enumerate(weights):
+                with scope(prefix=f"t{t}"), step_scale(w, B):
+                    z = pyro.sample("z", self.prior(B, num_slots, like=x).to_event(2))  # [B, K, n_z]
+                    decoded = self.decode(z)
+                    pyro.sample("x", self.likelihood(decoded), obs=x)                    # [B, C, H, W]
+                outputs.append(decoded)
+        return outputs
+
+
+@contextlib.contextmanager
+def no_memo(model: IodineModel):
+    """Run with an empty decoder memo and leave none behind."""
+    model.forget()
+    try:
+        yield
+    finally:
+        model.forget()

@@ -1,0 +1,114 @@
+"""The pixel likelihood: a per-pixel mixture over slots.
+
+p(x_hw | z) = sum_k pi_khw prod_c p(x_hwc | mu_khwc),  pi_hw = softmax_k(m_hw)
+
+One function, `mixture_terms`, computes it; the model scores observations through the
+`PixelMixture` distribution built on it and the guide differentiates the very same
+function for its refinement inputs. Nothing else in the package evaluates p(x | z).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions import TorchDistribution, constraints
+
+
+def component_log_prob(x: torch.Tensor, means: torch.Tensor, pixel: str, scale: float) -> torch.Tensor:
+    """log p(x_hwc | mu_khwc) summed over channels.
+
+    Args:
+        x: [B, C, H, W] image.
+        means: [B, K, C, H, W] per-slot means.
+        pixel: "gaussian" (scale = sigma) or "logistic" (scale = s).
+    Returns:
+        [B, K, H, W]
+    """
+    u = (x.unsqueeze(1) - means) / scale                       # u: [B, K, C, H, W]
+    if pixel == "gaussian":
+        lp = -0.5 * u * u - math.log(scale) - 0.5 * math.log(2 * math.pi)
+    elif pixel == "logistic":
+        lp = -u - math.log(scale) - 2.0 * F.softplus(-u)
+    else:
+        raise ValueError(f"unknown pixel distribution {pixel!r}")
+    return lp.sum(2)                                           # [B, K, H, W]
+
+
+class MixtureTerms(NamedTuple):
+    log_px: torch.Tensor      # [B, H, W]     log p(x_hw | z)
+    comp: torch.Tensor        # [B, K, H, W]  log p(x_hw | mu_k) (channels summed)
+    log_masks: torch.Tensor   # [B, K, H, W]  log pi_k
+
+
+def mixture_terms(x: torch.Tensor, means: torch.Tensor, mask_logits: torch.Tensor,
+                  pixel: str, scale: float) -> MixtureTerms:
+    """Per-pixel mixture log-likelihood and its parts.
+
+    Args:
+        x: [B, C, H, W]; means: [B, K, C, H, W]; mask_logits: [B, K, H, W].
+    """
+    comp = component_log_prob(x, means, pixel, scale)          # [B, K, H, W]
+    log_masks = F.log_softmax(mask_logits, dim=1)              # [B, K, H, W]
+    log_px = torch.logsumexp(log_masks + comp, dim=1)          # [B, H, W]
+    return MixtureTerms(log_px, comp, log_masks)
+
+
+class PixelMixture(TorchDistribution):
+    """Images as independent per-pixel mixtures over K slots.
+
+    batch_shape = [B], event_shape = [C, H, W]. ``log_prob`` sums the per-pixel
+    mixture log-likelihood of `mixture_terms` over pixels; ``sample`` draws a slot per
+    pixel from pi and then each channel from that slot's component.
+    """
+
+    arg_constraints = {"means": constraints.real, "mask_logits": constraints.real}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(self, means: torch.Tensor, mask_logits: torch.Tensor, pixel: str = "gaussian",
+                 scale: float = 0.1, validate_args=None):
+        self.means = means                                     # [B, K, C, H, W]
+        self.mask_logits = mask_logits                         # [B, K, H, W]
+        self.pixel = pixel
+        self.scale = float(scale)
+        B, K, C, H, W = means.shape
+        super().__init__(torch.Size([B]), torch.Size([C, H, W]), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:                    # what the images plate asks for
+            return self
+        if len(batch_shape) != 1:
+            raise ValueError(f"PixelMixture has one batch dim (images); cannot expand to {batch_shape}")
+        B = batch_shape[0]
+        return PixelMixture(self.means.expand(B, *self.means.shape[1:]),
+                            self.mask_logits.expand(B, *self.mask_logits.shape[1:]),
+                            self.pixel, self.scale)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        terms = mixture_terms(value, self.means, self.mask_logits, self.pixel, self.scale)
+        return terms.log_px.sum((-2, -1))                      # [B]
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        if sample_shape != torch.Size():
+            raise NotImplementedError("PixelMixture.sample takes no sample_shape; use a plate")
+        with torch.no_grad():
+            B, K, C, H, W = self.means.shape
+            logits = self.mask_logits.permute(0, 2, 3, 1)     # [B, H, W, K]
+            k = torch.distributions.Categorical(logits=logits).sample()  # [B, H, W]
+            idx = k[:, None, None].expand(B, 1, C, H, W)       # [B, 1, C, H, W]
+            mu = self.means.gather(1, idx).squeeze(1)          # [B, C, H, W]
+            if self.pixel == "gaussian":
+                noise = torch.randn_like(mu)
+            else:
+                u = torch.rand_like(mu).clamp(1e-6, 1 - 1e-6)
+                noise = torch.log(u) - torch.log1p(-u)         # standard Logistic
+            return mu + self.scale * noise                     # [B, C, H, W]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        masks = self.mask_logits.softmax(1).unsqueeze(2)       # [B, K, 1, H, W]
+        return (masks * self.means).sum(1)                     # [B, C, H, W]

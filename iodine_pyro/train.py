@@ -1,0 +1,225 @@
+"""Training: Pyro SVI on the T-step weighted ELBO with Adam and global-norm clipping.
+
+One step:
+
+    loss = TraceMeanField_ELBO().differentiable_loss(model, guide, x)   # sum_t w_t L_t
+    loss.backward(); clip_grad_norm_(params, 5.0); adam.step()
+
+``pyro.optim`` builds one optimiser per parameter and its ``ClippedAdam`` clips each
+element, not the global norm, so the step uses ``torch.optim.Adam`` directly.
+
+`fit` owns a run directory: it resumes from its checkpoint when one is there, writes
+``metrics.jsonl`` every ``log_every`` steps and checkpoints atomically every
+``checkpoint_every`` steps, at the end, on SIGINT/SIGTERM, and when numerical faults
+stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .checkpoint import CHECKPOINT, METRICS, CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, make_config
+from .data import Batches, DatasetError, open_dataset
+from .iodine import Iodine
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated numerical faults); the message says what to do."""
+
+
+def make_optimizer(system: Iodine, cfg: Config) -> torch.optim.Adam:
+    t = cfg.train
+    return torch.optim.Adam(system.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    t = cfg.train
+    return t.lr * t.lr_decay ** (step // t.lr_decay_steps)
+
+
+def train_step(system: Iodine, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               clip_norm: float) -> tuple[float, float, bool]:
+    """One SVI step. Returns (loss, gradient norm, applied); a non-finite loss or gradient
+    is never applied to the parameters."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = system.loss(x)
+    if not torch.isfinite(loss):
+        return float(loss), float("nan"), False
+    loss.backward()
+    params = [p for p in system.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss), float(norm), False
+    optimizer.step()
+    return float(loss), float(norm), True
+
+
+@torch.no_grad()
+def batch_metrics(system: Iodine, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """MSE, KL, NLL and (FG-)ARI of the final refinement step on one batch."""
+    last = system.infer(batch["image"])[-1]
+    out = {"mse": metrics.summarize(metrics.mse(batch["image"], last.recon)),
+           "kl": float(last.kl.mean()), "nll": float(last.nll.mean())}
+    if "mask" in batch:
+        out["fg_ari"] = metrics.summarize(metrics.ari(batch["mask"], last.masks, foreground_only=True))
+        out["ari"] = metrics.summarize(metrics.ari(batch["mask"], last.masks))
+    return out
+
+
+def check_images(ds, cfg: Config, where: str) -> None:
+    """The stored images must have the shape the configuration expects."""
+    m = cfg.model
+    H, W, C = ds.sizes["height"], ds.sizes["width"], ds.sizes["channel"]
+    if (C, H, W) != (m.image_channels, *m.image_size):
+        raise DatasetError(f"{where} holds {C}x{H}x{W} images (channels x height x width) but the "
+                           f"{cfg.dataset}/{cfg.preset} configuration expects "
+                           f"{m.image_channels}x{m.image_size[0]}x{m.image_size[1]}")
+
+
+@dataclass
+class FitResult:
+    step: int
+    out: Path
+    stopped: str           # "done" | "signal"
+    last_metrics: dict[str, Any]
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def fit(*, out: str | Path, data: str | Path, steps: int, dataset: str = "tetrominoes",
+        preset: str = "paper", overrides: dict[str, Any] | None = None,
+        eval_data: str | Path | None = None, seed: int = 0, log_every: int = 25,
+        checkpoint_every: int = 250, device: str = "cpu", progress: bool = True) -> FitResult:
+    """Train (or continue training) the run in `out` up to `steps` total steps.
+
+    Args:
+        out: run directory; when it holds a checkpoint the run continues from it.
+        data: a stored dataset directory (see `iodine_pyro.data`).
+        steps: total number of optimisation steps of the run.
+        dataset, preset, overrides: the configuration of a new run (see `make_config`);
+            a resumed run keeps its own and refuses a different dataset or preset.
+        eval_data: held-out images for `evaluate` (recorded in the checkpoint).
+        seed: seeds parameters, sampling and the data order.
+    """
+    out = Path(out)
+    ckpt_path = out / CHECKPOINT
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        cfg: Config = ckpt["config"]
+        if (cfg.dataset, cfg.preset) != (dataset, preset):
+            raise CheckpointError(f"{ckpt_path} is a {cfg.dataset}/{cfg.preset} run, not "
+                                  f"{dataset}/{preset}; choose another --out")
+        if overrides:
+            cfg_new = make_config(dataset, preset, overrides)
+            if cfg_new.to_dict() != cfg.to_dict():
+                raise CheckpointError(f"{ckpt_path} was trained with another configuration; "
+                                      f"choose another --out")
+    else:
+        ckpt = None
+        cfg = make_config(dataset, preset, overrides)
+    ds = open_dataset(data)
+    check_images(ds, cfg, str(data))
+    system = Iodine(cfg).to(device)
+    optimizer = make_optimizer(system, cfg)
+    batches = Batches(ds, cfg.train.batch_size, seed=seed)
+    step = 0
+    if ckpt is not None:
+        try:
+            system.load_state_dict(ckpt["system"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
+        batches.load_state_dict(ckpt["data_state"])
+        from .checkpoint import set_rng_state
+        set_rng_state(ckpt["rng"])
+        step = int(ckpt["step"])
+        log.info("resuming %s at step %d", out, step)
+    data_info = {"train": str(Path(data).resolve()),
+                 "eval": str(Path(eval_data).resolve()) if eval_data else None}
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, cfg=cfg, system_state=system.state_dict(),
+                        optimizer_state=optimizer.state_dict(), step=step,
+                        data_state=batches.state_dict(), data=data_info, extra={"seed": seed})
+
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        checkpoint()  # step 0: the directory now names its run
+    system.train()
+    bad_in_row, skipped, last = 0, 0, {}
+    stop = "done"
+    it = iter(batches)
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"fit {cfg.dataset}",
+               unit="step", dynamic_ncols=True)
+    t_start = time.time()
+    with _StopFlag() as flag, open(out / METRICS, "a") as mlog:
+        while step < steps:
+            if flag.signal is not None:
+                stop = "signal"
+                break
+            batch = {k: v.to(device) for k, v in next(it).items()}
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss, gnorm, applied = train_step(system, optimizer, batch["image"], cfg.train.clip_norm)
+            if not applied:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                log.warning("step %d: non-finite loss or gradient (%s, %s); step skipped", step, loss, gnorm)
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    checkpoint()
+                    raise TrainingError(
+                        f"{bad_in_row} non-finite steps in a row at step {step}; the last good state "
+                        f"is saved in {ckpt_path}")
+                continue
+            bad_in_row = 0
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or step == steps:
+                last = {"step": step, "loss": loss, "grad_norm": gnorm, "skipped": skipped,
+                        "time": round(time.time() - t_start, 3), **batch_metrics(system, batch)}
+                mlog.write(json.dumps(last) + "\n")
+                mlog.flush()
+                bar.set_postfix(loss=f"{loss:.4g}", fg_ari=f"{last.get('fg_ari', math.nan):.3f}")
+            if step % checkpoint_every == 0:
+                checkpoint()
+        checkpoint()
+    bar.close()
+    return FitResult(step=step, out=out, stopped=stop, last_metrics=last)

@@ -1,0 +1,311 @@
+"""Tests for iodine_pyro.metrics (ARI / FG-ARI, summarize, MSE)."""
+
+import itertools
+import math
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from iodine_pyro.metrics import ari, mse, summarize
+
+PROPERTY = settings(
+    derandomize=True, deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def onehot_masks(labels, n_groups):
+    """labels: int array [B, H, W] with -1 = unlabelled -> float64 masks [B, G, H, W]."""
+    labels = torch.as_tensor(np.asarray(labels))
+    masks = torch.zeros(labels.shape[0], n_groups, *labels.shape[1:], dtype=torch.float64)  # [B, G, H, W]
+    valid = labels >= 0
+    masks.scatter_(1, labels.clamp(min=0).unsqueeze(1), valid.unsqueeze(1).double())
+    return masks
+
+
+def label_rows(true_labels, pred_labels):
+    """1-D true/pred label lists (one image) -> [1, G, 1, N] and [1, K, 1, N] masks."""
+    t = np.asarray(true_labels)[None, None, :]
+    p = np.asarray(pred_labels)[None, None, :]
+    return onehot_masks(t, max(t.max(), 0) + 1), onehot_masks(p, p.max() + 1)
+
+
+def reference_ari(true_labels, pred_labels):
+    """Pair-counting ARI of one image with explicit loops and exact fractions.
+
+    true_labels: flat ints, -1 = ignored pixel; pred_labels: flat ints.
+    Degenerate 0/0 -> 1.0 if both partitions are one cluster over >= 2 pixels, else NaN.
+    """
+    pix = [(t, p) for t, p in zip(true_labels, pred_labels) if t >= 0]
+    pairs = same_true = same_pred = same_both = 0
+    for (t1, p1), (t2, p2) in itertools.combinations(pix, 2):
+        pairs += 1
+        same_true += t1 == t2
+        same_pred += p1 == p2
+        same_both += (t1 == t2) and (p1 == p2)
+    if pairs == 0:
+        return math.nan
+    expected = Fraction(same_true * same_pred, pairs)
+    denom = Fraction(same_true + same_pred, 2) - expected
+    if denom == 0:
+        single = len({t for t, _ in pix}) == 1 and len({p for _, p in pix}) == 1
+        return 1.0 if single else math.nan
+    return float((same_both - expected) / denom)
+
+
+def assert_same(actual, expected):
+    torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-9, atol=1e-12)
+
+
+@st.composite
+def problems(draw, max_groups=4, max_slots=5, max_side=4, allow_unlabelled=True):
+    """Random (true_labels [B,H,W] with -1 = unlabelled, G, pred logits [B,K,H,W])."""
+    B = draw(st.integers(1, 3))
+    G = draw(st.integers(1, max_groups))
+    K = draw(st.integers(1, max_slots))
+    H, W = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    labels = rng.integers(-1 if allow_unlabelled else 0, G, size=(B, H, W))
+    logits = torch.as_tensor(rng.normal(size=(B, K, H, W)))
+    return labels, G, logits
+
+
+def argmax_onehot(pred):
+    return torch.nn.functional.one_hot(pred.argmax(1), pred.shape[1]).permute(0, 3, 1, 2).double()
+
+
+# --------------------------------------------------------------------------- known values
+
+
+@pytest.mark.parametrize(
+    "true_labels, pred_labels, expected",
+    [
+        ([0, 0, 1, 1], [0, 0, 1, 1], 1.0),
+        ([0, 0, 1, 1], [1, 1, 0, 0], 1.0),
+        ([0, 0, 1, 1], [0, 0, 1, 2], 4 / 7),  # sklearn docs example
+        ([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2], 8 / 33),  # sklearn docs example
+        ([0, 0, 1, 1], [0, 0, 0, 1], 0.0),
+        ([0, 0, 1, 1], [0, 1, 0, 1], -0.5),
+        ([0, 0, -1, 1, 1], [0, 0, 1, 1, 1], 1.0),  # ignored pixel does not count
+    ],
+)
+def test_hand_computed(true_labels, pred_labels, expected):
+    t, p = label_rows(true_labels, pred_labels)
+    assert ari(t, p).item() == pytest.approx(expected, abs=1e-12)
+
+
+@PROPERTY
+@given(problems(), st.sampled_from([False, True, 2]))
+def test_matches_pair_counting_reference(problem, fg):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    n_drop = min(int(fg), G)
+    ref_labels = np.where(labels < n_drop, -1, labels)
+    pred_labels = logits.argmax(1).numpy()
+    expected = torch.tensor(
+        [reference_ari(t.ravel(), p.ravel()) for t, p in zip(ref_labels, pred_labels)], dtype=torch.float64
+    )
+    assert_same(ari(masks, logits, foreground_only=fg if isinstance(fg, bool) else n_drop), expected)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@PROPERTY
+@given(problems(), st.integers(0, 2**32 - 1), st.booleans())
+def test_invariant_to_slot_permutation(problem, seed, fg):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    perm = torch.as_tensor(np.random.default_rng(seed).permutation(logits.shape[1]))
+    assert_same(ari(masks, logits[:, perm], fg), ari(masks, logits, fg))
+
+
+@PROPERTY
+@given(problems(), st.integers(0, 2**32 - 1))
+def test_invariant_to_true_group_permutation(problem, seed):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    perm = torch.as_tensor(np.random.default_rng(seed).permutation(G))
+    assert_same(ari(masks[:, perm], logits), ari(masks, logits))
+
+
+@PROPERTY
+@given(problems(), st.integers(0, 2**32 - 1), st.integers(0, 2))
+def test_perfect_segmentation_is_one(problem, seed, extra_slots):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    perm = torch.as_tensor(np.random.default_rng(seed).permutation(G + extra_slots))
+    pred = torch.cat([masks, torch.zeros(masks.shape[0], extra_slots, *masks.shape[2:])], 1)[:, perm]
+    # Unlabelled pixels may be predicted anywhere: put them in random slots.
+    noise = torch.as_tensor(np.random.default_rng(seed + 1).normal(size=pred.shape))
+    pred = pred + (masks.sum(1, keepdim=True) == 0) * argmax_onehot(noise)
+    # 1 unless no cluster has >= 2 pixels (then the official formula is 0/0 -> NaN).
+    sizes = masks.sum(dim=(2, 3)).amax(dim=1)
+    expected = torch.where(sizes >= 2, 1.0, math.nan).double()
+    assert_same(ari(masks, pred), expected)
+
+
+@PROPERTY
+@given(problems())
+def test_prediction_vs_itself(problem):
+    _, _, logits = problem
+    self_masks = argmax_onehot(logits)
+    sizes = self_masks.sum(dim=(2, 3))  # [B, K]
+    # 1 with >= 2 clusters (and with one cluster, the official special case),
+    # unless every pixel is its own cluster: then the formula is 0/0 -> NaN.
+    expected = torch.where(sizes.amax(1) >= 2, 1.0, math.nan).double()
+    assert_same(ari(self_masks, logits), expected)
+
+
+@PROPERTY
+@given(problems(allow_unlabelled=False))
+def test_symmetric_for_full_partitions(problem):
+    labels, G, logits = problem
+    a, b = onehot_masks(labels, G), argmax_onehot(logits)
+    assert_same(ari(a, b), ari(b, a))
+
+
+@PROPERTY
+@given(problems(), st.sampled_from([False, True, 1, 3]))
+def test_at_most_one(problem, fg):
+    labels, G, logits = problem
+    result = ari(onehot_masks(labels, G), logits, foreground_only=fg if isinstance(fg, bool) else min(fg, G))
+    assert result.dtype == torch.float64 and result.shape == (labels.shape[0],)
+    assert torch.all(torch.isnan(result) | (result <= 1.0 + 1e-12))
+
+
+@PROPERTY
+@given(problems(), st.booleans())
+def test_probabilities_equal_their_argmax(problem, fg):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    probs = torch.softmax(logits, dim=1).float()
+    assert_same(ari(masks, probs, fg), ari(masks, argmax_onehot(logits), fg))
+
+
+@PROPERTY
+@given(problems(), st.integers(0, 2**32 - 1))
+def test_fg_ari_ignores_background_predictions(problem, seed):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    background = torch.as_tensor(labels == 0).unsqueeze(1)  # [B, 1, H, W]
+    noise = torch.as_tensor(np.random.default_rng(seed).normal(size=logits.shape))
+    changed = torch.where(background, noise, logits)
+    assert_same(ari(masks, changed, foreground_only=True), ari(masks, logits, foreground_only=True))
+
+
+@PROPERTY
+@given(problems())
+def test_foreground_only_int_drops_leading_groups(problem):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    assert_same(ari(masks, logits, foreground_only=1), ari(masks, logits, foreground_only=True))
+    for n in range(G + 1):
+        assert_same(ari(masks, logits, foreground_only=n), ari(masks[:, n:], logits))
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_both_single_cluster_is_one():
+    t, p = label_rows([0, 0, 0, 0], [2, 2, 2, 2])
+    assert ari(t, p).item() == 1.0
+    # FG-ARI: one object, all of it in one slot; background predicted elsewhere.
+    t, p = label_rows([0, 0, 1, 1, 1], [0, 1, 3, 3, 3])
+    assert ari(t, p, foreground_only=True).item() == 1.0
+
+
+def test_single_object_split_is_zero():
+    # One foreground object over two predicted segments: numerator 0,
+    # denominator > 0, so ARI is exactly 0 (as in the official code), not NaN.
+    t, p = label_rows([0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1])
+    assert ari(t, p, foreground_only=True).item() == 0.0
+    # ...and symmetrically several true objects predicted as one segment.
+    t, p = label_rows([0, 1, 1, 2, 2], [0, 1, 1, 1, 1])
+    assert ari(t, p, foreground_only=True).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "true_labels, pred_labels",
+    [
+        ([-1, -1, -1], [0, 1, 0]),  # all-zero true masks
+        ([-1, 0, -1], [0, 0, 0]),  # a single scored pixel
+        ([0, 1, 2], [2, 0, 1]),  # all singletons on both sides: 0/0
+    ],
+)
+def test_degenerate_cases_are_nan_without_warnings(true_labels, pred_labels):
+    t, p = label_rows(true_labels, pred_labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(ari(t, p).item())
+
+
+def test_all_zero_masks_batch_and_fg_dropping_everything():
+    t = torch.zeros(2, 3, 4, 4)
+    p = torch.rand(2, 5, 4, 4)
+    assert torch.isnan(ari(t, p)).all()
+    t = onehot_masks(np.random.default_rng(0).integers(0, 3, size=(2, 4, 4)), 3)
+    assert torch.isnan(ari(t, p, foreground_only=3)).all()
+
+
+@pytest.mark.parametrize("true_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+@pytest.mark.parametrize("pred_dtype", [torch.float16, torch.float32, torch.float64, torch.bool])
+def test_input_dtypes(true_dtype, pred_dtype):
+    t, p = label_rows([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2])
+    result = ari(t.to(true_dtype), p.to(pred_dtype))
+    assert result.dtype == torch.float64
+    assert result.item() == pytest.approx(8 / 33)
+
+
+@pytest.mark.parametrize(
+    "true_shape, pred_shape, foreground_only",
+    [
+        ((2, 3, 4, 4), (1, 3, 4, 4), False),  # batch mismatch
+        ((2, 3, 4, 4), (2, 3, 4, 5), False),  # width mismatch
+        ((2, 3, 5, 4), (2, 3, 4, 4), False),  # height mismatch
+        ((3, 4, 4), (3, 4, 4), False),  # not 4-D
+        ((2, 3, 4, 4), (2, 0, 4, 4), False),  # no slots
+        ((2, 3, 4, 4), (2, 3, 4, 4), 4),  # dropping more groups than exist
+        ((2, 3, 4, 4), (2, 3, 4, 4), -1),
+    ],
+)
+def test_invalid_inputs_raise(true_shape, pred_shape, foreground_only):
+    with pytest.raises(ValueError):
+        ari(torch.zeros(true_shape), torch.zeros(pred_shape), foreground_only=foreground_only)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(0)
+    t = onehot_masks(rng.integers(-1, 4, size=(4, 8, 8)), 4)
+    p = torch.as_tensor(rng.normal(size=(4, 6, 8, 8)))
+    result = ari(t.cuda(), p.cuda().float(), foreground_only=True)
+    assert result.is_cuda
+    assert_same(result.cpu(), ari(t, p, foreground_only=True))
+
+
+# --------------------------------------------------------------------------- summarize / mse
+
+
+def test_summarize_is_nan_aware():
+    assert summarize(torch.tensor([1.0, float("nan"), 0.5])) == pytest.approx(0.75)
+    assert math.isnan(summarize(torch.tensor([float("nan"), float("nan")])))
+    assert math.isnan(summarize(torch.tensor([])))
+
+
+def test_mse_hand_value():
+    image = torch.zeros(2, 1, 2, 2)
+    recon = torch.tensor([[[[0.5, 0.0], [0.0, 1.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    assert torch.allclose(mse(image, recon), torch.tensor([0.3125, 0.0], dtype=torch.float64))
+    image = torch.ones(1, 3, 2, 2)
+    recon = torch.full((1, 3, 2, 2), 0.75)
+    assert mse(image, recon).item() == pytest.approx(0.0625)
+    with pytest.raises(ValueError):
+        mse(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 3))

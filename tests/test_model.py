@@ -1,0 +1,221 @@
+"""The generative model, the iterative guide and the T-step objective."""
+
+import math
+
+import pyro
+import pyro.distributions as pdist
+import pyro.poutine as poutine
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+from iodine_pyro.config import LAYER_NORMED, make_config
+from iodine_pyro.guides import leave_one_out
+from iodine_pyro.iodine import Iodine
+from iodine_pyro.models import PixelMixture, mixture_terms
+
+from .helpers import tiny_config
+
+
+def hand_log_px(x, means, logits, pixel, scale):
+    """log p(x | z) per image from torch/pyro's own mixture and component distributions."""
+    B, K, C, H, W = means.shape
+    comp_loc = means.permute(0, 3, 4, 1, 2)                          # [B, H, W, K, C]
+    if pixel == "gaussian":
+        comp = Independent(Normal(comp_loc, scale), 1)
+    else:
+        comp = Independent(pdist.Logistic(comp_loc, torch.full_like(comp_loc, scale)), 1)
+    mix = Categorical(logits=logits.permute(0, 2, 3, 1))            # [B, H, W] over K
+    lp = MixtureSameFamily(mix, comp).log_prob(x.permute(0, 2, 3, 1))  # [B, H, W]
+    return lp.sum((1, 2))
+
+
+def hand_kl(lam, n_z, posterior_scale, prior_var):
+    mu, s = lam[..., :n_z], lam[..., n_z:]
+    sigma = F.softplus(s) + 1e-4 if posterior_scale == "softplus" else torch.sqrt(F.softplus(s) + 1e-8)
+    var = sigma ** 2
+    kl = 0.5 * (var / prior_var + mu ** 2 / prior_var - 1.0 - torch.log(var / prior_var))
+    return kl.sum((1, 2))                                             # [B]
+
+
+@pytest.mark.parametrize("preset", ["paper", "deepmind"])
+def test_training_loss_equals_weighted_sum_of_step_elbos(preset):
+    """float64: the SVI loss is exactly sum_t w_t mean_b[-log p(x|z_t) + KL(q_t || p)]."""
+    cfg = tiny_config(preset)
+    torch.manual_seed(0)
+    system = Iodine(cfg).double()
+    x = torch.rand(5, 3, *cfg.model.image_size, dtype=torch.float64)
+    weights = system.weights()
+    expected_w = [t / 3 for t in (range(1, 4) if preset == "paper" else range(0, 4))]
+    assert weights == pytest.approx(expected_w)
+
+    pyro.set_rng_seed(1)
+    loss = system.loss(x)
+    pyro.set_rng_seed(1)
+    steps = system.guide(x, weights)                                 # the same draws, in order
+    system.model.forget()
+
+    total = torch.zeros((), dtype=torch.float64)
+    for w, step in zip(weights, steps):
+        B, K, n_z = step.z.shape
+        flat = step.z.reshape(B * K, n_z)
+        if cfg.model.decoder_constant is not None:
+            flat = torch.cat([flat, torch.full((B * K, 1), cfg.model.decoder_constant, dtype=flat.dtype)], 1)
+        out = system.model.decoder(flat).view(B, K, 4, *cfg.model.image_size)
+        nll = -hand_log_px(x, out[:, :, 1:], out[:, :, 0], cfg.model.pixel, cfg.model.pixel_scale)
+        kl = hand_kl(step.lam, n_z, cfg.guide.posterior_scale, cfg.model.prior_var)
+        total = total + w * (nll.mean() + kl.mean())
+    assert torch.allclose(loss, total, rtol=1e-10, atol=1e-8), (float(loss), float(total))
+
+
+@pytest.mark.parametrize("preset,passes", [("paper", 3), ("deepmind", 4)])
+def test_one_decoder_pass_per_sample(preset, passes):
+    cfg = tiny_config(preset)
+    system = Iodine(cfg)
+    calls = []
+    system.model.decoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x = torch.rand(2, 3, *cfg.model.image_size)
+    system.loss(x).backward()
+    assert calls == [2 * cfg.model.num_slots] * passes               # all slots batched in one call
+
+
+def test_all_parameters_are_trained():
+    cfg = tiny_config("paper", **{"guide.lstm": 8})
+    system = Iodine(cfg)
+    system.loss(torch.rand(2, 3, *cfg.model.image_size)).backward()
+    untouched = [n for n, p in system.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert untouched == []
+
+
+def test_refinement_inputs_are_stop_gradient_and_layer_normed():
+    cfg = tiny_config("paper")
+    system = Iodine(cfg)
+    guide, model = system.guide, system.model
+    x = torch.rand(2, 3, *cfg.model.image_size)
+    lam = guide.lambda0.expand(2, 3, -1)
+    q = guide.posterior(lam)
+    z = q.rsample()
+    decoded = model.decode(z)
+    spatial, vector = guide.refinement_inputs(x, lam, q, decoded, keep_graph=True)
+    assert spatial.shape == (2 * 3, 17, *cfg.model.image_size)       # the appendix's 17 channels
+    assert vector.shape == (2 * 3, 4 * cfg.model.latent_dim)
+    model_params = list(model.parameters()) + [guide.lambda0]
+    grads = torch.autograd.grad(spatial.sum() + vector.sum(), model_params, allow_unused=True)
+    assert all(g is None for g in grads)                              # nothing flows back into z, decoder
+    assert set(guide.norms) == set(LAYER_NORMED)
+    # fresh norms standardise each image-slot's input
+    offset = 0
+    for name in guide.spatial_names:
+        c = {"image": 3, "means": 3, "grad_means": 3, "coordinates": 2}.get(name, 1)
+        if name in LAYER_NORMED:
+            part = spatial[:, offset:offset + c].detach()
+            assert torch.allclose(part.mean((1, 2, 3)), torch.zeros(6), atol=1e-4)
+            var = part.var((1, 2, 3), unbiased=False)           # var / (var + eps): eps = 1e-5
+            assert ((var > 0.9) & (var <= 1.0 + 1e-4)).all()
+        offset += c
+
+
+def test_leave_one_out_matches_brute_force():
+    torch.manual_seed(0)
+    B, K, H, W = 2, 4, 3, 3
+    logits, comp = torch.randn(B, K, H, W), torch.randn(B, K, H, W)
+    got = leave_one_out(logits, comp)
+    for k in range(K):
+        keep = [j for j in range(K) if j != k]
+        pi = logits[:, keep].softmax(1)
+        want = torch.log((pi * comp[:, keep].exp()).sum(1))
+        assert torch.allclose(got[:, k], want, atol=1e-5)
+
+
+def test_pixel_mixture_log_prob_and_sampling():
+    torch.manual_seed(0)
+    means = torch.rand(3, 2, 3, 5, 5)
+    logits = torch.randn(3, 2, 5, 5) * 3
+    x = torch.rand(3, 3, 5, 5)
+    d = PixelMixture(means, logits, "gaussian", 0.1)
+    assert d.batch_shape == (3,) and d.event_shape == (3, 5, 5)
+    assert torch.allclose(d.log_prob(x), hand_log_px(x, means, logits, "gaussian", 0.1), atol=1e-3)
+    assert d.sample().shape == (3, 3, 5, 5)
+    # one slot of mask ~1 everywhere: samples are that slot's mean plus sigma noise
+    logits = torch.full((4000, 2, 1, 1), -30.0)
+    logits[:, 1] = 30.0
+    means = torch.zeros(4000, 2, 3, 1, 1)
+    means[:, 1] = 0.5
+    s = PixelMixture(means, logits, "gaussian", 0.1).sample()
+    assert abs(float(s.mean()) - 0.5) < 0.01 and abs(float(s.std()) - 0.1) < 0.01
+    s = PixelMixture(means, logits, "logistic", 0.03).sample()
+    assert abs(float(s.std()) - 0.03 * math.pi / math.sqrt(3)) < 0.005  # logistic sd = s pi / sqrt 3
+
+
+def test_model_samples_images_from_the_prior():
+    cfg = tiny_config("paper")
+    system = Iodine(cfg)
+    tr = poutine.trace(system.model.model).get_trace(None, batch_size=4)
+    assert tr.nodes["t0/z"]["value"].shape == (4, 3, cfg.model.latent_dim)
+    assert tr.nodes["t0/x"]["value"].shape == (4, 3, *cfg.model.image_size)
+    assert tr.nodes["t0/z"]["fn"].event_shape == (3, cfg.model.latent_dim)   # slots, dims as event dims
+
+
+def test_inference_keeps_no_graph_and_runs_at_other_k_and_t():
+    cfg = tiny_config("paper", **{"guide.lstm": 8})
+    system = Iodine(cfg)
+    x = torch.rand(2, 3, *cfg.model.image_size)
+    steps = system.infer(x, num_iters=6, num_slots=5)
+    assert len(steps) == 6
+    for s in steps:
+        assert s.masks.shape == (2, 5, *cfg.model.image_size)
+        assert not s.lam.requires_grad and not s.recon.requires_grad
+        assert torch.allclose(s.masks.sum(1), torch.ones(2, *cfg.model.image_size), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["image", "means", "mask", "mask_logits", "mask_posterior",
+                                  "grad_means", "grad_mask", "likelihood", "leave_one_out",
+                                  "coordinates", "posterior", "grad_posterior"])
+def test_each_input_can_be_switched_off(name):
+    full = Iodine(tiny_config("paper"))
+    cfg = tiny_config("paper", **{"guide.disabled_inputs": (name,)})
+    system = Iodine(cfg)
+    assert name not in system.guide.spatial_names + system.guide.vector_names
+    c_full = full.guide.net.convs[0].in_channels
+    c = system.guide.net.convs[0].in_channels
+    v_full, v = full.guide.net.head.in_features, system.guide.net.head.in_features
+    removed = {"image": 3, "means": 3, "grad_means": 3, "coordinates": 2}.get(name, 1)
+    if name in ("posterior", "grad_posterior"):
+        assert c == c_full and v == v_full - 2 * cfg.model.latent_dim
+    else:
+        assert c == c_full - removed
+    loss = system.loss(torch.rand(2, 3, *cfg.model.image_size))
+    assert torch.isfinite(loss)
+
+
+def test_mixture_terms_is_the_one_likelihood():
+    """The model's observation site scores exactly `mixture_terms` summed over pixels."""
+    cfg = tiny_config("paper")
+    system = Iodine(cfg)
+    x = torch.rand(2, 3, *cfg.model.image_size)
+    tr = poutine.trace(system.model.model).get_trace(x)
+    fn = tr.nodes["t0/x"]["fn"]
+    terms = mixture_terms(x, fn.means, fn.mask_logits, "gaussian", 0.1)
+    assert torch.allclose(tr.nodes["t0/x"]["fn"].log_prob(x), terms.log_px.sum((1, 2)))
+
+
+def test_full_size_presets_build():
+    for ds in ["tetrominoes", "multi_dsprites", "clevr6", "clevr"]:
+        for preset in ["paper", "deepmind"]:
+            cfg = make_config(ds, preset)
+            system = Iodine(cfg)
+            assert (system.guide.net.lstm is None) == (ds == "tetrominoes")
+
+
+@pytest.mark.parametrize("kernel,size", [(5, (35, 35)), (3, (16, 20)), (1, (7, 7))])
+def test_broadcast_decoder_equals_convolving_the_tiled_input(kernel, size):
+    from iodine_pyro.models import SpatialBroadcastDecoder
+    torch.manual_seed(0)
+    dec = SpatialBroadcastDecoder(6, 3, size, (8, 8), kernel).double()
+    z = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    fast, ref = dec(z), dec.forward_tiled(z)
+    assert torch.allclose(fast, ref, atol=1e-12)
+    g_fast = torch.autograd.grad(fast.square().sum(), [z, dec.net[0].weight])
+    g_ref = torch.autograd.grad(ref.square().sum(), [z, dec.net[0].weight])
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_fast, g_ref))
