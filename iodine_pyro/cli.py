@@ -207,6 +207,16 @@ def data_info(path: Path = typer.Argument(..., help="Dataset directory.")):
     typer.echo("variables: " + ", ".join(f"{k} {tuple(v.dims)}" for k, v in ds.data_vars.items()))
 
 
+def _register_commands() -> None:
+    from . import cli_figures, cli_posterior
+
+    cli_posterior.register(app)
+    cli_figures.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Entry point: known errors print one line and exit 2, never a traceback."""
     from .checkpoint import CheckpointError

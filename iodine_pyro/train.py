@@ -58,16 +58,17 @@ def train_step(system: Iodine, optimizer: torch.optim.Optimizer, x: torch.Tensor
     is never applied to the parameters."""
     optimizer.zero_grad(set_to_none=True)
     loss = system.loss(x)
-    if not torch.isfinite(loss):
-        return float(loss), float("nan"), False
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value, float("nan"), False
     loss.backward()
     params = [p for p in system.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        return float(loss), float(norm), False
+        return value, float(norm), False
     optimizer.step()
-    return float(loss), float(norm), True
+    return value, float(norm), True
 
 
 @torch.no_grad()

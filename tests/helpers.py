@@ -13,3 +13,30 @@ def tiny_config(preset: str = "paper", dataset: str = "tetrominoes", **overrides
     }
     base.update(overrides)
     return make_config(dataset, preset, base)
+
+
+TINY_OVERRIDES = {  # full 35x35 Tetrominoes images, narrow nets: a step takes milliseconds
+    "model.latent_dim": 4, "model.decoder_channels": (8, 8), "model.decoder_kernel": 3,
+    "guide.num_iters": 3, "guide.conv_channels": (8, 8), "guide.conv_kernel": 3, "guide.mlp": (16,),
+    "train.batch_size": 4,
+}
+
+
+def tiny_run(root, steps: int = 3, guide: str = "iterative", num_images: int = 48, seed: int = 0, **overrides):
+    """Generate a small Tetrominoes set under `root` and train a tiny model on it.
+
+    Returns the run directory (checkpoint.pt, metrics.jsonl; data in root/data)."""
+    from pathlib import Path
+
+    from iodine_pyro.data import generate
+    from iodine_pyro.train import fit
+
+    root = Path(root)
+    data = root / "data"
+    if not data.exists():
+        generate("tetrominoes", num_images, data, seed=seed, progress=False, workers=1)
+    out = root / f"run-{guide}"
+    fit(out=out, data=data, steps=steps, dataset="tetrominoes",
+        overrides={**TINY_OVERRIDES, "guide.kind": guide, **overrides}, seed=seed, log_every=1,
+        checkpoint_every=steps, progress=False)
+    return out
