@@ -41,15 +41,35 @@ def _positive(name: str, value: Optional[int]) -> None:
         raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=name)
 
 
+def load_toml_overrides(path: Path) -> dict:
+    """{"section.field": value} from a TOML file with [model], [guide] and [train] tables."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        table = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no configuration file {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    out = {}
+    for section, fields in table.items():
+        if section not in ("model", "guide", "train") or not isinstance(fields, dict):
+            raise UserError(f"{path}: unknown table [{section}]; use [model], [guide] and [train]")
+        out.update({f"{section}.{k}": v for k, v in fields.items()})
+    return out
+
+
 @app.command()
 def fit(
     dataset: str = typer.Option("tetrominoes", help="Dataset and its architecture preset (paper appendix C)."),
     preset: Preset = typer.Option(Preset.paper, help="paper (appendix C) or deepmind (released code)."),
     steps: int = typer.Option(300, help="Total optimisation steps of the run (a resumed run continues to this)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step (default: the preset's)."),
-    out: Path = typer.Option(Path("runs/tetrominoes"), help="Run directory (resumed when it holds a checkpoint)."),
+    out: Path = typer.Option(Path("runs/tetrominoes"), help="Run directory (continued when it holds this run)."),
     data: Optional[Path] = typer.Option(None, help="Stored dataset to train on (default: generate one in OUT/data)."),
-    eval_data: Optional[Path] = typer.Option(None, help="Held-out dataset for evaluate (default: generated with --data unset)."),
+    eval_data: Optional[Path] = typer.Option(None, help="Held-out dataset for evaluate (default: generated)."),
     num_images: int = typer.Option(4096, help="Images to generate when --data is not given."),
     guide: GuideKind = typer.Option(GuideKind.iterative, help="iterative (IODINE) or amortized (VAE baseline)."),
     decoder: Optional[DecoderKind] = typer.Option(None, help="broadcast (default) or deconv (ablation)."),
@@ -57,52 +77,50 @@ def fit(
     num_iters: Optional[int] = typer.Option(None, help="T refinement iterations (default: 5)."),
     ablate: list[str] = typer.Option([], help="Leave out a refinement input by name (repeatable)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the preset's)."),
+    config: Optional[Path] = typer.Option(None, help="TOML file of overrides: [model], [guide], [train] tables."),
     seed: int = typer.Option(0, help="Seed of parameters, sampling, data generation and order."),
     log_every: int = typer.Option(25, help="Log metrics every N steps."),
     checkpoint_every: int = typer.Option(250, help="Write a checkpoint every N steps."),
+    max_bad_steps: Optional[int] = typer.Option(None, help="Stop after N non-finite steps in a row (default 20)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT with its own settings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in OUT."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Train IODINE; writes OUT/checkpoint.pt, OUT/metrics.jsonl and pictures of the result."""
     from .config import ARCHITECTURES
-    from .data import GENERATORS, generate
     from .train import fit as run_fit
 
     for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--num-slots", num_slots),
                         ("--num-iters", num_iters), ("--num-images", num_images),
-                        ("--log-every", log_every), ("--checkpoint-every", checkpoint_every)]:
+                        ("--log-every", log_every), ("--checkpoint-every", checkpoint_every),
+                        ("--max-bad-steps", max_bad_steps)]:
         _positive(name, value)
     if dataset not in ARCHITECTURES:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from {', '.join(sorted(ARCHITECTURES))}",
                                  param_hint="--dataset")
-    overrides = {"guide.kind": guide.value}
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite exclude each other", param_hint="--resume")
+    overrides = load_toml_overrides(config) if config else {}
+    overrides["guide.kind"] = guide.value
     for key, value in [("train.batch_size", batch_size), ("model.num_slots", num_slots),
                        ("guide.num_iters", num_iters), ("train.lr", lr),
-                       ("model.decoder", decoder.value if decoder else None)]:
+                       ("model.decoder", decoder.value if decoder else None),
+                       ("train.max_bad_steps", max_bad_steps)]:
         if value is not None:
             overrides[key] = value
     if ablate:
         overrides["guide.disabled_inputs"] = tuple(ablate)
-    if data is None:
-        if dataset not in GENERATORS:
-            raise UserError(f"no generator for {dataset!r} yet; pass --data with a stored dataset")
-        data, gen_eval = out / "data" / "train", out / "data" / "test"
-        progress = not quiet
-        if not (data / "zarr.json").exists() and not (data / ".zattrs").exists():
-            generate(dataset, num_images, data, seed=seed, progress=progress, overwrite=True)
-        if eval_data is None:
-            if not (gen_eval / "zarr.json").exists() and not (gen_eval / ".zattrs").exists():
-                generate(dataset, min(1024, num_images), gen_eval, seed=seed + 10_000,
-                         progress=progress, overwrite=True)
-            eval_data = gen_eval
-    result = run_fit(out=out, data=data, eval_data=eval_data, steps=steps, dataset=dataset,
-                     preset=preset.value, overrides=overrides, seed=seed, log_every=log_every,
-                     checkpoint_every=checkpoint_every, device=device, progress=not quiet)
+    result = run_fit(out=out, data=data, eval_data=eval_data, num_images=num_images, steps=steps,
+                     dataset=dataset, preset=preset.value, overrides=overrides, seed=seed,
+                     log_every=log_every, checkpoint_every=checkpoint_every, device=device,
+                     progress=not quiet, resume=resume, overwrite=overwrite)
     _finish_pictures(out, device)
     last = result.last_metrics
     summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "mse", "kl", "fg_ari") if k in last)
     how = "stopped by signal at" if result.stopped == "signal" else "trained to"
-    typer.echo(f"{how} step {result.step}: {summary or 'no metrics logged'}; run in {out}")
+    skipped = f" ({result.skipped} non-finite steps skipped)" if result.skipped else ""
+    typer.echo(f"{how} step {result.step}: {summary or 'no metrics logged'}{skipped}; run in {out}")
 
 
 def _finish_pictures(out: Path, device: str) -> None:

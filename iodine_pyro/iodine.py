@@ -55,8 +55,26 @@ class Iodine(nn.Module):
         g = self.cfg.guide
         return step_weights(g.kind, g.loss_weights, num_iters or g.num_iters)
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise ValueError (one line) unless x is a finite [B, C, H, W] batch in [0, 1]
+        of the configured channels and size."""
+        m = self.cfg.model
+        want = (m.image_channels, *m.image_size)
+        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"expected images of shape [B, {want[0]}, {want[1]}, {want[2]}] for "
+                             f"{self.cfg.dataset}, got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images contain NaN or infinite pixels")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+
     def loss(self, x: torch.Tensor, num_iters: int | None = None) -> torch.Tensor:
         """sum_t w_t L_t with L_t the per-image mean negative ELBO of step t (analytic KL)."""
+        self.check_images(x)
         return self.elbo.differentiable_loss(self.model.model, self.guide, x, self.weights(num_iters))
 
     @torch.no_grad()
@@ -67,6 +85,7 @@ class Iodine(nn.Module):
         `num_iters` may exceed the trained T and `num_slots` differ from the trained K.
         The guide keeps no activations of earlier steps.
         """
+        self.check_images(x)
         steps: list[Step] = self.guide(x, self.weights(num_iters), num_slots=num_slots)
         self.model.forget()
         return [self.summarize(x, s) for s in steps]

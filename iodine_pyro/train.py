@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .checkpoint import CHECKPOINT, METRICS, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, load_checkpoint, save_checkpoint,
+                         set_rng_state)
 from .config import Config, make_config
 from .data import Batches, DatasetError, open_dataset
 from .iodine import Iodine
@@ -99,6 +102,7 @@ class FitResult:
     out: Path
     stopped: str           # "done" | "signal"
     last_metrics: dict[str, Any]
+    skipped: int = 0       # steps skipped for non-finite loss or gradient
 
 
 class _StopFlag:
@@ -124,45 +128,134 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def fit(*, out: str | Path, data: str | Path, steps: int, dataset: str = "tetrominoes",
-        preset: str = "paper", overrides: dict[str, Any] | None = None,
-        eval_data: str | Path | None = None, seed: int = 0, log_every: int = 25,
-        checkpoint_every: int = 250, device: str = "cpu", progress: bool = True) -> FitResult:
+RUN_FILES = (CHECKPOINT, METRICS, "decomposition.png", "curves.png")
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    """'section.field: a != b' for every field where two configurations differ."""
+    out = []
+    for section in ("model", "guide", "train"):
+        da, db = a.to_dict()[section], b.to_dict()[section]
+        out += [f"{section}.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db[k]]
+    if (a.dataset, a.preset) != (b.dataset, b.preset):
+        out.insert(0, f"dataset/preset: {a.dataset}/{a.preset} != {b.dataset}/{b.preset}")
+    return out
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").exists() or (path / ".zattrs").exists()
+
+
+def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Decide what `fit` does with `out`: continue its run (the checkpoint is returned),
+    start a new one (None), or refuse. Never writes over another run's results unless
+    `overwrite`, which removes the run's own files and generated data only."""
+    ckpt_path = out / CHECKPOINT
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a run directory")
+    if overwrite and out.exists():
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in ("train", "test"):
+            if _is_store(out / "data" / name):
+                shutil.rmtree(out / "data" / name)
+        return None
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if resume:
+            return ckpt
+        diff = config_differences(ckpt["config"], cfg)
+        if diff:
+            raise CheckpointError(
+                f"{out} holds another run ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}); "
+                f"pass --resume to continue it with its own settings, --overwrite to replace it, "
+                f"or choose another --out")
+        return ckpt
+    if resume:
+        raise CheckpointError(f"no run to resume in {out} (no {CHECKPOINT})")
+    foreign = [p.name for p in out.iterdir() if p.name not in (*RUN_FILES, "data")] if out.exists() else []
+    if foreign:
+        raise CheckpointError(f"{out} is not empty and holds no run (found {foreign[0]!r}); "
+                              f"choose another --out or pass --overwrite")
+    return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged rows past `step` (and a line cut by a crash): a resumed run logs them again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def default_datasets(out: Path, dataset: str, num_images: int, seed: int,
+                     progress: bool) -> tuple[Path, Path]:
+    """Generate (once) a training set and a held-out set in OUT/data."""
+    from .data import GENERATORS, generate
+
+    if dataset not in GENERATORS:
+        raise DatasetError(f"no generator for {dataset!r}; pass --data with a stored dataset "
+                           f"(generators: {', '.join(sorted(GENERATORS))})")
+    train, test = out / "data" / "train", out / "data" / "test"
+    for path, n, s in [(train, num_images, seed), (test, min(1024, num_images), seed + 10_000)]:
+        if not _is_store(path):
+            generate(dataset, n, path, seed=s, progress=progress, overwrite=True)
+    return train, test
+
+
+def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: str = "paper",
+        overrides: dict[str, Any] | None = None, data: str | Path | None = None,
+        eval_data: str | Path | None = None, num_images: int = 4096, seed: int = 0,
+        log_every: int = 25, checkpoint_every: int = 250, device: str = "cpu",
+        progress: bool = True, resume: bool = False, overwrite: bool = False) -> FitResult:
     """Train (or continue training) the run in `out` up to `steps` total steps.
 
     Args:
-        out: run directory; when it holds a checkpoint the run continues from it.
-        data: a stored dataset directory (see `iodine_pyro.data`).
+        out: run directory. When it holds a checkpoint of the same configuration the run
+            continues from it; another configuration is refused unless `resume` (continue
+            with the stored configuration) or `overwrite` (start afresh).
         steps: total number of optimisation steps of the run.
-        dataset, preset, overrides: the configuration of a new run (see `make_config`);
-            a resumed run keeps its own and refuses a different dataset or preset.
+        dataset, preset, overrides: the configuration (see `make_config`).
+        data: a stored dataset directory; default: generate `num_images` images (and a
+            held-out set) in OUT/data.
         eval_data: held-out images for `evaluate` (recorded in the checkpoint).
-        seed: seeds parameters, sampling and the data order.
+        seed: seeds parameters, sampling, generated data and the data order.
     """
     out = Path(out)
-    ckpt_path = out / CHECKPOINT
-    torch.manual_seed(seed)
-    pyro.set_rng_seed(seed)
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        cfg: Config = ckpt["config"]
-        if (cfg.dataset, cfg.preset) != (dataset, preset):
-            raise CheckpointError(f"{ckpt_path} is a {cfg.dataset}/{cfg.preset} run, not "
-                                  f"{dataset}/{preset}; choose another --out")
-        if overrides:
-            cfg_new = make_config(dataset, preset, overrides)
-            if cfg_new.to_dict() != cfg.to_dict():
-                raise CheckpointError(f"{ckpt_path} was trained with another configuration; "
-                                      f"choose another --out")
-    else:
-        ckpt = None
-        cfg = make_config(dataset, preset, overrides)
+    cfg = make_config(dataset, preset, overrides)
+    ckpt = prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    if ckpt is not None:
+        cfg = ckpt["config"]
+        seed = int(ckpt.get("extra", {}).get("seed", seed))
+        data = data or ckpt["data"]["train"]
+        eval_data = eval_data or ckpt["data"]["eval"]
+    elif data is None:
+        data, gen_eval = default_datasets(out, cfg.dataset, num_images, seed, progress)
+        eval_data = eval_data or gen_eval
     ds = open_dataset(data)
     check_images(ds, cfg, str(data))
+    if eval_data is not None:
+        check_images(open_dataset(eval_data), cfg, str(eval_data))
+    if cfg.train.batch_size > ds.sizes["image"]:
+        raise DatasetError(f"--batch-size {cfg.train.batch_size} exceeds the {ds.sizes['image']} "
+                           f"images of {data}")
+
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
     system = Iodine(cfg).to(device)
     optimizer = make_optimizer(system, cfg)
     batches = Batches(ds, cfg.train.batch_size, seed=seed)
     step = 0
+    ckpt_path = out / CHECKPOINT
     if ckpt is not None:
         try:
             system.load_state_dict(ckpt["system"])
@@ -170,9 +263,9 @@ def fit(*, out: str | Path, data: str | Path, steps: int, dataset: str = "tetrom
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
         batches.load_state_dict(ckpt["data_state"])
-        from .checkpoint import set_rng_state
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
+        truncate_metrics(out / METRICS, step)
         log.info("resuming %s at step %d", out, step)
     data_info = {"train": str(Path(data).resolve()),
                  "eval": str(Path(eval_data).resolve()) if eval_data else None}
@@ -189,7 +282,7 @@ def fit(*, out: str | Path, data: str | Path, steps: int, dataset: str = "tetrom
     bad_in_row, skipped, last = 0, 0, {}
     stop = "done"
     it = iter(batches)
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"fit {cfg.dataset}",
+    bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, desc=f"fit {cfg.dataset}",
                unit="step", dynamic_ncols=True)
     t_start = time.time()
     with _StopFlag() as flag, open(out / METRICS, "a") as mlog:
@@ -203,12 +296,13 @@ def fit(*, out: str | Path, data: str | Path, steps: int, dataset: str = "tetrom
             loss, gnorm, applied = train_step(system, optimizer, batch["image"], cfg.train.clip_norm)
             if not applied:
                 bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                log.warning("step %d: non-finite loss or gradient (%s, %s); step skipped", step, loss, gnorm)
+                log.warning("step %d: non-finite loss or gradient (loss %s, gradient norm %s); skipped",
+                            step + 1, loss, gnorm)
                 if bad_in_row >= cfg.train.max_bad_steps:
                     checkpoint()
                     raise TrainingError(
-                        f"{bad_in_row} non-finite steps in a row at step {step}; the last good state "
-                        f"is saved in {ckpt_path}")
+                        f"{bad_in_row} non-finite steps in a row after step {step}; the last good state "
+                        f"is saved in {ckpt_path} (lower the learning rate or check the data)")
                 continue
             bad_in_row = 0
             step += 1
@@ -223,4 +317,4 @@ def fit(*, out: str | Path, data: str | Path, steps: int, dataset: str = "tetrom
                 checkpoint()
         checkpoint()
     bar.close()
-    return FitResult(step=step, out=out, stopped=stop, last_metrics=last)
+    return FitResult(step=step, out=out, stopped=stop, last_metrics=last, skipped=skipped)

@@ -338,14 +338,25 @@ def open_dataset(path: str | Path) -> xr.Dataset:
 
 def _read(ds: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
     """Images and masks [start, stop) as numpy; read errors become DatasetError."""
+    source = ds.encoding.get("source", "dataset")
     try:
-        return {
+        arrays = {
             "image": ds["image"][start:stop].values,  # [n, H, W, C] uint8
             "mask": ds["mask"][start:stop].values,  # [n, G, H, W] uint8
         }
     except Exception as err:  # codec or OS errors of a damaged store
-        source = ds.encoding.get("source", "dataset")
         raise DatasetError(f"cannot read images {start}:{stop} of {source}: {_first_line(err)}") from err
+    _check_masks(arrays["mask"], start, source)
+    return arrays
+
+
+def _check_masks(mask: np.ndarray, start: int, source: str) -> None:
+    """Masks are one-hot: 0/1 values, at most one group per pixel (none: not scored)."""
+    bad = (mask > 1).any(axis=(1, 2, 3)) | (mask.sum(1, dtype=np.int64) > 1).any(axis=(1, 2))  # [n]
+    if bad.any():
+        i = start + int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"{source}: the masks of image {i} are not one-hot (values must be 0/1 "
+                           f"with at most one group per pixel)")
 
 
 def _to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
