@@ -1,0 +1,711 @@
+"""The paper's figures of trained runs, each written as a PNG and the data behind it.
+
+=================  ===============  ==============  ==========================================
+kind               function         paper figures   data file next to ``FILE.png``
+=================  ===============  ==============  ==========================================
+decomposition      `decomposition`  16 to 19        ``FILE.npz``: ``image`` [N, C, H, W],
+                                                    ``recon`` [N, S, C, H, W], ``masks``
+                                                    [N, S, K, H, W], ``means`` [N, S, K, C, H, W],
+                                                    ``step`` [S] (1-based refinement steps),
+                                                    ``image_index`` [N]
+mask-logits        `mask_logits`    20 to 22        ``FILE.npz``: ``image`` [N, C, H, W],
+                                                    ``masks``, ``mask_logits`` [N, K, H, W],
+                                                    ``true_masks`` [N, G, H, W], ``image_index``
+traversal          `traversal`      30 to 32        ``FILE.npz``: ``image`` [C, H, W],
+                                                    ``image_index``, ``slot``, ``posterior_mean``
+                                                    [K, n_z], ``kl`` [n_z], ``dims`` [n_z] (row
+                                                    order), ``offsets`` [V] (prior sd),
+                                                    ``values`` [n_z, V], ``renders``
+                                                    [n_z, V, C, H, W] (rows in ``dims`` order),
+                                                    ``recon`` [C, H, W], ``slot_mask`` [H, W]
+projection         `projection`     24 to 29        ``FILE.npz``: one row per matched object:
+                                                    ``latent`` [M, n_z], ``pca`` [M, 2],
+                                                    ``pca_explained`` [2], ``tsne`` [M, 2],
+                                                    ``image_index``, ``group``, ``slot``, ``iou``
+                                                    [M], ``factor_<name>`` [M] or [M, 3]
+curves             `curves`         (training)      ``FILE.json``: ``{"keys", "smooth", "runs":
+                                                    [{"label", "run_dir", "step": [...],
+                                                    "loss": [...], ...}]}`` (null for missing)
+ablation           `ablation`       33 to 40        ``FILE.json``: as curves, one run per
+                                                    ablation (``full``, ``no-<input>``)
+=================  ===============  ==============  ==========================================
+
+Figures that run the model take a run directory (see `iodine_pyro.evaluate.load_run`) and
+read the run's held-out images unless ``data`` names another dataset. Every random choice
+(posterior samples, the traversal's image and slot, t-SNE) follows ``seed``, so the same
+arguments give the same PNG, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from torch.distributions import kl_divergence  # noqa: E402
+
+from .checkpoint import METRICS  # noqa: E402
+from .data import DatasetError, load_images, open_dataset  # noqa: E402
+from .evaluate import default_data, load_run  # noqa: E402
+from .iodine import Iodine  # noqa: E402
+from .plotting import slot_colors  # noqa: E402
+from .train import check_images  # noqa: E402
+
+__all__ = [
+    "FigureFiles", "decomposition", "mask_logits", "traversal", "projection", "curves",
+    "ablation", "read_metrics", "ablation_runs",
+]
+
+DPI = 100
+CURVE_KEYS = ("loss", "mse", "kl", "fg_ari")
+# metrics.jsonl key -> (panel title, y-axis label); the metrics are of one training batch
+# at the final refinement step, the loss is the training objective sum_t w_t L_t.
+CURVE_LABELS = {
+    "loss": ("total loss", "weighted negative ELBO (nats)"),
+    "mse": ("reconstruction MSE", "MSE, final step"),
+    "kl": ("KL divergence", "KL, final step (nats)"),
+    "fg_ari": ("segmentation FG-ARI", "FG-ARI, final step"),
+}
+# Factors drawn with a discrete palette even when numeric.
+CATEGORICAL = {"shape", "color", "material", "size"}
+RGB_NAMES = {(1, 0, 0): "red", (0, 1, 0): "green", (0, 0, 1): "blue", (1, 1, 0): "yellow",
+             (1, 0, 1): "magenta", (0, 1, 1): "cyan", (1, 1, 1): "white", (0, 0, 0): "black"}
+
+
+@dataclass(frozen=True)
+class FigureFiles:
+    """The files a figure wrote: the PNG and the data behind it."""
+
+    png: Path
+    data: Path
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    system: Iodine
+    ckpt: dict[str, Any]
+    ds: Any
+    data: str
+    name: str
+
+    @property
+    def cfg(self):
+        return self.ckpt["config"]
+
+    def title(self) -> str:
+        return f"{self.cfg.dataset} run {self.name}, training step {self.ckpt['step']}"
+
+
+def _png_path(out: str | Path) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {out}")
+    return out
+
+
+def _data_path(png: Path, suffix: str) -> Path:
+    """The data file next to `png` (its folder created)."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    return png.with_suffix(suffix)
+
+
+def _open(run_dir: str | Path, data: str | Path | None, device: str) -> _Run:
+    system, ckpt = load_run(run_dir, device)
+    path = str(data) if data else default_data(ckpt)
+    ds = open_dataset(path)
+    check_images(ds, ckpt["config"], path)
+    return _Run(system, ckpt, ds, path, Path(run_dir).resolve().name)
+
+
+def _first_images(run: _Run, num_images: int, device: str) -> dict[str, torch.Tensor]:
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    n = min(num_images, run.ds.sizes["image"])
+    return {k: v.to(device) for k, v in load_images(run.ds, 0, n).items()}
+
+
+def _seed(seed: int) -> None:
+    pyro.set_rng_seed(seed)  # torch, numpy and random
+
+
+def _rgb(a: np.ndarray) -> np.ndarray:
+    """[C, H, W] in [0, 1] -> [H, W, 3] for imshow."""
+    a = np.clip(a, 0, 1).transpose(1, 2, 0)                     # [H, W, C]
+    return np.repeat(a, 3, 2) if a.shape[2] == 1 else a
+
+
+def _segmentation(masks: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """masks [K, H, W] -> [H, W, 3], each pixel coloured by its argmax slot."""
+    return colors[masks.argmax(0)]
+
+
+def _over_white(picture: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """picture [C, H, W] shown where mask [H, W] is on, white elsewhere -> [H, W, 3]."""
+    return _rgb(mask[None] * picture + (1 - mask[None]))
+
+
+def _show(ax, picture, title: str | None = None, border=None, **kw):
+    im = ax.imshow(picture, interpolation="nearest", **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    if border is not None:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(border)
+            spine.set_linewidth(3)
+    return im
+
+
+def _save(fig, png: Path) -> None:
+    fig.savefig(png, dpi=DPI)
+    plt.close(fig)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Decomposition (Figures 16 to 19)
+# ---------------------------------------------------------------------------------------
+
+
+def decomposition(run_dir: str | Path, out: str | Path, *, num_images: int = 4,
+                  all_steps: bool = False, seed: int = 0, data: str | Path | None = None,
+                  num_iters: int | None = None, device: str = "cpu") -> FigureFiles:
+    """Image, reconstruction, segmentation and each slot's masked reconstruction.
+
+    Mirrors the paper's Figures 16 to 19: one row per image, columns image,
+    reconstruction sum_k pi_k mu_k, segmentation (argmax slot, coloured), then each slot's
+    mean mu_k shown where its mask pi_k is on (white elsewhere), framed in the slot's
+    segmentation colour. With ``all_steps`` every refinement step gets a row (Figure 7's
+    iterations), otherwise only the final step.
+    """
+    png = _png_path(out)
+    run = _open(run_dir, data, device)
+    x = _first_images(run, num_images, device)["image"]           # x: [N, C, H, W]
+    _seed(seed)
+    steps = run.system.infer(x, num_iters=num_iters)
+    shown = list(range(len(steps))) if all_steps else [len(steps) - 1]
+    arrays = {
+        "image": _np(x),                                                        # [N, C, H, W]
+        "recon": _np(torch.stack([steps[t].recon for t in shown], 1)),          # [N, S, C, H, W]
+        "masks": _np(torch.stack([steps[t].masks for t in shown], 1)),          # [N, S, K, H, W]
+        "means": _np(torch.stack([steps[t].means for t in shown], 1)),          # [N, S, K, C, H, W]
+        "step": np.array(shown) + 1,                                            # [S]
+        "image_index": np.arange(x.shape[0]),                                   # [N]
+    }
+    data_path = _data_path(png, ".npz")
+    np.savez_compressed(data_path, **arrays)
+    which = "every refinement step" if all_steps else f"final refinement step ({len(steps)})"
+    draw_decomposition(arrays, png, title=f"Decomposition, {which}: {run.title()}")
+    return FigureFiles(png, data_path)
+
+
+def draw_decomposition(a: dict[str, np.ndarray], png: Path, title: str) -> None:
+    """Draw the arrays of `decomposition` (one row per image and shown step)."""
+    N, S, K = a["masks"].shape[:3]
+    colors = slot_colors(K)
+    cols = 3 + K
+    fig, axes = plt.subplots(N * S, cols, figsize=(1.5 * cols + 0.4, 1.55 * N * S + 0.6),
+                             squeeze=False, layout="constrained")
+    for i in range(N):
+        for s in range(S):
+            row = axes[i * S + s]
+            top = i == 0 and s == 0
+            masks, means = a["masks"][i, s], a["means"][i, s]              # [K, H, W], [K, C, H, W]
+            _show(row[0], _rgb(a["image"][i]), "image" if top else None)
+            _show(row[1], _rgb(a["recon"][i, s]), "reconstruction" if top else None)
+            _show(row[2], _segmentation(masks, colors), "segmentation" if top else None)
+            for k in range(K):
+                _show(row[3 + k], _over_white(means[k], masks[k]), f"slot {k}" if top else None,
+                      border=colors[k])
+            label = f"image {a['image_index'][i]}"
+            if S > 1:
+                label += f"\nstep {a['step'][s]}"
+            row[0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, png)
+
+
+# ---------------------------------------------------------------------------------------
+# Masks and mask logits (Figures 20 to 22)
+# ---------------------------------------------------------------------------------------
+
+
+def mask_logits(run_dir: str | Path, out: str | Path, *, num_images: int = 4, seed: int = 0,
+                data: str | Path | None = None, num_iters: int | None = None,
+                device: str = "cpu") -> FigureFiles:
+    """Predicted masks over the image, ground-truth masks and per-slot mask logits.
+
+    Mirrors the paper's Figures 20 to 22, two rows per image at the final refinement step.
+    First row: the image, the predicted segmentation, then each slot's mask pi_k over the
+    image (white where the mask is off), framed in the slot's colour. Second row: the
+    image, the ground-truth segmentation, then each slot's raw mask logit m_k on one colour
+    scale per image (colour bar on the right).
+    """
+    png = _png_path(out)
+    run = _open(run_dir, data, device)
+    batch = _first_images(run, num_images, device)
+    x = batch["image"]                                               # x: [N, C, H, W]
+    _seed(seed)
+    last = run.system.infer(x, num_iters=num_iters)[-1]
+    arrays = {
+        "image": _np(x),                                             # [N, C, H, W]
+        "masks": _np(last.masks),                                    # [N, K, H, W]
+        "mask_logits": _np(last.mask_logits),                        # [N, K, H, W]
+        "true_masks": _np(batch["mask"]),                            # [N, G, H, W]
+        "image_index": np.arange(x.shape[0]),                        # [N]
+    }
+    data_path = _data_path(png, ".npz")
+    np.savez_compressed(data_path, **arrays)
+    draw_mask_logits(arrays, png, title=f"Masks and mask logits, final refinement step: {run.title()}")
+    return FigureFiles(png, data_path)
+
+
+def draw_mask_logits(a: dict[str, np.ndarray], png: Path, title: str) -> None:
+    """Draw the arrays of `mask_logits` (two rows per image)."""
+    N, K = a["masks"].shape[:2]
+    G = a["true_masks"].shape[1]
+    colors, true_colors = slot_colors(K), slot_colors(G)
+    cols = 2 + K
+    fig, axes = plt.subplots(2 * N, cols, figsize=(1.5 * cols + 1.2, 3.0 * N + 0.6), squeeze=False,
+                             layout="constrained")
+    for i in range(N):
+        top, bottom = axes[2 * i], axes[2 * i + 1]
+        image = a["image"][i]                                        # [C, H, W]
+        _show(top[0], _rgb(image), "image")
+        _show(top[1], _segmentation(a["masks"][i], colors), "predicted masks")
+        for k in range(K):
+            _show(top[2 + k], _over_white(image, a["masks"][i, k]), f"mask {k}", border=colors[k])
+        logits = a["mask_logits"][i]                                 # [K, H, W]
+        lo, hi = float(logits.min()), float(logits.max())
+        _show(bottom[0], _rgb(image), "image")
+        _show(bottom[1], _segmentation(a["true_masks"][i], true_colors), "ground-truth masks")
+        for k in range(K):
+            im = _show(bottom[2 + k], logits[k], f"logits {k}", border=colors[k], cmap="viridis",
+                       vmin=lo, vmax=max(hi, lo + 1e-6))
+        cb = fig.colorbar(im, ax=list(bottom[2:]), shrink=0.9, pad=0.01)
+        cb.set_label("mask logit", fontsize=7)
+        cb.ax.tick_params(labelsize=6)
+        top[0].set_ylabel(f"image {a['image_index'][i]}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, png)
+
+
+# ---------------------------------------------------------------------------------------
+# Latent traversal (Figures 30 to 32)
+# ---------------------------------------------------------------------------------------
+
+
+def traversal(run_dir: str | Path, out: str | Path, *, image: int | None = None,
+              slot: int | None = None, value_range: tuple[float, float] = (-2.0, 2.0),
+              num_values: int = 7, seed: int = 0, data: str | Path | None = None,
+              num_iters: int | None = None, device: str = "cpu") -> FigureFiles:
+    """Each latent dimension of one slot swept over a range, the scene re-rendered.
+
+    Mirrors the paper's Figures 30 to 32 (and Figure 6, right). The posterior means of the
+    final refinement step are kept for every slot but one dimension d of slot ``slot``,
+    which takes the values mean_d + v * prior_sd for ``num_values`` offsets v evenly spaced
+    over ``value_range``; all slots are decoded and mixed (sum_k pi_k mu_k) into a whole
+    scene. Rows are latent dimensions, sorted by that dimension's KL(q || p) (most
+    informative first), columns the offsets. The left column shows the input, its
+    reconstruction at the posterior mean and the chosen slot's mask.
+
+    ``image`` and ``slot`` default to a random choice drawn from ``seed``.
+    """
+    png = _png_path(out)
+    lo, hi = (float(v) for v in value_range)
+    if not lo < hi:
+        raise ValueError(f"--range must go from low to high, got {lo:g} {hi:g}")
+    if num_values < 2:
+        raise ValueError(f"--num-values must be at least 2, got {num_values}")
+    run = _open(run_dir, data, device)
+    system, cfg = run.system, run.cfg
+    n_images, K, n_z = run.ds.sizes["image"], cfg.model.num_slots, cfg.model.latent_dim
+    rng = np.random.default_rng(seed)
+    pick_image, pick_slot = int(rng.integers(n_images)), int(rng.integers(K))
+    image = pick_image if image is None else image
+    slot = pick_slot if slot is None else slot
+    if not 0 <= image < n_images:
+        raise ValueError(f"--image {image} is out of range: {run.data} has {n_images} images (0 to {n_images - 1})")
+    if not 0 <= slot < K:
+        raise ValueError(f"--slot {slot} is out of range: the run has {K} slots (0 to {K - 1})")
+    x = load_images(run.ds, image, image + 1)["image"].to(device)   # x: [1, C, H, W]
+    _seed(seed)
+    with torch.no_grad():
+        last = system.infer(x, num_iters=num_iters)[-1]
+        mean = last.lam[0, :, :n_z]                                  # mean: [K, n_z]
+        kl = kl_divergence(system.guide.posterior(last.lam),
+                           system.model.prior(1, K, like=x))[0, slot]  # kl: [n_z]
+        dims = torch.argsort(kl, descending=True, stable=True)       # dims: [n_z]
+        sd = cfg.model.prior_var ** 0.5
+        offsets = torch.tensor(np.linspace(lo, hi, num_values).round(9), dtype=x.dtype,
+                           device=x.device)                          # offsets: [V]
+        values = mean[slot, dims, None] + sd * offsets               # values: [n_z, V]
+        z = mean.expand(n_z, num_values, K, n_z).clone()             # z: [n_z, V, K, n_z]
+        rows = torch.arange(n_z, device=x.device)
+        z[rows, :, slot, dims] = values
+        renders = _render(system, z.reshape(n_z * num_values, K, n_z))  # [n_z * V, C, H, W]
+        recon, masks = _render(system, mean[None], with_masks=True)     # [1, C, H, W], [1, K, H, W]
+    arrays = {
+        "image": _np(x[0]),                                          # [C, H, W]
+        "image_index": np.array(image), "slot": np.array(slot),
+        "posterior_mean": _np(mean),                                 # [K, n_z]
+        "kl": _np(kl),                                               # [n_z]
+        "dims": dims.cpu().numpy(),                                  # [n_z]
+        "offsets": _np(offsets),                                     # [V]
+        "values": _np(values),                                       # [n_z, V]
+        "renders": _np(renders).reshape(n_z, num_values, *x.shape[1:]),  # [n_z, V, C, H, W]
+        "recon": _np(recon[0]),                                      # [C, H, W]
+        "slot_mask": _np(masks[0, slot]),                            # [H, W]
+    }
+    data_path = _data_path(png, ".npz")
+    np.savez_compressed(data_path, **arrays)
+    draw_traversal(arrays, png, K, title=f"Latent traversal of slot {slot} in image {image}: {run.title()}")
+    return FigureFiles(png, data_path)
+
+
+def _render(system: Iodine, z: torch.Tensor, with_masks: bool = False):
+    """Decode z [B, K, n_z] into scenes [B, C, H, W] (and masks [B, K, H, W])."""
+    decoded = system.model.decode(z)
+    masks = torch.softmax(decoded.mask_logits, 1)                    # [B, K, H, W]
+    scene = (masks.unsqueeze(2) * decoded.means).sum(1)              # [B, C, H, W]
+    return (scene, masks) if with_masks else scene
+
+
+def draw_traversal(a: dict[str, np.ndarray], png: Path, num_slots: int, title: str) -> None:
+    """Draw the arrays of `traversal`: rows latent dims, columns offsets."""
+    D, V = a["renders"].shape[:2]
+    color = slot_colors(num_slots)[int(a["slot"])]
+    fig, axes = plt.subplots(D, V + 1, figsize=(1.05 * (V + 1) + 0.6, 1.0 * D + 1.0), squeeze=False,
+                             layout="constrained")
+    for ax in axes[:, 0]:
+        ax.axis("off")
+    context = [(_rgb(a["image"]), "input", None), (_rgb(a["recon"]), "reconstruction", None),
+               (_over_white(a["image"], a["slot_mask"]), f"slot {int(a['slot'])} mask", color)]
+    for ax, (picture, name, border) in zip(axes[:, 0], context):
+        ax.axis("on")
+        _show(ax, picture, name, border=border)
+    for r in range(D):
+        d = int(a["dims"][r])
+        for c in range(V):
+            ax = axes[r, 1 + c]
+            _show(ax, _rgb(a["renders"][r, c]), f"{a['offsets'][c] + 0.0:+.2f} sd" if r == 0 else None)
+        axes[r, 1].set_ylabel(f"dim {d}\nKL {a['kl'][d]:.2f}", fontsize=7)
+    fig.suptitle(f"{title}\nrows: latent dimensions by KL; columns: offset from the posterior mean "
+                 f"in prior standard deviations", fontsize=9)
+    _save(fig, png)
+
+
+# ---------------------------------------------------------------------------------------
+# Projections of object latents (Figures 24 to 29)
+# ---------------------------------------------------------------------------------------
+
+
+def projection(run_dir: str | Path, out: str | Path, *, num_images: int = 256, seed: int = 0,
+               data: str | Path | None = None, num_iters: int | None = None,
+               device: str = "cpu", batch_size: int = 32) -> FigureFiles:
+    """Object latents projected on their first two principal components and with t-SNE.
+
+    Mirrors the paper's Figures 24 to 26 (PCA, top row) and 27 to 29 (t-SNE, bottom row),
+    one column per ground-truth factor of the dataset, each dot an object coloured by that
+    factor (a legend for categories, a colour bar for continuous factors; the ``color``
+    factor is drawn in the object's own colour). Each ground-truth object (mask group 1 and
+    up, visible and non-empty) of the first ``num_images`` images is matched to one slot by
+    maximising the summed IoU of its mask with the final step's soft slot masks (Hungarian
+    assignment); the object's latent is that slot's posterior mean.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    png = _png_path(out)
+    if num_images < 1 or batch_size < 1:
+        raise ValueError("--num-images and the batch size must be at least 1")
+    run = _open(run_dir, data, device)
+    n_z = run.cfg.model.latent_dim
+    n = min(num_images, run.ds.sizes["image"])
+    factors = [k for k in run.ds.data_vars if k not in ("image", "mask", "visibility")]
+    if not factors:
+        raise DatasetError(f"{run.data} has no per-object factors to colour the projection by")
+    visibility = run.ds["visibility"][:n].values if "visibility" in run.ds else None  # [n, G]
+    _seed(seed)
+    rows: dict[str, list] = {"latent": [], "image_index": [], "group": [], "slot": [], "iou": []}
+    for start in range(0, n, batch_size):
+        batch = load_images(run.ds, start, min(start + batch_size, n))
+        true = batch["mask"].to(device)                               # true: [B, G, H, W]
+        last = run.system.infer(batch["image"].to(device), num_iters=num_iters)[-1]
+        inter = torch.einsum("bghw,bkhw->bgk", true, last.masks)      # [B, G, K]
+        union = true.sum((2, 3))[:, :, None] + last.masks.sum((2, 3))[:, None] - inter
+        iou = _np(inter / union.clamp_min(1e-9))                      # [B, G, K]
+        present = _np(true.sum((2, 3))) > 0                           # [B, G]
+        for b in range(true.shape[0]):
+            i = start + b
+            groups = [g for g in range(1, true.shape[1])
+                      if present[b, g] and (visibility is None or visibility[i, g] > 0)]
+            if not groups:
+                continue
+            gi, ks = linear_sum_assignment(-iou[b, groups])
+            for g_idx, k in zip(gi, ks):
+                g = groups[g_idx]
+                rows["latent"].append(_np(last.lam[b, k, :n_z]))
+                rows["image_index"].append(i)
+                rows["group"].append(g)
+                rows["slot"].append(int(k))
+                rows["iou"].append(float(iou[b, g, k]))
+    M = len(rows["latent"])
+    if M < 5:
+        raise ValueError(f"only {M} objects found in {n} images; pass a larger --num-images")
+    arrays = {k: np.asarray(v) for k, v in rows.items()}
+    arrays["latent"] = arrays["latent"].astype(np.float32)           # [M, n_z]
+    for name in factors:
+        values = run.ds[name][:n].values                              # [n, G] or [n, G, 3]
+        arrays[f"factor_{name}"] = values[arrays["image_index"], arrays["group"]]
+    pca = PCA(n_components=2, svd_solver="full")
+    arrays["pca"] = pca.fit_transform(arrays["latent"]).astype(np.float32)       # [M, 2]
+    arrays["pca_explained"] = pca.explained_variance_ratio_.astype(np.float32)   # [2]
+    perplexity = float(min(30.0, max(2.0, (M - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    with threadpool_limits(limits=1, user_api="openmp"):  # one thread: the same result every time
+        arrays["tsne"] = tsne.fit_transform(arrays["latent"]).astype(np.float32)  # [M, 2]
+    data_path = _data_path(png, ".npz")
+    np.savez_compressed(data_path, **arrays)
+    draw_projection(arrays, factors, png,
+                    title=f"Object latents of {M} objects in {n} images, final refinement step: "
+                          f"{run.title()}")
+    return FigureFiles(png, data_path)
+
+
+def _rgb_factor(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """[M, 3] colours (0..1 or 0..255) -> dot colours [M, 3] and a name per object."""
+    rgb = values / 255.0 if values.max() > 1 else values.astype(float)
+    names = [RGB_NAMES.get(tuple(int(v) for v in c), mcolors.to_hex(c))
+             if np.allclose(c, np.round(c)) else mcolors.to_hex(np.clip(c, 0, 1)) for c in rgb]
+    return np.clip(rgb, 0, 1), names
+
+
+def _factor_style(name: str, values: np.ndarray) -> str:
+    """How to colour a factor: ``rgb``, ``categorical`` or ``continuous``."""
+    if values.ndim == 2:
+        return "rgb"
+    integral = np.allclose(values, np.round(values))
+    unique = len(np.unique(values))
+    if (name in CATEGORICAL and unique <= 20) or (integral and unique <= 10):
+        return "categorical"
+    return "continuous"
+
+
+def _scatter_factor(fig, ax, xy: np.ndarray, name: str, values: np.ndarray) -> None:
+    style = _factor_style(name, values)
+    common = {"s": 14, "alpha": 0.85, "edgecolors": "0.25", "linewidths": 0.3}
+    if style == "rgb":
+        dots, names = _rgb_factor(values)
+        for label in sorted(set(names)):
+            sel = np.array([n == label for n in names])
+            ax.scatter(xy[sel, 0], xy[sel, 1], c=dots[sel], label=label, **common)
+        if len(set(names)) <= 12:
+            ax.legend(title=name, fontsize=6, title_fontsize=7, loc="best", markerscale=1.2)
+    elif style == "categorical":
+        cats = np.unique(values)
+        index = np.searchsorted(cats, values)                         # [M]
+        if len(cats) <= 10:
+            palette = plt.get_cmap("tab10")
+            for j, cat in enumerate(cats):
+                sel = index == j
+                ax.scatter(xy[sel, 0], xy[sel, 1], color=palette(j), label=f"{cat:g}", **common)
+            ax.legend(title=name, fontsize=6, title_fontsize=7, loc="best", ncol=2 if len(cats) > 5 else 1)
+        else:
+            cmap = mcolors.ListedColormap(plt.get_cmap("tab20").colors[:len(cats)])
+            norm = mcolors.BoundaryNorm(np.arange(len(cats) + 1) - 0.5, len(cats))
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=index, cmap=cmap, norm=norm, **common)
+            cb = fig.colorbar(sc, ax=ax, ticks=np.arange(len(cats)), pad=0.01)
+            cb.ax.set_yticklabels([f"{c:g}" for c in cats], fontsize=6)
+            cb.set_label(name, fontsize=7)
+    else:
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap="viridis", **common)
+        cb = fig.colorbar(sc, ax=ax, pad=0.01)
+        cb.ax.tick_params(labelsize=6)
+        cb.set_label(name, fontsize=7)
+
+
+def draw_projection(a: dict[str, np.ndarray], factors: Sequence[str], png: Path, title: str) -> None:
+    """Draw the arrays of `projection`: PCA (top row) and t-SNE (bottom row), one column per factor."""
+    F = len(factors)
+    fig, axes = plt.subplots(2, F, figsize=(3.6 * F + 0.4, 6.8), squeeze=False, layout="constrained")
+    ev = a["pca_explained"]
+    for j, name in enumerate(factors):
+        values = a[f"factor_{name}"]
+        for r, (key, method) in enumerate([("pca", "PCA"), ("tsne", "t-SNE")]):
+            ax = axes[r, j]
+            _scatter_factor(fig, ax, a[key], name, values)
+            ax.set_title(f"{method}, coloured by {name}", fontsize=9)
+            if key == "pca":
+                ax.set_xlabel(f"PC 1 ({100 * ev[0]:.0f}% of variance)", fontsize=8)
+                ax.set_ylabel(f"PC 2 ({100 * ev[1]:.0f}% of variance)", fontsize=8)
+            else:
+                ax.set_xlabel("t-SNE 1", fontsize=8)
+                ax.set_ylabel("t-SNE 2", fontsize=8)
+            ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, png)
+
+
+# ---------------------------------------------------------------------------------------
+# Training curves and input ablations (Figures 33 to 40)
+# ---------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (a line cut by a crash is skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise ValueError(f"no {METRICS} in {run_dir}")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no metrics yet")
+    return rows
+
+
+def _labels(run_dirs: Sequence[Path]) -> list[str]:
+    names = [Path(r).resolve().name for r in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(r) for r in run_dirs]
+
+
+def _smoothed(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over `window` logged points (NaN-aware)."""
+    if window <= 1:
+        return y
+    out = np.full_like(y, np.nan)
+    for i in range(len(y)):
+        chunk = y[max(0, i - window + 1):i + 1]
+        if np.isfinite(chunk).any():
+            out[i] = np.nanmean(chunk)
+    return out
+
+
+def _json_number(v) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def curves(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
+           smooth: int = 1, title: str | None = None, highlight: str | None = None) -> FigureFiles:
+    """Training curves of one or several runs overlaid: total loss, MSE, KL and FG-ARI
+    against training steps, read from each run's metrics.jsonl (one panel per metric, one
+    line per run, a legend when there are several). ``smooth`` > 1 draws a trailing moving
+    average over that many logged points."""
+    png = _png_path(out)
+    if not run_dirs:
+        raise ValueError("plot curves needs at least one run directory")
+    if smooth < 1:
+        raise ValueError(f"--smooth must be at least 1, got {smooth}")
+    run_dirs = [Path(r) for r in run_dirs]
+    labels = list(labels) if labels is not None else _labels(run_dirs)
+    runs = []
+    for label, run_dir in zip(labels, run_dirs):
+        rows = read_metrics(run_dir)
+        entry: dict[str, Any] = {"label": label, "run_dir": str(run_dir),
+                                 "step": [int(r["step"]) for r in rows]}
+        for key in CURVE_KEYS:
+            entry[key] = [_json_number(r.get(key)) for r in rows]
+        runs.append(entry)
+    keys = [k for k in CURVE_KEYS if any(v is not None for run in runs for v in run[k])]
+    data_path = _data_path(png, ".json")
+    data_path.write_text(json.dumps({"keys": keys, "smooth": smooth, "runs": runs}, indent=1) + "\n")
+    if title is None:
+        title = "Training curves" + (f" of {labels[0]}" if len(runs) == 1 else f" of {len(runs)} runs")
+    if smooth > 1:
+        title += f"\n(moving average over {smooth} logged points)"
+    draw_curves(runs, keys, png, title=title, smooth=smooth, highlight=highlight)
+    return FigureFiles(png, data_path)
+
+
+def _spans_decades(runs: list[dict[str, Any]], key: str) -> bool:
+    """Whether `key` is positive throughout and spans more than a factor of 20 (log axis)."""
+    values = np.array([v for run in runs for v in run[key] if v is not None], float)
+    return values.size > 0 and values.min() > 0 and values.max() / values.min() > 20
+
+
+def draw_curves(runs: list[dict[str, Any]], keys: Sequence[str], png: Path, title: str,
+                smooth: int = 1, highlight: str | None = None) -> None:
+    """Panels of `keys` against step, one line per run (``highlight`` drawn black and thick)."""
+    cols = 2 if len(keys) > 1 else 1
+    rows = math.ceil(len(keys) / cols)
+    many = len(runs) > 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + (2.2 if many else 0), 3.0 * rows + 0.5),
+                             squeeze=False, layout="constrained")
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
+        color_index = 0
+        for run in runs:
+            y = _smoothed(np.array([np.nan if v is None else v for v in run[key]], float), smooth)
+            if run["label"] == highlight:
+                style = {"color": "black", "linewidth": 2.2, "zorder": 3}
+            else:
+                style = {"color": palette(color_index % palette.N), "linewidth": 1.2}
+                color_index += 1
+            if len(y) <= 30:  # few logged points: mark them (a single point draws no line)
+                style.update(marker="o", markersize=3)
+            ax.plot(run["step"], y, label=run["label"], **style)
+        name, ylabel = CURVE_LABELS[key]
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if key == "loss" and _spans_decades(runs, key):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    if many:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=8, title="run", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, png)
+
+
+def ablation_runs(ablation_dir: str | Path) -> list[Path]:
+    """The run directories of an ablation (``full`` first, then ``no-*`` by name)."""
+    root = Path(ablation_dir)
+    found = sorted(p for p in root.iterdir() if (p / METRICS).is_file()) if root.is_dir() else []
+    if not found:
+        raise ValueError(f"no ablation runs (*/{METRICS}) in {root}")
+    return sorted(found, key=lambda p: (p.name != "full", p.name))
+
+
+def ablation(ablation_dir: str | Path, out: str | Path, *, smooth: int = 1) -> FigureFiles:
+    """Input ablations: total loss, MSE, KL and FG-ARI against training steps, one line per
+    run of `iodine_pyro.ablate.ablate` (``full`` in black, ``no-<input>`` the model trained
+    without that refinement input). Mirrors the paper's Figures 33 to 40 in one figure."""
+    runs = ablation_runs(ablation_dir)
+    return curves(runs, out, labels=[p.name for p in runs], smooth=smooth, highlight="full",
+                  title=f"Refinement input ablations ({Path(ablation_dir).resolve().name}): "
+                        f"the full model and one refinement input left out per run")

@@ -1,0 +1,342 @@
+"""Posterior samples of a trained run with Pyro's `Predictive`, stored as an ArviZ-readable tree.
+
+What is sampled
+---------------
+IODINE's posterior over the K slot latents of an image x is the last refinement step's
+q(z | lambda_T), and lambda_T is itself random: the refinement starts from samples of the
+initial posterior and every step decodes a fresh sample. A posterior sample is therefore
+
+    lambda_1 -> z_1 -> ... -> lambda_T      one full run of the guide (site f"t{t}/z" per step)
+    z ~ q(z | lambda_T)                     the final site f"t{T-1}/z"  [B, K, n_z]
+
+and `Predictive(guide, num_samples=S)` draws S of them, each from its own refinement path.
+Samples of one image can therefore land in different modes (different decompositions of
+the same scene): the paper's multi-stability experiment, `plot_multistability`.
+
+With ``predictive=True`` the model is replayed on those samples with ``x=None``
+(`Predictive(model, posterior_samples=...)`, which is what ``Predictive(model, guide=guide)``
+does internally) and the posterior predictive comes from its final site:
+
+    x_rep ~ p(x | z_T)                      site f"t{T-1}/x"  [B, C, H, W]
+    masks = softmax_k(mask logits(z_T))     recorded with `pyro.deterministic`
+    reconstruction = sum_k masks_k mu_k(z_T)
+
+The file
+--------
+`sample_posterior` returns an `xarray.DataTree`; `write_samples` stores it as netCDF-4 with
+one group per ArviZ group (`xarray.open_datatree`, `arviz.from_datatree`, `arviz.from_netcdf`):
+
+=======================  =========================================  ===============================
+group / variable         dims                                       meaning
+=======================  =========================================  ===============================
+posterior/z              (sample, image, slot, latent)              z ~ q(z | lambda_T)
+posterior/loc, scale     (sample, image, slot, latent)              that sample's lambda_T
+posterior_predictive/x   (sample, image, channel, height, width)    x_rep ~ p(x | z)
+.../masks                (sample, image, slot, height, width)       mixing weights pi(z)
+.../reconstruction       (sample, image, channel, height, width)    sum_k pi_k mu_k(z)
+observed_data/x          (image, channel, height, width)            the images, [0, 1]
+observed_data/true_masks (image, group, height, width)              ground truth, when known
+=======================  =========================================  ===============================
+
+``image`` holds dataset indices; images are channel-first, as the model sees them. The
+posterior_predictive group is present only with ``predictive=True``. Every group and the
+root carry the provenance attributes (checkpoint, step, dataset, preset, guide, num_iters,
+num_slots, data, seed, created_by). ArviZ's statistics expect (chain, draw) dims:
+`to_inference_data` renames ``sample`` to ``draw`` and adds one chain.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from pyro.infer import Predictive
+
+from .iodine import Iodine, StepResult
+
+log = logging.getLogger(__name__)
+
+TRACE_BUDGET = 2 ** 26       # decoded floats held by the model traces of one `Predictive` call
+
+__all__ = ["draw_samples", "sample_posterior", "write_samples", "to_inference_data",
+           "plot_multistability", "version"]
+
+
+def version() -> str:
+    """"iodine-pyro <version>" of the installed package."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    try:
+        return f"iodine-pyro {pkg_version('iodine-pyro')}"
+    except PackageNotFoundError:
+        return "iodine-pyro"
+
+
+def rng_devices(x: torch.Tensor) -> list[int]:
+    return [x.device.index or 0] if x.is_cuda else []
+
+
+def check_slots(system: Iodine, num_slots: int | None) -> None:
+    """The amortized encoder emits exactly the trained K posteriors: refuse another K."""
+    K = system.cfg.model.num_slots
+    if system.cfg.guide.kind == "amortized" and num_slots not in (None, K):
+        raise ValueError(f"an amortized guide outputs its trained K={K} slots; "
+                         f"--num-slots {num_slots} needs an iterative run")
+
+
+class _Programs:
+    """The guide and the model as Pyro programs of (x, weights, num_slots), for `Predictive`.
+
+    The guide program runs the system's guide on x and records the final posterior's
+    parameters with `pyro.deterministic`; the model program is the system's model with
+    ``x=None`` (so that its observation sites are sampled) and records the final step's
+    masks, reconstruction and, on request, the slots' means.
+    """
+
+    def __init__(self, system: Iodine, keep_means: bool = False):
+        self.system, self.keep_means = system, keep_means
+
+    def guide(self, x, weights, num_slots=None):
+        steps = self.system.guide(x, weights, num_slots=num_slots)
+        q = self.system.guide.posterior(steps[-1].lam)                    # batch [B, K, n_z]
+        pyro.deterministic("loc", q.loc.detach(), event_dim=2)            # [B, K, n_z]
+        pyro.deterministic("scale", q.scale.detach(), event_dim=2)        # [B, K, n_z]
+
+    def model(self, x, weights, num_slots=None):
+        B = x.shape[0]
+        decoded = self.system.model.model(None, weights, batch_size=B, num_slots=num_slots)[-1]
+        masks = decoded.mask_logits.softmax(1)                            # [B, K, H, W]
+        recon = (masks.unsqueeze(2) * decoded.means).sum(1)               # [B, C, H, W]
+        pyro.deterministic("masks", masks, event_dim=3)
+        pyro.deterministic("reconstruction", recon, event_dim=3)
+        if self.keep_means:
+            pyro.deterministic("means", decoded.means, event_dim=4)       # [B, K, C, H, W]
+
+
+@torch.no_grad()
+def draw_samples(system: Iodine, x: torch.Tensor, num_samples: int, *, num_iters: int | None = None,
+                 num_slots: int | None = None, predictive: bool = False,
+                 keep_means: bool = False) -> dict[str, torch.Tensor]:
+    """S posterior samples of one batch with Pyro's `Predictive` (uses the global RNG).
+
+    Args:
+        x: [B, C, H, W] images in [0, 1].
+        num_samples: S, each from its own run of the guide's refinement.
+        num_iters: refinement iterations (default: the trained T; may exceed it).
+        num_slots: K at test time (iterative guide only).
+        predictive: also replay the model with x=None on each sample.
+        keep_means: with `predictive`, also return the slots' means.
+    Returns:
+        ``z``, ``loc``, ``scale`` [S, B, K, n_z]; with `predictive` also ``x`` [S, B, C, H, W],
+        ``masks`` [S, B, K, H, W], ``reconstruction`` [S, B, C, H, W] (and ``means``
+        [S, B, K, C, H, W]); all detached, on x's device.
+    """
+    if num_samples < 1:
+        raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
+    check_slots(system, num_slots)
+    system.check_images(x)
+    weights = system.weights(num_iters)
+    last = f"t{len(weights) - 1}"
+    programs = _Programs(system, keep_means)
+    z_sites = [f"t{t}/z" for t in range(len(weights))]
+    with pyro.get_param_store().scope():                  # leave the caller's param store alone
+        try:
+            post = Predictive(programs.guide, num_samples=num_samples,
+                              return_sites=(z_sites if predictive else [f"{last}/z"]) + ["loc", "scale"],
+                              )(x, weights, num_slots)    # each: [S, B, K, n_z]
+            out = {"z": post[f"{last}/z"], "loc": post["loc"], "scale": post["scale"]}
+            if predictive:
+                sites = [f"{last}/x", "masks", "reconstruction"] + (["means"] if keep_means else [])
+                # Predictive keeps every sample's trace, whose pixel distributions hold the
+                # decoded slots of all T steps: replay the samples a chunk at a time
+                (B, K), (C, H, W) = out["z"].shape[1:3], x.shape[1:]
+                chunk = max(1, TRACE_BUDGET // (len(weights) * B * K * (C + 1) * H * W))
+                parts = [Predictive(programs.model, posterior_samples={s: post[s][s0:s0 + chunk] for s in z_sites},
+                                    return_sites=sites)(x, weights, num_slots)
+                         for s0 in range(0, num_samples, chunk)]
+                pred = {k: torch.cat([p[k] for p in parts]) for k in sites}   # [S, ...]
+                out.update(x=pred[f"{last}/x"], masks=pred["masks"],   # [S, B, C, H, W], [S, B, K, H, W]
+                           reconstruction=pred["reconstruction"])      # [S, B, C, H, W]
+                if keep_means:
+                    out["means"] = pred["means"]                       # [S, B, K, C, H, W]
+        finally:
+            system.model.forget()
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _attr_value(v: Any) -> Any:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int, float, str, np.integer, np.floating)):
+        return v
+    return str(v)
+
+
+def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
+                     num_iters: int | None = None, num_slots: int | None = None,
+                     predictive: bool = False, seed: int = 0,
+                     true_masks: torch.Tensor | None = None,
+                     image_index: Sequence[int] | None = None, batch_size: int | None = None,
+                     attrs: dict[str, Any] | None = None) -> xr.DataTree:
+    """S posterior samples of every slot latent of every image, as an ArviZ-style DataTree.
+
+    The posterior is the final refinement step's q(z | lambda_T); each sample re-runs the
+    guide from scratch (see the module docstring). Sampling is seeded with `seed` inside a
+    forked RNG (the caller's RNG state is left as it was): the same seed, images and
+    `batch_size` give the same samples.
+
+    Args:
+        system: a trained `Iodine` (e.g. from `evaluate.load_run`).
+        x: [N, C, H, W] images in [0, 1].
+        num_samples: S >= 1.
+        num_iters: refinement iterations (default: the trained T; may exceed it).
+        num_slots: K at test time (default: the trained K; iterative guide only).
+        predictive: also sample the posterior predictive (images, masks, reconstructions).
+        seed: seed of the samples.
+        true_masks: [N, G, H, W] ground-truth masks, stored under observed_data.
+        image_index: the images' dataset indices (default 0..N-1), the ``image`` coordinate.
+        batch_size: images per guide run (default: all N at once).
+        attrs: provenance attributes to add (checkpoint, data, ...).
+    Returns:
+        a DataTree with groups ``posterior``, ``observed_data`` and, with `predictive`,
+        ``posterior_predictive``.
+    """
+    N = x.shape[0]
+    if N < 1:
+        raise ValueError("no images to sample")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    image_index = np.arange(N) if image_index is None else np.asarray(image_index, dtype=np.int64)
+    if image_index.shape != (N,):
+        raise ValueError(f"image_index has {image_index.size} entries for {N} images")
+    if true_masks is not None and (true_masks.dim() != 4 or true_masks.shape[0] != N
+                                   or true_masks.shape[2:] != x.shape[2:]):
+        raise ValueError(f"true_masks of shape {tuple(true_masks.shape)} do not fit images {tuple(x.shape)}")
+    bs = batch_size or N
+    log.info("drawing %d posterior samples for %d images, %d at a time", num_samples, N, bs)
+    chunks: list[dict[str, torch.Tensor]] = []
+    with torch.random.fork_rng(devices=rng_devices(x)):
+        torch.manual_seed(seed)
+        for start in range(0, N, bs):
+            drawn = draw_samples(system, x[start:start + bs], num_samples, num_iters=num_iters,
+                                 num_slots=num_slots, predictive=predictive)
+            chunks.append({k: v.cpu() for k, v in drawn.items()})
+    arrays = {k: torch.cat([c[k] for c in chunks], 1).float().numpy() for k in chunks[0]}  # image axis 1
+
+    cfg = system.cfg
+    K = arrays["z"].shape[2]
+    weights = system.weights(num_iters)
+    info = {
+        "created_by": version(),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "inference_library": "pyro", "inference_library_version": pyro.__version__,
+        "dataset": cfg.dataset, "preset": cfg.preset, "guide": cfg.guide.kind,
+        "trained_num_iters": cfg.guide.num_iters, "trained_num_slots": cfg.model.num_slots,
+        "num_iters": (num_iters or cfg.guide.num_iters) if cfg.guide.kind == "iterative" else 0,
+        "num_slots": K, "num_samples": num_samples, "seed": seed, "predictive": predictive,
+        "site": f"t{len(weights) - 1}/z",
+        "posterior": ("q(z | lambda_T) of the final refinement step; each sample re-runs the refinement"
+                      if cfg.guide.kind == "iterative" else "q(z | encoder(x)), one encoder pass"),
+        "config": json.dumps(cfg.to_dict()),
+    }
+    info.update(attrs or {})
+    info = {k: _attr_value(v) for k, v in info.items() if v is not None}
+
+    S, C, H, W = num_samples, x.shape[1], x.shape[2], x.shape[3]
+    coords = {"sample": np.arange(S), "image": image_index, "slot": np.arange(K),
+              "latent": np.arange(arrays["z"].shape[3])}
+    zdims = ("sample", "image", "slot", "latent")
+    posterior = xr.Dataset({k: (zdims, arrays[k]) for k in ("z", "loc", "scale")}, coords=coords, attrs=info)
+    posterior["z"].attrs["description"] = "z ~ q(z | lambda_T), one refinement path per sample"
+    posterior["loc"].attrs["description"] = "mean of that sample's final posterior q(z | lambda_T)"
+    posterior["scale"].attrs["description"] = "standard deviation of that sample's final posterior"
+    obs_coords = {"image": image_index, "channel": np.arange(C), "height": np.arange(H), "width": np.arange(W)}
+    observed = xr.Dataset({"x": (("image", "channel", "height", "width"), x.detach().cpu().float().numpy())},
+                          coords=obs_coords, attrs=info)
+    observed["x"].attrs["description"] = "observed images in [0, 1], channel-first"
+    if true_masks is not None:
+        observed["true_masks"] = (("image", "group", "height", "width"), true_masks.detach().cpu().float().numpy())
+        observed["true_masks"].attrs["description"] = "ground-truth masks; group 0 is the background"
+    groups = {"/": xr.Dataset(attrs=info), "posterior": posterior, "observed_data": observed}
+    if predictive:
+        img = ("sample", "image", "channel", "height", "width")
+        pp = xr.Dataset({"x": (img, arrays["x"]),
+                         "masks": (("sample", "image", "slot", "height", "width"), arrays["masks"]),
+                         "reconstruction": (img, arrays["reconstruction"])},
+                        coords={**coords, **obs_coords}, attrs=info).drop_vars("latent")
+        pp["x"].attrs["description"] = f"x ~ p(x | z), site t{len(weights) - 1}/x of the model"
+        pp["masks"].attrs["description"] = "softmax over slots of the decoded mask logits"
+        pp["reconstruction"].attrs["description"] = "sum_k masks_k * means_k"
+        groups["posterior_predictive"] = pp
+    return xr.DataTree.from_dict(groups)
+
+
+def write_samples(tree: xr.DataTree, path: str | Path) -> Path:
+    """Write `tree` as netCDF-4 (h5netcdf engine, zlib-compressed) atomically to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoding = {node.path: {name: {"zlib": True, "complevel": 4} for name in node.data_vars}
+                for node in tree.subtree if node.data_vars}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        tree.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
+        os.chmod(tmp, 0o666 & ~umask)                     # mkstemp's 0600 would hide the file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def to_inference_data(tree: xr.DataTree):
+    """An `arviz.InferenceData` with ``sample`` renamed ``draw`` and one ``chain``, which
+    ArviZ's statistics (``az.summary``, ``az.ess``) expect."""
+    import arviz as az
+
+    def conventional(ds: xr.Dataset) -> xr.Dataset:
+        return ds.rename(sample="draw").expand_dims(chain=1) if "sample" in ds.dims else ds
+
+    return az.from_datatree(tree.map_over_datasets(conventional))
+
+
+def plot_multistability(system: Iodine, x: torch.Tensor, path: str | Path, num_samples: int = 6, *,
+                        num_iters: int | None = None, num_slots: int | None = None, seed: int = 0,
+                        title: str | None = None) -> Path:
+    """Several decompositions of one image, one per posterior sample (the paper's
+    multi-stability figure): each row is an independent run of the refinement from its own
+    initial samples, showing the image, the reconstruction, the segmentation and each slot.
+
+    Args:
+        x: [1, C, H, W] or [C, H, W], one image in [0, 1].
+    """
+    from .plotting import plot_decomposition
+
+    if x.dim() == 3:
+        x = x.unsqueeze(0)                                                # [1, C, H, W]
+    if x.shape[0] != 1:
+        raise ValueError(f"multi-stability takes one image, got {x.shape[0]}")
+    with torch.random.fork_rng(devices=rng_devices(x)):
+        torch.manual_seed(seed)
+        s = draw_samples(system, x, num_samples, num_iters=num_iters, num_slots=num_slots,
+                         predictive=True, keep_means=True)
+    S = num_samples
+    rows = StepResult(lam=torch.cat([s["loc"], s["scale"]], -1)[:, 0], z=s["z"][:, 0],
+                      means=s["means"][:, 0], mask_logits=s["masks"][:, 0].log(),
+                      masks=s["masks"][:, 0], recon=s["reconstruction"][:, 0],
+                      nll=torch.zeros(S), kl=torch.zeros(S))              # masks: [S, K, H, W]
+    return plot_decomposition(x.expand(S, *x.shape[1:]).cpu(), rows, path, num_images=S, title=title)

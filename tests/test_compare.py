@@ -1,0 +1,185 @@
+"""Guide comparison: ELBO, IWAE, amortization gap per step; scenes with more objects; `compare` CLI."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from iodine_pyro.compare import compare, importance_terms, merge_scenes, optimize_posterior
+from iodine_pyro.data import load_images, open_dataset
+from iodine_pyro.evaluate import default_data, load_run
+from tests.helpers import tiny_run
+
+METRICS = ["elbo", "iwae", "nll", "kl", "amortization_gap", "mse", "fg_ari", "ari"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # small tensors: threads only contend with each other
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("compare")
+    return {kind: tiny_run(root, steps=3, guide=kind) for kind in ("iterative", "amortized")}
+
+
+@pytest.fixture(scope="module")
+def result(runs):
+    return compare([runs["iterative"], runs["amortized"]], num_images=8, iw_samples=32, gap_steps=150,
+                   batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def batch(runs):
+    _, ckpt = load_run(runs["iterative"])
+    return load_images(open_dataset(default_data(ckpt)), 0, 12)
+
+
+def cli_inprocess(monkeypatch, capsys, *args):
+    from iodine_pyro.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["iodine-pyro", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_per_step_lists_for_iterative_single_step_for_amortized(result):
+    iterative, amortized = result["runs"]["run-iterative"], result["runs"]["run-amortized"]
+    assert iterative["steps"] == 6 and iterative["trained_step"] == 3      # 2T by default, T = 3
+    assert amortized["steps"] == 1 and amortized["trained_step"] == 1
+    for r in (iterative, amortized):
+        for key in METRICS:
+            assert len(r[key]) == r["steps"], key
+            assert all(isinstance(v, float) for v in r[key]), key
+        for key in ("elbo", "iwae", "nll", "kl", "mse", "amortization_gap"):
+            assert all(math.isfinite(v) for v in r[key]), key
+        assert r["final"] == {k: r[k][r["trained_step"] - 1] for k in METRICS}
+        assert all(v >= 0 for v in r["kl"]) and all(0 <= v <= 1 for v in r["mse"])
+        for t in range(r["steps"]):
+            assert r["elbo"][t] == pytest.approx(-(r["nll"][t] + r["kl"][t]))
+            assert r["amortization_gap"][t] == pytest.approx(r["optimized_elbo"] - r["elbo"][t])
+    assert result["settings"]["num_images"] == 8 and result["settings"]["objects_per_image"] == 3.0
+
+
+def test_importance_weighted_bound_is_above_the_elbo(result):
+    for r in result["runs"].values():
+        for t in range(r["steps"]):
+            assert r["iwae"][t] >= r["elbo"][t] - 1.0, (t, r["iwae"][t], r["elbo"][t])
+        assert r["optimized_iwae"] >= r["optimized_elbo"] - 1.0
+
+
+def test_optimized_posterior_is_not_worse_than_the_guide(result):
+    for r in result["runs"].values():
+        assert r["optimized_elbo"] >= r["final"]["elbo"] - 1.0
+        assert r["final"]["amortization_gap"] >= -1.0
+
+
+def test_importance_weights_score_the_model_per_image(runs, batch):
+    """log w from the Pyro traces equals a hand computation with the same draws."""
+    system, _ = load_run(runs["iterative"])
+    x = batch["image"][:3]
+    q = torch.distributions.Normal(torch.randn(3, 4, 4), torch.rand(3, 4, 4) + 0.5)
+    torch.manual_seed(5)
+    log_w, log_lik = importance_terms(system, x, q, 2)                    # [2, 3]
+    torch.manual_seed(5)
+    z = torch.distributions.Normal(q.loc.repeat(2, 1, 1), q.scale.repeat(2, 1, 1)).sample()  # [6, K, n_z]
+    with torch.no_grad():
+        xs = x.repeat(2, 1, 1, 1)
+        lp_x = system.model.likelihood(system.model.decode(z)).log_prob(xs)
+        lp_z = system.model.prior(6, 4, like=xs).log_prob(z).sum((1, 2))
+        lq = torch.distributions.Normal(q.loc.repeat(2, 1, 1), q.scale.repeat(2, 1, 1)).log_prob(z).sum((1, 2))
+    torch.testing.assert_close(log_lik, lp_x.view(2, 3))
+    torch.testing.assert_close(log_w, (lp_z + lp_x - lq).view(2, 3))
+
+
+def test_gap_optimizer_keeps_the_decoder_fixed(runs, batch):
+    system, _ = load_run(runs["iterative"])
+    before = {k: v.clone() for k, v in system.state_dict().items()}
+    q0 = torch.distributions.Normal(torch.zeros(2, 4, 4), torch.ones(2, 4, 4))
+    q = optimize_posterior(system, batch["image"][:2], q0, steps=5, lr=0.05)
+    assert not torch.equal(q.loc, q0.loc)
+    for k, v in system.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in system.parameters())
+
+
+def test_deepmind_preset_lists_every_pass():
+    """T + 1 decoder passes per T iterations; the gap is measured from the last trained pass."""
+    from iodine_pyro.compare import evaluate_guide
+    from iodine_pyro.iodine import Iodine
+    from tests.helpers import tiny_config
+
+    system = Iodine(tiny_config("deepmind")).eval()
+    out = evaluate_guide(system, torch.rand(2, 3, 12, 12), None, num_iters=6, iw_samples=2, gap_steps=0)
+    assert out["elbo"].shape == (7, 2) and out["optimized_elbo"].shape == (2,)
+    # with no optimisation the "optimised" posterior is the one of the trained pass (index T = 3)
+    torch.testing.assert_close(out["optimized_kl"], out["kl"][3])
+
+
+def test_merge_scenes_adds_objects(batch):
+    x, masks = merge_scenes(batch["image"][:8], batch["mask"][:8], 2)
+    assert x.shape == (4, 3, 35, 35) and masks.shape == (4, 7, 35, 35)
+    torch.testing.assert_close(masks.sum(1), torch.ones(4, 35, 35))      # a partition of the pixels
+    objects = (masks[:, 1:].flatten(2).amax(2) > 0).sum(1)
+    assert (objects > 3).all()
+    torch.testing.assert_close(x[:, :, masks[0, 0] > 0][0], torch.zeros(3, int((masks[0, 0] > 0).sum())))
+    assert torch.equal(x[0][:, batch["mask"][0, 1] > 0], batch["image"][0][:, batch["mask"][0, 1] > 0])
+    noisy = batch["image"][:2] + 0.1 * batch["mask"][:2, :1]                  # a non-uniform background
+    noisy[0, :, 0, 0] = 0.5
+    with pytest.raises(ValueError, match="uniform background"):
+        merge_scenes(noisy, batch["mask"][:2], 2)
+
+
+def test_generalisation_to_more_objects_and_more_slots(runs, batch):
+    """The iterative guide, trained with K = 4 on 3 pieces, on scenes of ~6 pieces with K = 7,
+    both from a stored set (merged) and from images in memory."""
+    out = compare([runs["iterative"]], num_images=3, merge=2, num_slots=7, num_iters=4, iw_samples=4,
+                  gap_steps=5, progress=False)
+    r = out["runs"]["run-iterative"]
+    assert out["settings"]["objects_per_image"] > 3 and r["num_slots"] == 7 and r["steps"] == 4
+    assert all(math.isfinite(v) for v in r["elbo"] + r["fg_ari"])
+    memory = compare([runs["iterative"]], data={"image": batch["image"][:6], "mask": batch["mask"][:6]},
+                     num_images=3, merge=2, num_slots=7, num_iters=4, iw_samples=4, gap_steps=5, progress=False)
+    assert memory["settings"]["data"] == "in-memory images"
+    assert memory["runs"]["run-iterative"]["elbo"] == pytest.approx(r["elbo"])   # the same scenes
+
+
+def test_compare_command_writes_json_table_and_plot(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    code, stdout, err = cli_inprocess(monkeypatch, capsys, "compare", runs["iterative"], runs["amortized"],
+                                      "--num-images", 2, "--iw-samples", 4, "--gap-steps", 5,
+                                      "--num-iters", 4, "--out", out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert set(result["runs"]) == {"run-iterative", "run-amortized"}
+    assert len(result["runs"]["run-iterative"]["fg_ari"]) == 4
+    assert len(result["runs"]["run-amortized"]["fg_ari"]) == 1
+    assert json.loads((out / "compare.json").read_text()) == result
+    assert "| run-amortized | amortized |" in (out / "compare.md").read_text()
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(out / "compare.png").std() > 0.05
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--num-slots", 6], "K=4"),
+    (["--iw-samples", 0], "--iw-samples must be at least 1"),
+    (["--gap-lr", 0], "--gap-lr must be positive"),
+])
+def test_compare_bad_arguments(runs, tmp_path, monkeypatch, capsys, args, needle):
+    code, _, err = cli_inprocess(monkeypatch, capsys, "compare", runs["iterative"], runs["amortized"],
+                                 "--num-images", 2, "--out", tmp_path, *args)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compare_missing_run(tmp_path, monkeypatch, capsys):
+    code, _, err = cli_inprocess(monkeypatch, capsys, "compare", tmp_path / "nope", "--out", tmp_path)
+    assert code == 2 and "no checkpoint" in err

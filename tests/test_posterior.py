@@ -1,0 +1,220 @@
+"""Posterior samples: the in-memory API, the netCDF file, ArviZ, multi-stability, `sample` CLI."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from iodine_pyro.data import load_images, open_dataset
+from iodine_pyro.evaluate import default_data, load_run
+from iodine_pyro.posterior import (plot_multistability, sample_posterior, to_inference_data,
+                                   write_samples)
+from tests.helpers import tiny_run
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # small tensors: threads only contend with each other
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("posterior")
+    return {kind: tiny_run(root, steps=3, guide=kind) for kind in ("iterative", "amortized")}
+
+
+@pytest.fixture(scope="module")
+def batch(runs):
+    _, ckpt = load_run(runs["iterative"])
+    return load_images(open_dataset(default_data(ckpt)), 0, 5)
+
+
+@pytest.fixture(scope="module")
+def tree(runs, batch):
+    system, _ = load_run(runs["iterative"])
+    return sample_posterior(system, batch["image"], 7, predictive=True, true_masks=batch["mask"],
+                            image_index=np.arange(10, 15), batch_size=3, attrs={"checkpoint": "ckpt"})
+
+
+def cli_inprocess(monkeypatch, capsys, *args):
+    """Run the command line in this process: (exit code, stdout, stderr)."""
+    from iodine_pyro.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["iodine-pyro", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_groups_dims_and_coordinates(tree):
+    assert set(tree.children) == {"posterior", "posterior_predictive", "observed_data"}
+    post, pp, obs = tree["posterior"].ds, tree["posterior_predictive"].ds, tree["observed_data"].ds
+    assert post["z"].dims == ("sample", "image", "slot", "latent")
+    assert post["z"].shape == (7, 5, 4, 4)                     # tiny Tetrominoes: K = 4, n_z = 4
+    assert list(post["image"].values) == [10, 11, 12, 13, 14]
+    assert post["loc"].shape == post["scale"].shape == post["z"].shape
+    assert pp["x"].dims == ("sample", "image", "channel", "height", "width")
+    assert pp["x"].shape == (7, 5, 3, 35, 35)
+    assert pp["masks"].dims == ("sample", "image", "slot", "height", "width")
+    np.testing.assert_allclose(pp["masks"].sum("slot").values, 1.0, atol=1e-5)
+    assert obs["x"].dims == ("image", "channel", "height", "width")
+    assert obs["true_masks"].dims == ("image", "group", "height", "width")
+    for ds in (post, pp, obs):
+        for name, var in ds.data_vars.items():
+            assert np.isfinite(var.values).all(), name
+    attrs = tree["posterior"].attrs
+    assert attrs["guide"] == "iterative" and attrs["dataset"] == "tetrominoes" and attrs["preset"] == "paper"
+    assert attrs["num_iters"] == 3 and attrs["num_slots"] == 4 and attrs["site"] == "t2/z"
+    assert attrs["checkpoint"] == "ckpt" and attrs["created_by"].startswith("iodine-pyro")
+
+
+def test_samples_are_draws_of_their_own_final_posterior(tree):
+    post = tree["posterior"].ds
+    z, loc, scale = (post[k].values for k in ("z", "loc", "scale"))
+    assert (scale > 0).all()
+    eps = (z - loc) / scale                                    # each z ~ N(loc, scale) of its own path
+    assert abs(eps.mean()) < 0.25 and 0.75 < eps.std() < 1.25
+    assert z.std(0).min() > 0                                  # samples vary across the sample dim
+    assert loc.std(0).max() > 0                                # and so do the refinement paths
+
+
+def test_same_seed_same_samples_other_seed_others(runs, batch):
+    system, _ = load_run(runs["iterative"])
+    x = batch["image"][:2]
+    state = torch.get_rng_state()
+    a = sample_posterior(system, x, 3, seed=1)["posterior"]["z"].values
+    assert torch.equal(torch.get_rng_state(), state)           # the caller's RNG is left alone
+    b = sample_posterior(system, x, 3, seed=1)["posterior"]["z"].values
+    c = sample_posterior(system, x, 3, seed=2)["posterior"]["z"].values
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_amortized_guide_has_one_posterior_per_image(runs, batch):
+    system, _ = load_run(runs["amortized"])
+    tree = sample_posterior(system, batch["image"][:3], 200)
+    assert "posterior_predictive" not in tree.children
+    post = tree["posterior"].ds
+    assert post.attrs["guide"] == "amortized" and post.attrs["site"] == "t0/z"
+    np.testing.assert_allclose(post["loc"].std("sample").values, 0, atol=1e-6)   # no refinement path
+    se = post["scale"].isel(sample=0).values / np.sqrt(200)
+    assert np.all(np.abs(post["z"].mean("sample").values - post["loc"].isel(sample=0).values) < 5 * se)
+
+
+def test_another_number_of_slots_and_steps(runs, batch):
+    system, _ = load_run(runs["iterative"])
+    tree = sample_posterior(system, batch["image"][:2], 2, num_slots=6, num_iters=5, predictive=True)
+    assert tree["posterior"].sizes["slot"] == 6 and tree["posterior_predictive"].sizes["slot"] == 6
+    assert tree.attrs["site"] == "t4/z" and tree.attrs["num_iters"] == 5
+    amortized, _ = load_run(runs["amortized"])
+    with pytest.raises(ValueError, match="K=4"):
+        sample_posterior(amortized, batch["image"][:2], 2, num_slots=6)
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_posterior(system, batch["image"][:2], 0)
+
+
+def test_predictive_replay_in_chunks_gives_the_same_masks(runs, batch, monkeypatch):
+    import iodine_pyro.posterior as posterior
+
+    system, _ = load_run(runs["iterative"])
+    torch.manual_seed(0)
+    whole = posterior.draw_samples(system, batch["image"][:2], 3, predictive=True)
+    monkeypatch.setattr(posterior, "TRACE_BUDGET", 1)              # one sample per Predictive call
+    torch.manual_seed(0)
+    chunked = posterior.draw_samples(system, batch["image"][:2], 3, predictive=True)
+    assert torch.equal(whole["z"], chunked["z"])
+    torch.testing.assert_close(whole["masks"], chunked["masks"])
+    torch.testing.assert_close(whole["reconstruction"], chunked["reconstruction"])
+
+
+def test_deepmind_preset_samples_its_last_pass():
+    """The `deepmind` preset scores T + 1 decoder passes: the posterior is site t{T}/z."""
+    from iodine_pyro.iodine import Iodine
+    from tests.helpers import tiny_config
+
+    system = Iodine(tiny_config("deepmind")).eval()
+    tree = sample_posterior(system, torch.rand(2, 3, 12, 12), 2, predictive=True)
+    assert tree.attrs["site"] == "t3/z" and tree.attrs["num_iters"] == 3
+    assert tree["posterior"]["z"].shape == (2, 2, 3, 4)
+    assert tree["posterior_predictive"]["x"].shape == (2, 2, 3, 12, 12)
+
+
+def test_netcdf_round_trip_and_arviz(tree, tmp_path):
+    import arviz as az
+
+    path = write_samples(tree, tmp_path / "sub" / "post.nc")
+    back = xr.open_datatree(path)
+    assert set(back.children) == {"posterior", "posterior_predictive", "observed_data"}
+    np.testing.assert_array_equal(back["posterior"]["z"].values, tree["posterior"]["z"].values)
+    assert back["posterior"].attrs["site"] == "t2/z" and back.attrs["guide"] == "iterative"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata = az.from_datatree(back)
+        assert set(idata.groups()) == {"posterior", "posterior_predictive", "observed_data"}
+        assert idata.posterior["z"].dims == ("sample", "image", "slot", "latent")
+        assert set(az.from_netcdf(path).groups()) == set(idata.groups())
+        stats = az.summary(to_inference_data(back), var_names=["z"], kind="stats")
+    assert len(stats) == 5 * 4 * 4
+
+
+def test_multistability_figure(runs, batch, tmp_path):
+    system, _ = load_run(runs["iterative"])
+    path = plot_multistability(system, batch["image"][0], tmp_path / "ms.png", 3)
+    import matplotlib.image as mpimg
+
+    picture = mpimg.imread(path)
+    assert picture.shape[0] > 100 and picture.std() > 0.05
+
+
+def test_sample_command(runs, tmp_path):
+    out = tmp_path / "post.nc"
+    proc = subprocess.run([sys.executable, "-m", "iodine_pyro", "sample", str(runs["iterative"]),
+                           "--num-images", "3", "--num-samples", "4", "--predictive", "--out", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout
+    back = xr.open_datatree(out)
+    assert back["posterior"]["z"].shape == (4, 3, 4, 4)
+    assert back["posterior_predictive"]["x"].shape == (4, 3, 3, 35, 35)
+    assert back["observed_data"]["true_masks"].shape == (3, 4, 35, 35)
+    attrs = back["posterior"].attrs
+    assert attrs["checkpoint"] == str(runs["iterative"].resolve()) and attrs["step"] == 3
+    assert attrs["data"].endswith("data") and attrs["seed"] == 0
+
+
+def test_multistability_command(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fig.png"
+    code, stdout, err = cli_inprocess(monkeypatch, capsys, "sample", runs["iterative"], "--multistability",
+                                      "--image", 2, "--num-samples", 3, "--out", out)
+    assert code == 0, err
+    assert out.stat().st_size > 5000 and str(out) in stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--num-samples", 0], "--num-samples must be at least 1"),
+    (["--num-images", 0], "--num-images must be at least 1"),
+    (["--multistability", "--image", 10_000], "outside"),
+    (["--multistability", "--out", "fig.nc"], "picture"),
+])
+def test_sample_bad_arguments(runs, monkeypatch, capsys, args, needle):
+    code, _, err = cli_inprocess(monkeypatch, capsys, "sample", runs["iterative"], *args)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sample_errors_name_the_problem(runs, tmp_path, monkeypatch, capsys):
+    code, _, err = cli_inprocess(monkeypatch, capsys, "sample", tmp_path / "nope")
+    assert code == 2 and "no checkpoint" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli_inprocess(monkeypatch, capsys, "sample", runs["amortized"], "--num-slots", 6,
+                                 "--num-samples", 2, "--out", tmp_path / "p.nc")
+    assert code == 2 and "K=4" in err and len(err.strip().splitlines()) == 1
