@@ -162,6 +162,8 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) ->
         return None
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        for stale in out.glob(f".{CHECKPOINT}.*.tmp"):               # a write cut short by a crash
+            stale.unlink()
         if resume:
             return ckpt
         diff = config_differences(ckpt["config"], cfg)
