@@ -419,7 +419,7 @@ def plot_comparison(result: dict[str, Any], path: str | Path) -> Path:
     """ELBO, FG-ARI and MSE against the refinement step: iterative guides as lines with
     their trained T marked (dotted), amortized guides as dashed horizontal lines, and
     each run's optimised per-image ELBO as a faint horizontal line in the ELBO panel."""
-    from .plotting import plt, slot_colors
+    from .plotting import plt, save_figure, slot_colors
 
     runs = result["runs"]
     colors = slot_colors(max(len(runs), 1))
@@ -444,11 +444,7 @@ def plot_comparison(result: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"{result['settings']['num_images']} images; dotted: trained T; faint: optimised ELBO",
                  fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:

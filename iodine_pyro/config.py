@@ -237,7 +237,7 @@ def validate(cfg: Config) -> None:
         (m.decoder in ("broadcast", "deconv"), f"decoder must be broadcast or deconv, got {m.decoder!r}"),
         (g.kind in ("iterative", "amortized"), f"guide must be iterative or amortized, got {g.kind!r}"),
         (g.num_iters >= 1, f"num_iters must be >= 1, got {g.num_iters}"),
-        (g.loss_weights in ("paper", "deepmind"), f"loss_weights must be paper or deepmind"),
+        (g.loss_weights in ("paper", "deepmind"), "loss_weights must be paper or deepmind"),
         (g.posterior_scale in ("softplus", "sqrt_softplus"), "posterior_scale must be softplus or sqrt_softplus"),
         (g.mask_posterior in ("responsibility", "normalized_likelihood"),
          "mask_posterior must be responsibility or normalized_likelihood"),

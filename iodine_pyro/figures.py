@@ -59,7 +59,7 @@ from .checkpoint import METRICS  # noqa: E402
 from .data import DatasetError, load_images, open_dataset  # noqa: E402
 from .evaluate import default_data, load_run  # noqa: E402
 from .iodine import Iodine  # noqa: E402
-from .plotting import slot_colors  # noqa: E402
+from .plotting import save_figure, slot_colors  # noqa: E402
 from .train import check_images  # noqa: E402
 
 __all__ = [
@@ -174,8 +174,7 @@ def _show(ax, picture, title: str | None = None, border=None, **kw):
 
 
 def _save(fig, png: Path) -> None:
-    fig.savefig(png, dpi=DPI)
-    plt.close(fig)
+    save_figure(fig, png, dpi=DPI)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -14,6 +14,15 @@ import torch  # noqa: E402
 from .iodine import StepResult  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write `fig` to `path` (creating its folder) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def slot_colors(num_slots: int) -> np.ndarray:
     """[K, 3] distinct colours, the same for a given K everywhere."""
     cmap = plt.get_cmap("tab10" if num_slots <= 10 else "tab20")
@@ -64,11 +73,7 @@ def plot_decomposition(x: torch.Tensor, step: StepResult, path: str | Path,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_curves(records: list[dict], path: str | Path, title: str | None = None,
@@ -87,7 +92,4 @@ def plot_curves(records: list[dict], path: str | Path, title: str | None = None,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

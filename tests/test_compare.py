@@ -10,23 +10,18 @@ import torch
 from iodine_pyro.compare import compare, importance_terms, merge_scenes, optimize_posterior
 from iodine_pyro.data import load_images, open_dataset
 from iodine_pyro.evaluate import default_data, load_run
-from tests.helpers import tiny_run
 
 METRICS = ["elbo", "iwae", "nll", "kl", "amortization_gap", "mse", "fg_ari", "ari"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # small tensors: threads only contend with each other
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("compare")
-    return {kind: tiny_run(root, steps=3, guide=kind) for kind in ("iterative", "amortized")}
+def runs(tiny_runs):
+    return tiny_runs
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Nothing lost: crashes, signals, numerical faults, bad input, determinism."""
 
-import os
 import random
 import signal
 import subprocess
@@ -8,14 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import xarray as xr
 import zarr
 
 from iodine_pyro.checkpoint import CheckpointError, load_checkpoint
-from iodine_pyro.data import DatasetError, generate, open_dataset
+from iodine_pyro.data import generate, open_dataset
 from iodine_pyro.iodine import Iodine
 from iodine_pyro.train import TrainingError, fit
 
