@@ -65,7 +65,7 @@ def load_toml_overrides(path: Path) -> dict:
 def fit(
     dataset: str = typer.Option("tetrominoes", help="Dataset and its architecture preset (paper appendix C)."),
     preset: Preset = typer.Option(Preset.paper, help="paper (appendix C) or deepmind (released code)."),
-    steps: int = typer.Option(300, help="Total optimisation steps of the run (a resumed run continues to this)."),
+    steps: int = typer.Option(200, help="Total optimisation steps of the run (a resumed run continues to this)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step (default: the preset's)."),
     out: Path = typer.Option(Path("runs/tetrominoes"), help="Run directory (continued when it holds this run)."),
     data: Optional[Path] = typer.Option(None, help="Stored dataset to train on (default: generate one in OUT/data)."),
