@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -86,15 +87,21 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in OUT."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    nproc: int = typer.Option(1, "--nproc", help="Train data-parallel on N local processes (launches torchrun)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp",
+                                       help="bf16 autocast for the networks (default: on for cuda)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Channels-last convolutions (default: on for cuda)."),
 ):
     """Train IODINE; writes OUT/checkpoint.pt, OUT/metrics.jsonl and pictures of the result."""
+    from . import distributed
     from .config import ARCHITECTURES
     from .train import fit as run_fit
 
     for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--num-slots", num_slots),
                         ("--num-iters", num_iters), ("--num-images", num_images),
                         ("--log-every", log_every), ("--checkpoint-every", checkpoint_every),
-                        ("--max-bad-steps", max_bad_steps)]:
+                        ("--max-bad-steps", max_bad_steps), ("--nproc", nproc)]:
         _positive(name, value)
     if dataset not in ARCHITECTURES:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from {', '.join(sorted(ARCHITECTURES))}",
@@ -111,10 +118,20 @@ def fit(
             overrides[key] = value
     if ablate:
         overrides["guide.disabled_inputs"] = tuple(ablate)
+    if distributed.launched():
+        world = int(os.environ["WORLD_SIZE"])
+        if nproc not in (1, world):
+            raise typer.BadParameter(f"{nproc} processes asked for under torchrun's {world}; leave --nproc out "
+                                     f"under torchrun", param_hint="--nproc")
+    elif nproc > 1:                                  # the same command on N processes
+        raise typer.Exit(distributed.launch(nproc, distributed.strip_option(sys.argv[1:]), device))
     result = run_fit(out=out, data=data, eval_data=eval_data, num_images=num_images, steps=steps,
                      dataset=dataset, preset=preset.value, overrides=overrides, seed=seed,
                      log_every=log_every, checkpoint_every=checkpoint_every, device=device,
-                     progress=not quiet, resume=resume, overwrite=overwrite)
+                     progress=not quiet, resume=resume, overwrite=overwrite, amp=amp,
+                     channels_last=channels_last)
+    if result.rank != 0:                             # rank 0 reports and draws
+        return
     _finish_pictures(out, device)
     last = result.last_metrics
     summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "mse", "kl", "fg_ari") if k in last)
@@ -210,7 +227,8 @@ def main() -> None:
         app()  # usage errors are reported by typer (exit 2)
     except (UserError, DatasetError, CheckpointError, TrainingError, ValueError, OSError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        typer.echo(f"error: {message}", err=True)
+        if int(os.environ.get("RANK", "0")) == 0:    # under torchrun, rank 0 speaks for all
+            typer.echo(f"error: {message}", err=True)
         sys.exit(2)
 
 

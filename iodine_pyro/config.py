@@ -155,8 +155,22 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                     "model.latent_dim": 32, "guide.lstm": None},
     "multi_dsprites": {**_SMALL, "model.image_size": (64, 64), "model.num_slots": 6,
                        "model.latent_dim": 16, "guide.lstm": 128},
+    # The other Multi-dSprites variants: the same network, K = their number of mask groups.
+    "multi_dsprites_colored_on_colored": {**_SMALL, "model.image_size": (64, 64), "model.num_slots": 5,
+                                          "model.latent_dim": 16, "guide.lstm": 128},
+    "multi_dsprites_binarized": {**_SMALL, "model.image_size": (64, 64), "model.image_channels": 1,
+                                 "model.num_slots": 4, "model.latent_dim": 16, "guide.lstm": 128},
+    # Shapes: the paper gives no architecture; the Multi-dSprites one, K = 4 (3 shapes + background).
+    "shapes": {**_SMALL, "model.image_size": (28, 28), "model.image_channels": 1, "model.num_slots": 4,
+               "model.latent_dim": 16, "guide.lstm": 128},
     "clevr6": {**_CLEVR, "model.num_slots": 7},
     "clevr": {**_CLEVR, "model.num_slots": 11},
+    # Objects Room: the paper gives no architecture; the Multi-dSprites one (with its LSTM),
+    # K = 7 (sky, floor, two wall halves, 3 objects). The sequences use the same network.
+    "objects_room": {**_SMALL, "model.image_size": (64, 64), "model.num_slots": 7,
+                     "model.latent_dim": 16, "guide.lstm": 128},
+    "objects_room_sequences": {**_SMALL, "model.image_size": (64, 64), "model.num_slots": 7,
+                               "model.latent_dim": 16, "guide.lstm": 128},
 }
 
 LN2 = math.log(2.0)

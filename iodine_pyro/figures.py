@@ -514,6 +514,8 @@ def _factor_style(name: str, values: np.ndarray) -> str:
 
 
 def _scatter_factor(fig, ax, xy: np.ndarray, name: str, values: np.ndarray) -> None:
+    if values.ndim == 2 and values.shape[1] != 3:          # e.g. binarized sprites: 1-channel colour
+        values = values[:, 0] if values.shape[1] == 1 else values.mean(1)
     style = _factor_style(name, values)
     common = {"s": 14, "alpha": 0.85, "edgecolors": "0.25", "linewidths": 0.3}
     if style == "rgb":

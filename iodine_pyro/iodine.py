@@ -72,10 +72,30 @@ class Iodine(nn.Module):
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
 
-    def loss(self, x: torch.Tensor, num_iters: int | None = None) -> torch.Tensor:
-        """sum_t w_t L_t with L_t the per-image mean negative ELBO of step t (analytic KL)."""
-        self.check_images(x)
+    def loss(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True) -> torch.Tensor:
+        """sum_t w_t L_t with L_t the per-image mean negative ELBO of step t (analytic KL).
+
+        `check=False` skips `check_images` (its value checks wait for the device)."""
+        if check:
+            self.check_images(x)
         return self.elbo.differentiable_loss(self.model.model, self.guide, x, self.weights(num_iters))
+
+    def forward(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True) -> torch.Tensor:
+        """The loss, so that the system can be wrapped in `DistributedDataParallel`."""
+        return self.loss(x, num_iters, check=check)
+
+    def use_fast_paths(self, amp: torch.dtype | None = None, channels_last: bool = False) -> "Iodine":
+        """Run the decoder and the guide's networks under autocast to `amp` (e.g.
+        torch.bfloat16; None: full precision) and keep conv weights channels-last.
+
+        Only the networks run in `amp`: their outputs are cast back to the input dtype,
+        so the likelihood, the KL and the guide's gradient inputs stay in float32.
+        """
+        self.model.amp_dtype = amp
+        self.guide.amp_dtype = amp
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor, num_iters: int | None = None,

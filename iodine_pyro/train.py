@@ -11,7 +11,8 @@ element, not the global norm, so the step uses ``torch.optim.Adam`` directly.
 `fit` owns a run directory: it resumes from its checkpoint when one is there, writes
 ``metrics.jsonl`` every ``log_every`` steps and checkpoints atomically every
 ``checkpoint_every`` steps, at the end, on SIGINT/SIGTERM, and when numerical faults
-stop the run.
+stop the run. Under torchrun it trains data-parallel (`iodine_pyro.distributed`): rank 0
+writes the run directory, every process resumes from it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, load_checkpoint, save_checkpoint,
                          set_rng_state)
 from .config import Config, make_config
@@ -45,9 +46,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (repeated numerical faults); the message says what to do."""
 
 
-def make_optimizer(system: Iodine, cfg: Config) -> torch.optim.Adam:
+def make_optimizer(system: Iodine, cfg: Config, fused: bool = False) -> torch.optim.Adam:
     t = cfg.train
-    return torch.optim.Adam(system.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+    return torch.optim.Adam(system.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -103,6 +104,7 @@ class FitResult:
     stopped: str           # "done" | "signal"
     last_metrics: dict[str, Any]
     skipped: int = 0       # steps skipped for non-finite loss or gradient
+    rank: int = 0          # this process's rank (0 for a single process)
 
 
 class _StopFlag:
@@ -218,7 +220,9 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
         overrides: dict[str, Any] | None = None, data: str | Path | None = None,
         eval_data: str | Path | None = None, num_images: int = 4096, seed: int = 0,
         log_every: int = 25, checkpoint_every: int = 250, device: str = "cpu",
-        progress: bool = True, resume: bool = False, overwrite: bool = False) -> FitResult:
+        progress: bool = True, resume: bool = False, overwrite: bool = False,
+        amp: bool | None = None, channels_last: bool | None = None,
+        sync_free: bool | None = None) -> FitResult:
     """Train (or continue training) the run in `out` up to `steps` total steps.
 
     Args:
@@ -231,17 +235,39 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
             held-out set) in OUT/data.
         eval_data: held-out images for `evaluate` (recorded in the checkpoint).
         seed: seeds parameters, sampling, generated data and the data order.
+        amp: bf16 autocast for the networks (default: on for CUDA, off for CPU).
+        channels_last: channels-last conv weights (default: on for CUDA).
+        sync_free: check for non-finite steps on the device and read the outcome every
+            `log_every` steps instead of every step (default: on for CUDA). Skipped steps
+            then count towards `steps`, and a run of `max_bad_steps` faults is noticed at
+            the next logging step (the parameters stay those of the last good step).
+
+    Under torchrun (WORLD_SIZE > 1) it trains data-parallel: the batch size is the global
+    batch, split evenly over the processes; rank 0 writes the run directory.
     """
+    args = dict(locals())
+    processes = distributed.setup(device)
+    try:
+        return _fit(processes, **args)
+    finally:
+        distributed.teardown(processes)
+
+
+def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overrides, data, eval_data,
+         num_images, seed, log_every, checkpoint_every, device, progress, resume, overwrite, amp,
+         channels_last, sync_free) -> FitResult:
+    device = processes.device
     out = Path(out)
     cfg = make_config(dataset, preset, overrides)
-    ckpt = prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    ckpt = processes.main_first(prepare_run_dir, out, cfg, resume=resume, overwrite=overwrite)
     if ckpt is not None:
         cfg = ckpt["config"]
         seed = int(ckpt.get("extra", {}).get("seed", seed))
         data = data or ckpt["data"]["train"]
         eval_data = eval_data or ckpt["data"]["eval"]
     elif data is None:
-        data, gen_eval = default_datasets(out, cfg.dataset, num_images, seed, progress)
+        data, gen_eval = processes.main_first(default_datasets, out, cfg.dataset, num_images, seed,
+                                              progress and processes.is_main)
         eval_data = eval_data or gen_eval
     ds = open_dataset(data)
     check_images(ds, cfg, str(data))
@@ -250,29 +276,40 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
     if cfg.train.batch_size > ds.sizes["image"]:
         raise DatasetError(f"--batch-size {cfg.train.batch_size} exceeds the {ds.sizes['image']} "
                            f"images of {data}")
+    processes.check_batch_size(cfg.train.batch_size)
 
+    speed = distributed.speed_settings(device, amp, channels_last, sync_free)
     torch.manual_seed(seed)
     pyro.set_rng_seed(seed)
-    system = Iodine(cfg).to(device)
-    optimizer = make_optimizer(system, cfg)
+    system = Iodine(cfg).to(device).use_fast_paths(speed.amp, speed.channels_last)
+    optimizer = make_optimizer(system, cfg, fused=speed.deferred)
     batches = Batches(ds, cfg.train.batch_size, seed=seed)
     step = 0
     ckpt_path = out / CHECKPOINT
     if ckpt is not None:
         try:
             system.load_state_dict(ckpt["system"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            distributed.load_optimizer_state(optimizer, ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
         batches.load_state_dict(ckpt["data_state"])
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
-        truncate_metrics(out / METRICS, step)
+        if processes.is_main:
+            truncate_metrics(out / METRICS, step)
         log.info("resuming %s at step %d", out, step)
+    trainer = None    # one process with host checks: train_step
+    if processes.distributed or speed.deferred:
+        trainer = distributed.Trainer(system, optimizer, cfg.train.clip_norm, processes,
+                                      deferred=speed.deferred, seed=seed)
     data_info = {"train": str(Path(data).resolve()),
                  "eval": str(Path(eval_data).resolve()) if eval_data else None}
 
     def checkpoint():
+        if trainer is not None:
+            trainer.ensure_in_sync()
+        if not processes.is_main:
+            return
         save_checkpoint(ckpt_path, cfg=cfg, system_state=system.state_dict(),
                         optimizer_state=optimizer.state_dict(), step=step,
                         data_state=batches.state_dict(), data=data_info, extra={"seed": seed})
@@ -284,20 +321,24 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
     bad_in_row, skipped, last = 0, 0, {}
     stop = "done"
     it = iter(batches)
-    bar = tqdm(total=steps, initial=min(step, steps), disable=not progress, desc=f"fit {cfg.dataset}",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=min(step, steps), disable=not (progress and processes.is_main),
+               desc=f"fit {cfg.dataset}", unit="step", dynamic_ncols=True)
     t_start = time.time()
     # Pyro's argument validation costs ~20% per step; non-finite values are caught below.
-    with _StopFlag() as flag, open(out / METRICS, "a") as mlog, pyro.validation_enabled(False):
+    with _StopFlag() as flag, open(out / METRICS if processes.is_main else os.devnull, "a") as mlog, \
+            pyro.validation_enabled(False):
         while step < steps:
-            if flag.signal is not None:
+            if processes.any(flag.signal is not None):           # every process stops at the same step
                 stop = "signal"
                 break
-            batch = {k: v.to(device) for k, v in next(it).items()}
+            batch = distributed.to_device(processes.shard(next(it)), device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss, gnorm, applied = train_step(system, optimizer, batch["image"], cfg.train.clip_norm)
-            if not applied:
+            if trainer is None:
+                loss, gnorm, applied = train_step(system, optimizer, batch["image"], cfg.train.clip_norm)
+            else:                                                # applied is None when checked on the device
+                loss, gnorm, applied = trainer.step(batch["image"], step)
+            if applied is False:
                 bad_in_row, skipped = bad_in_row + 1, skipped + 1
                 log.warning("step %d: non-finite loss or gradient (loss %s, gradient norm %s); skipped",
                             step + 1, loss, gnorm)
@@ -311,8 +352,16 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == steps:
+                if applied is None:                              # the one host synchronisation of N steps
+                    loss, gnorm, skipped, longest = trainer.settle()
+                    if longest >= cfg.train.max_bad_steps:
+                        checkpoint()
+                        raise TrainingError(
+                            f"{longest} non-finite steps in a row before step {step}; the last good state "
+                            f"is saved in {ckpt_path} (lower the learning rate or check the data)")
                 last = {"step": step, "loss": loss, "grad_norm": gnorm, "skipped": skipped,
-                        "time": round(time.time() - t_start, 3), **batch_metrics(system, batch)}
+                        "time": round(time.time() - t_start, 3),
+                        **(batch_metrics(system, batch) if processes.is_main else {})}
                 mlog.write(json.dumps(last) + "\n")
                 mlog.flush()
                 bar.set_postfix(loss=f"{loss:.4g}", fg_ari=f"{last.get('fg_ari', math.nan):.3f}")
@@ -320,4 +369,7 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
                 checkpoint()
         checkpoint()
     bar.close()
-    return FitResult(step=step, out=out, stopped=stop, last_metrics=last, skipped=skipped)
+    if trainer is not None and trainer.deferred:
+        skipped = trainer.settle()[2]
+    return FitResult(step=step, out=out, stopped=stop, last_metrics=last, skipped=skipped,
+                     rank=processes.rank)

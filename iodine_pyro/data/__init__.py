@@ -4,7 +4,8 @@
   compressed zarr store; :func:`open_dataset` opens one lazily and validates it.
 * :class:`Batches` streams shuffled, resumable training batches; :func:`load_images` reads a
   contiguous range for evaluation.
-* :func:`read_examples` reads DeepMind's official TFRecord files without TensorFlow.
+* :func:`read_examples` reads DeepMind's official TFRecord files without TensorFlow;
+  :func:`convert_tfrecords` (:mod:`iodine_pyro.data.convert`) turns one into a store.
 
 Every file-level failure raises :class:`DatasetError` (a ``ValueError``) with a one-line
 message naming the path.
@@ -21,8 +22,10 @@ from .store import (
     generate,
     load_images,
     open_dataset,
+    write_chunks,
 )
 from .tfrecord import read_examples
+from .convert import convert as convert_tfrecords
 
 __all__ = [
     "DatasetError",
@@ -33,6 +36,8 @@ __all__ = [
     "Batches",
     "load_images",
     "read_examples",
+    "convert_tfrecords",
+    "write_chunks",
     "CHUNK_SIZE",
     "FORMAT",
     "FORMAT_VERSION",

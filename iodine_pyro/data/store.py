@@ -16,8 +16,11 @@ factors        (image, group) or (image, group,    numeric; e.g. ``x``, ``y``, `
 Dataset attributes: ``format = "iodine-pyro-dataset"``, ``format_version = 1``,
 ``dataset`` (e.g. ``"tetrominoes"``), ``seed``, ``generator`` (a description) and
 ``num_images`` (written first, so an interrupted generation is recognised as incomplete).
-xarray files a variable named like a dimension (``image``) under coordinates; this module
-turns it back into a data variable on writing and opening.
+A store converted from an official file (:mod:`iodine_pyro.data.convert`) has no ``seed``
+but ``converted_from`` (the file), ``background_groups`` and ``num_images = -1`` until the
+last chunk is written; it keeps the file's number of mask groups. xarray files a variable
+named like a dimension (``image``) under coordinates; this module turns it back into a data
+variable on writing and opening.
 
 Training reads whole chunks through :class:`Batches` (a shuffle buffer of a few chunks)
 instead of one image at a time, since each random image access would decompress a chunk.
@@ -26,11 +29,12 @@ instead of one image at a time, since each random image access would decompress 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +46,8 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from . import tetrominoes
+from . import dsprites, shapes, tetrominoes
+from . import clevr, objects_room  # import Mitsuba / MuJoCo only when a chunk is generated
 from .errors import DatasetError
 
 __all__ = [
@@ -52,6 +57,7 @@ __all__ = [
     "GeneratorSpec",
     "GENERATORS",
     "generate",
+    "write_chunks",
     "open_dataset",
     "Batches",
     "load_images",
@@ -67,6 +73,9 @@ ZSTD_LEVEL = 9
 IMAGE_DIMS = ("image", "height", "width", "channel")
 Arrays = dict[str, np.ndarray]
 MASK_DIMS = ("image", "group", "height", "width")
+# Sequence datasets (objects_room_sequences) insert a "frame" dim after "image".
+SEQUENCE_IMAGE_DIMS = ("image", "frame", "height", "width", "channel")
+SEQUENCE_MASK_DIMS = ("image", "frame", "group", "height", "width")
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,6 +112,66 @@ GENERATORS: dict[str, GeneratorSpec] = {
         description="iodine_pyro.data.tetrominoes: 3 non-overlapping bevelled tetrominoes, "
         "35x35, as DeepMind's multi_object_datasets",
     ),
+    "multi_dsprites": GeneratorSpec(
+        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 3),
+        num_groups=dsprites.VARIANTS["colored_on_grayscale"].num_groups,
+        make_chunk=functools.partial(dsprites.make_chunk, variant="colored_on_grayscale"),
+        description="iodine_pyro.data.dsprites: 2-5 saturated dSprites on a grey background, 64x64, "
+        "as multi_object_datasets' multi_dsprites colored_on_grayscale",
+    ),
+    "multi_dsprites_colored_on_colored": GeneratorSpec(
+        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 3),
+        num_groups=dsprites.VARIANTS["colored_on_colored"].num_groups,
+        make_chunk=functools.partial(dsprites.make_chunk, variant="colored_on_colored"),
+        description="iodine_pyro.data.dsprites: 1-4 random-RGB dSprites on a random-RGB background, "
+        "64x64, as multi_object_datasets' multi_dsprites colored_on_colored",
+    ),
+    "multi_dsprites_binarized": GeneratorSpec(
+        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 1),
+        num_groups=dsprites.VARIANTS["binarized"].num_groups,
+        make_chunk=functools.partial(dsprites.make_chunk, variant="binarized"),
+        description="iodine_pyro.data.dsprites: 2-3 white dSprites on black, 64x64x1, "
+        "as multi_object_datasets' multi_dsprites binarized",
+        factor_dims={"color": ("gray",)},
+    ),
+    "shapes": GeneratorSpec(
+        image_shape=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 1),
+        num_groups=shapes.NUM_GROUPS,
+        make_chunk=shapes.make_chunk,
+        description="iodine_pyro.data.shapes: 3 outlined squares and triangles, 28x28 binary, "
+        "overlaps unscored (Reichert & Serre 2013)",
+    ),
+    "objects_room": GeneratorSpec(
+        image_shape=(objects_room.IMAGE_SIZE, objects_room.IMAGE_SIZE, 3),
+        num_groups=objects_room.NUM_GROUPS,
+        make_chunk=objects_room.make_chunk,
+        description="iodine_pyro.data.objects_room: a cubic room (sky, floor, two wall halves) "
+        "with 3 objects, 1-3 in view, 64x64, rendered with MuJoCo",
+    ),
+    "objects_room_sequences": GeneratorSpec(
+        image_shape=(objects_room.IMAGE_SIZE, objects_room.IMAGE_SIZE, 3),
+        num_groups=objects_room.NUM_GROUPS,
+        make_chunk=objects_room.make_sequence_chunk,
+        description="iodine_pyro.data.objects_room: 16-frame camera flights through Objects Room "
+        "scenes, 64x64, rendered with MuJoCo",
+        factor_dims={"color": ("rgb",), "frame_visibility": ("frame",)},
+    ),
+    "clevr6": GeneratorSpec(
+        image_shape=(clevr.IMAGE_SIZE, clevr.IMAGE_SIZE, 3),
+        num_groups=clevr.NUM_GROUPS,
+        make_chunk=clevr.make_clevr6_chunk,
+        description="iodine_pyro.data.clevr: CLEVR scenes of 3-6 objects, the paper's 192x192 crop "
+        "at 128x128, rendered with Mitsuba 3",
+        factor_dims={"pixel_coords": ("coord",)},
+    ),
+    "clevr": GeneratorSpec(
+        image_shape=(clevr.IMAGE_SIZE, clevr.IMAGE_SIZE, 3),
+        num_groups=clevr.NUM_GROUPS,
+        make_chunk=clevr.make_clevr_chunk,
+        description="iodine_pyro.data.clevr: CLEVR scenes of 3-10 objects, the paper's 192x192 crop "
+        "at 128x128, rendered with Mitsuba 3",
+        factor_dims={"pixel_coords": ("coord",)},
+    ),
 }
 
 
@@ -111,17 +180,21 @@ def _generate_chunk(name: str, seed: np.random.SeedSequence, n: int) -> dict[str
     return GENERATORS[name].make_chunk(np.random.default_rng(seed), n)
 
 
-def _to_xarray(arrays: dict[str, np.ndarray], spec: GeneratorSpec) -> xr.Dataset:
+def _to_xarray(arrays: dict[str, np.ndarray], factor_dims: dict[str, tuple[str, ...]]) -> xr.Dataset:
+    """Arrays -> dataset; ``factor_dims[key]`` names a factor's dims after (image, group), or
+    all of them when it starts with "image"."""
     variables = {}
     for key, value in arrays.items():
         if key == "image":
-            dims = IMAGE_DIMS
+            dims = IMAGE_DIMS if value.ndim == len(IMAGE_DIMS) else SEQUENCE_IMAGE_DIMS
         elif key == "mask":
-            dims = MASK_DIMS
+            dims = MASK_DIMS if value.ndim == len(MASK_DIMS) else SEQUENCE_MASK_DIMS
         elif value.ndim == 2:
             dims = ("image", "group")
+        elif factor_dims[key][0] == "image":
+            dims = factor_dims[key]
         else:
-            dims = ("image", "group") + spec.factor_dims[key]
+            dims = ("image", "group") + factor_dims[key]
         variables[key] = (dims, value)
     return _image_as_data(xr.Dataset(variables))
 
@@ -233,17 +306,49 @@ def generate(
     }
     executor: Executor = _InProcess() if workers == 1 else ProcessPoolExecutor(min(workers, num_chunks))
     with executor, tqdm(total=num_images, disable=not progress, desc=f"generate {name}", unit="img") as bar:
-        for i, arrays in enumerate(_ordered_results(executor, tasks, window=2 * workers)):
-            chunk = _to_xarray(arrays, spec)
-            chunk.attrs.update(attrs)  # an append rewrites the group's attributes
-            if i == 0:
-                chunk.to_zarr(out, mode="w", encoding=_encoding(chunk, chunk_size), consolidated=False,
-                              zarr_format=3, write_empty_chunks=True)
-            else:
-                chunk.to_zarr(out, append_dim="image", consolidated=False, write_empty_chunks=True)
-            bar.update(chunk.sizes["image"])
+        chunks = _ordered_results(executor, tasks, window=2 * workers)
+        write_chunks(out, chunks, attrs, factor_dims=spec.factor_dims, chunk_size=chunk_size, bar=bar)
     log.info("wrote %d %s images to %s", num_images, name, out)
     return out
+
+
+def write_chunks(out: str | Path, chunks: Iterable[dict[str, np.ndarray]], attrs: dict[str, Any], *,
+                 factor_dims: dict[str, tuple[str, ...]], chunk_size: int = CHUNK_SIZE,
+                 bar: Any = None) -> int:
+    """Write a stream of chunks to a new store at ``out`` (the writer of :func:`generate`
+    and of :mod:`iodine_pyro.data.convert`).
+
+    Args:
+        out: the store directory (replaced; callers check it first, see ``generate``).
+        chunks: dicts of arrays with a leading image axis (see :class:`GeneratorSpec`), each
+            of ``chunk_size`` images except the last.
+        attrs: dataset attributes, written with the first chunk. Without ``num_images`` the
+            store says ``num_images = -1`` (incomplete) until the last chunk is written.
+        factor_dims: names of factors' dims after (image, group), or all of them when the
+            tuple starts with "image".
+        chunk_size: images per stored chunk.
+        bar: a tqdm bar to advance by each chunk's images.
+
+    Returns:
+        the number of images written (0 when ``chunks`` is empty: nothing is written).
+    """
+    total = 0
+    counted = "num_images" in attrs
+    attrs = {**attrs, "num_images": int(attrs.get("num_images", -1))}
+    for i, arrays in enumerate(chunks):
+        chunk = _to_xarray(arrays, factor_dims)
+        chunk.attrs.update(attrs)  # an append rewrites the group's attributes
+        if i == 0:
+            chunk.to_zarr(out, mode="w", encoding=_encoding(chunk, chunk_size), consolidated=False,
+                          zarr_format=3, write_empty_chunks=True)
+        else:
+            chunk.to_zarr(out, append_dim="image", consolidated=False, write_empty_chunks=True)
+        total += chunk.sizes["image"]
+        if bar is not None:
+            bar.update(chunk.sizes["image"])
+    if total and not counted:
+        zarr.open_group(out, mode="r+").attrs["num_images"] = total
+    return total
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,14 +370,17 @@ def _check_attrs(ds: xr.Dataset, path: Path) -> None:
 
 
 def _check_variables(ds: xr.Dataset, path: Path) -> None:
-    for name, dims in (("image", IMAGE_DIMS), ("mask", MASK_DIMS)):
+    sequence = "image" in ds.data_vars and "frame" in ds["image"].dims
+    for name, dims in (("image", SEQUENCE_IMAGE_DIMS if sequence else IMAGE_DIMS),
+                       ("mask", SEQUENCE_MASK_DIMS if sequence else MASK_DIMS)):
         if name not in ds.data_vars:
             raise DatasetError(f"{path} has no {name!r} variable")
         var = ds[name]
         if var.dims != dims or var.dtype != np.uint8:
             raise DatasetError(f"{path}: {name!r} is {var.dtype} {var.dims}; expected uint8 {dims}")
     for name, var in ds.data_vars.items():
-        if var.dims[:2] != ("image", "group") and name not in ("image", "mask"):
+        per_frame = sequence and var.dims[:2] == ("image", "frame")  # e.g. CATER's camera_matrix
+        if var.dims[:2] != ("image", "group") and not per_frame and name not in ("image", "mask"):
             raise DatasetError(f"{path}: factor {name!r} has dims {var.dims}; "
                                f"expected ('image', 'group', ...)")
         if not np.issubdtype(var.dtype, np.number):
@@ -282,12 +390,16 @@ def _check_variables(ds: xr.Dataset, path: Path) -> None:
 def _check_sizes(ds: xr.Dataset, path: Path) -> None:
     n = ds.sizes["image"]
     expected = ds.attrs.get("num_images", n)
+    if expected < 0:
+        raise DatasetError(f"{path} is incomplete: writing stopped after {n} images")
     if n == 0 or n != expected:
         raise DatasetError(f"{path} is incomplete: {n} of {expected} images")
     spec = GENERATORS.get(ds.attrs.get("dataset", ""))
     if spec is not None:
         shape = (ds.sizes["height"], ds.sizes["width"], ds.sizes["channel"])
-        if shape != spec.image_shape or ds.sizes["group"] != spec.num_groups:
+        # A converted official file keeps its own number of groups (e.g. CLEVR6: 11).
+        groups_differ = ds.sizes["group"] != spec.num_groups and "converted_from" not in ds.attrs
+        if shape != spec.image_shape or groups_differ:
             raise DatasetError(f"{path}: images {shape} with {ds.sizes['group']} groups do not match "
                                f"{ds.attrs['dataset']} ({spec.image_shape}, {spec.num_groups} groups)")
 
@@ -339,6 +451,8 @@ def open_dataset(path: str | Path) -> xr.Dataset:
 def _read(ds: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
     """Images and masks [start, stop) as numpy; read errors become DatasetError."""
     source = ds.encoding.get("source", "dataset")
+    if "frame" in ds["image"].dims:
+        raise DatasetError(f"{source} holds sequences (a frame dim); batches of sequences are not supported yet")
     try:
         arrays = {
             "image": ds["image"][start:stop].values,  # [n, H, W, C] uint8

@@ -17,13 +17,15 @@ from torch.distributions import Normal
 
 from ..config import Config
 from ..models.decoders import coordinate_grid
-from ..models.iodine import Decoded, IodineModel, step_scale
+from ..models.iodine import Decoded, IodineModel, autocast, step_scale
 from .iodine import Step
 from .refinement import AmortizedEncoder, posterior_scale
 
 
 class AmortizedGuide(nn.Module):
     """q(z | x) = N(encoder(x)), the encoder built from the refinement network's widths."""
+
+    amp_dtype: torch.dtype | None = None   # autocast dtype of the encoder (Iodine.use_fast_paths)
 
     def __init__(self, model: IodineModel, cfg: Config):
         super().__init__()
@@ -48,7 +50,9 @@ class AmortizedGuide(nn.Module):
         B, C, H, W = x.shape
         model.forget()
         coords = coordinate_grid(H, W, x.device, x.dtype).expand(B, 2, H, W)   # [B, 2, H, W]
-        lam = self.encoder(torch.cat([x, coords], 1))                          # [B, K, 2 n_z]
+        with autocast(x, self.amp_dtype):
+            lam = self.encoder(torch.cat([x, coords], 1))                      # [B, K, 2 n_z]
+        lam = lam.to(x.dtype)
         q = self.posterior(lam)
         with pyro.plate("images", B), scope(prefix="t0"), step_scale(1.0, B):
             z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))

@@ -11,7 +11,9 @@ chain of lambdas is not, so training backpropagates through every step. The last
 step's refinement is never scored and is not computed.
 
 At inference (grad disabled by the caller, as in `Predictive` or evaluation) each step
-starts from a detached lambda and LSTM state, so no activations of earlier steps are kept.
+starts from a detached lambda and LSTM state, so no activations of earlier steps are kept,
+and the refinement network runs without autograd: only the gradients the refinement
+inputs need are computed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.distributions import Normal, kl_divergence
 
 from ..config import LAYER_NORMED, SPATIAL_INPUTS, Config
 from ..models.decoders import coordinate_grid, cosine_grid
-from ..models.iodine import Decoded, IodineModel, step_scale, step_weights
+from ..models.iodine import Decoded, IodineModel, autocast, step_scale, step_weights
 from .refinement import InputNorm, RefinementNetwork, posterior_scale
 
 
@@ -59,6 +61,8 @@ class IterativeGuide(nn.Module):
             (held by reference, not registered as a submodule).
         cfg: the full `Config`; uses ``cfg.guide`` and the model's shapes.
     """
+
+    amp_dtype: torch.dtype | None = None   # autocast dtype of f_phi (Iodine.use_fast_paths)
 
     def __init__(self, model: IodineModel, cfg: Config):
         super().__init__()
@@ -107,7 +111,8 @@ class IterativeGuide(nn.Module):
                     last = t == len(weights) - 1
                     if not last:
                         spatial, vector = self.refinement_inputs(x, lam, q, decoded, training)
-                        delta, state = self.net(spatial, vector, state)  # [B*K, 2 n_z]
+                        with torch.set_grad_enabled(training):          # no graph at inference
+                            delta, state = self.refine(spatial, vector, state)  # [B*K, 2 n_z]
                 if not training:
                     decoded = Decoded(decoded.means.detach(), decoded.mask_logits.detach())
                     state = tuple(s.detach() for s in state) if state is not None else None
@@ -117,6 +122,16 @@ class IterativeGuide(nn.Module):
                 if not last:
                     lam = lam + delta.view(B, K, -1)            # [B, K, 2 n_z]
         return steps
+
+    def refine(self, spatial: torch.Tensor, vector: torch.Tensor, state):
+        """f_phi; under autocast when `amp_dtype` is set, with its outputs back in float32."""
+        if self.amp_dtype is None:
+            return self.net(spatial, vector, state)
+        with autocast(spatial, self.amp_dtype):
+            delta, state = self.net(spatial, vector, state)
+        if state is not None:
+            state = tuple(s.to(spatial.dtype) for s in state)
+        return delta.to(spatial.dtype), state
 
     # -- refinement inputs ---------------------------------------------------------------
     def refinement_inputs(self, x: torch.Tensor, lam: torch.Tensor, q: Normal, decoded: Decoded,

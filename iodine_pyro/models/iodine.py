@@ -58,6 +58,8 @@ class IodineModel(nn.Module):
         cfg: `ModelConfig` (image shape, K, n_z, pixel distribution, prior, decoder).
     """
 
+    amp_dtype: torch.dtype | None = None   # autocast dtype of the decoder (Iodine.use_fast_paths)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -88,7 +90,9 @@ class IodineModel(nn.Module):
         if self.cfg.decoder_constant is not None:
             const = flat.new_full((B * K, 1), self.cfg.decoder_constant)
             flat = torch.cat([flat, const], 1)                  # [B*K, n_z + 1]
-        out = self.decoder(flat)                                # [B*K, C + 1, H, W]
+        with autocast(flat, self.amp_dtype):
+            out = self.decoder(flat)                            # [B*K, C + 1, H, W]
+        out = out.to(z.dtype)                                   # the likelihood runs in z's precision
         out = out.view(B, K, *out.shape[1:])                    # [B, K, C + 1, H, W]
         return Decoded(means=out[:, :, 1:], mask_logits=out[:, :, 0])
 
@@ -131,6 +135,13 @@ class IodineModel(nn.Module):
                     pyro.sample("x", self.likelihood(decoded), obs=x)                    # [B, C, H, W]
                 outputs.append(decoded)
         return outputs
+
+
+def autocast(like: torch.Tensor, dtype: torch.dtype | None):
+    """torch.autocast to `dtype` on `like`'s device; nothing when `dtype` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(like.device.type, dtype=dtype)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,243 @@
+"""Procedural Multi-dSprites in the three variants of DeepMind's ``multi_dsprites`` files.
+
+Each image is 64 x 64 and holds a few dSprites sprites drawn one after the other, later
+sprites occluding earlier ones (Greff et al. 2019, appendix B.2; Burgess et al. 2019):
+
+=========================  ==========  =========  ======  =================================
+variant (dataset name)     sprites     groups E   image   colours
+=========================  ==========  =========  ======  =================================
+``colored_on_grayscale``   2 to 5      6          RGB     sprite: random hue, saturation 1,
+(``multi_dsprites``)                                      value 1; background: uniform grey
+                                                          of uniform random brightness
+``colored_on_colored``     1 to 4      5          RGB     sprites and background: uniform
+(``multi_dsprites_                                        random RGB (each channel uniform,
+colored_on_colored``)                                     as the official README states)
+``binarized``              2 to 3      4          gray    white sprites on black
+(``multi_dsprites_
+binarized``)
+=========================  ==========  =========  ======  =================================
+
+The number of sprites is uniform over its range. Every sprite takes its factors from the
+dSprites grid, each uniform and independent: shape (square, ellipse, heart), scale (6 steps
+over [0.5, 1]), orientation (40 steps over [0, 2 pi)), x and y (32 steps over [0, 1]).
+
+Drawing (the dSprites archive itself is not available here, so the sprites are drawn
+analytically; sizes are a stated choice, not a measurement of the archive):
+
+* A sprite's size unit is ``SPRITE_SIZE`` x 64 x scale pixels (19.2 px at scale 1). In units
+  of it the square has side 1, the ellipse has axes 1 x 0.5 (long axis horizontal at
+  orientation 0), and the heart is a diamond (a square of side ``a`` turned 45 degrees) with
+  two discs of diameter ``a`` centred on the midpoints of its two upper edges, ``a`` chosen
+  so that the heart is 1 wide (``a = 1 / (1 + 1/sqrt 2)``; the heart is then 0.914 high),
+  tip down at orientation 0. Each shape turns about the centre of its bounding box.
+* The centre of a sprite lies at ``(m + (1 - 2 m) x, m + (1 - 2 m) y)`` x 64 pixels
+  (column, row) with ``m = POSITION_MARGIN = 0.22``: the largest sprite reaches 13.6 px
+  from its centre, so no sprite ever leaves the image, and one position step moves a
+  sprite by 1.16 px. ``x`` is horizontal (left to right), ``y`` vertical (top to bottom).
+* Orientation turns the sprite counter-clockwise as the image is displayed.
+* A pixel belongs to a sprite when the pixel's centre lies inside the shape (no
+  anti-aliasing): images are exactly piecewise constant.
+
+Masks and factors follow the official layout: E groups, group 0 the background (the
+pixels no sprite covers), groups 1.. the sprites in drawing order with only their visible
+pixels; the groups of absent sprites are empty. Factors per group: ``x``, ``y`` (the grid
+values in [0, 1]), ``shape`` (1 square, 2 ellipse, 3 heart: the dSprites archive's
+values; 0 for the background and absent sprites), ``orientation`` (radians), ``scale``,
+``color`` [E, C] in [0, 1] (the background's colour in group 0; exactly the stored pixel
+value / 255), and ``visibility`` (1 for the background and every drawn sprite, 0 for absent
+ones; a sprite that later sprites hide completely keeps visibility 1 and an empty mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SIZE",
+    "SCALES",
+    "ORIENTATIONS",
+    "POSITIONS",
+    "SHAPE_IDS",
+    "SPRITE_SIZE",
+    "POSITION_MARGIN",
+    "Variant",
+    "VARIANTS",
+    "inside_shape",
+    "sprite_mask",
+    "make_chunk",
+]
+
+IMAGE_SIZE = 64
+SCALES = np.linspace(0.5, 1.0, 6)  # [6]
+ORIENTATIONS = np.linspace(0.0, 2 * np.pi, 40, endpoint=False)  # [40]
+POSITIONS = np.linspace(0.0, 1.0, 32)  # [32]
+SHAPE_IDS = {"square": 1, "ellipse": 2, "heart": 3}
+SPRITE_SIZE = 0.3  # side of the square at scale 1, as a fraction of the image
+POSITION_MARGIN = 0.22  # sprite centres span [m, 1 - m] of the image
+
+# Heart: a diamond of side a (half-diagonal h) plus two discs of radius a / 2 on the
+# midpoints of its upper edges; width h + a = 1.
+_HEART_A = 1.0 / (1.0 + 1.0 / np.sqrt(2.0))
+_HEART_H = _HEART_A / np.sqrt(2.0)
+_HEART_SHIFT = (_HEART_A / 2 - _HEART_H / 2) / 2  # bounding-box centre above the diamond's
+_WINDOW = 29  # pixels around a sprite's centre that it can cover (radius <= 13.6 px)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One Multi-dSprites variant.
+
+    Args:
+        min_sprites, max_sprites: range of the uniform number of sprites.
+        num_groups: mask groups E (background included), as in the official files.
+        channels: 3 (RGB) or 1 (binarized).
+        colors: ``"hue"`` (saturated sprites on grey), ``"rgb"`` (uniform RGB sprites and
+            background) or ``"white"`` (white on black).
+    """
+
+    min_sprites: int
+    max_sprites: int
+    num_groups: int
+    channels: int
+    colors: str
+
+
+VARIANTS: dict[str, Variant] = {
+    "colored_on_grayscale": Variant(2, 5, 6, 3, "hue"),
+    "colored_on_colored": Variant(1, 4, 5, 3, "rgb"),
+    "binarized": Variant(2, 3, 4, 1, "white"),
+}
+
+
+def inside_shape(shape: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Whether points (u, v) lie in the unit shape (u right, v up, in sprite size units,
+    origin at the bounding-box centre, before rotation); ``shape`` is a dSprites id and
+    broadcasts against u and v."""
+    square = (np.abs(u) <= 0.5) & (np.abs(v) <= 0.5)
+    ellipse = (u / 0.5) ** 2 + (v / 0.25) ** 2 <= 1.0
+    y = v + _HEART_SHIFT  # diamond-centred coordinates
+    r2 = (_HEART_A / 2) ** 2
+    heart = ((np.abs(u) + np.abs(y) <= _HEART_H)
+             | ((u - _HEART_H / 2) ** 2 + (y - _HEART_H / 2) ** 2 <= r2)
+             | ((u + _HEART_H / 2) ** 2 + (y - _HEART_H / 2) ** 2 <= r2))
+    return np.where(shape == 1, square, np.where(shape == 2, ellipse, heart))
+
+
+def _centre(position: np.ndarray) -> np.ndarray:
+    """Grid position in [0, 1] -> pixel coordinate of the sprite's centre."""
+    return IMAGE_SIZE * (POSITION_MARGIN + (1 - 2 * POSITION_MARGIN) * position)
+
+
+def _inside(shape, scale, orientation, cx, cy, rows, cols) -> np.ndarray:
+    """Coverage of pixels (rows, cols) (broadcast against the sprite arrays) by sprites."""
+    dx = cols + 0.5 - cx  # right
+    dy = cy - (rows + 0.5)  # up
+    cos, sin = np.cos(orientation), np.sin(orientation)
+    size = SPRITE_SIZE * IMAGE_SIZE * scale
+    u = (cos * dx + sin * dy) / size  # rotate by -orientation into the sprite's frame
+    v = (-sin * dx + cos * dy) / size
+    return inside_shape(shape, u, v)
+
+
+def sprite_mask(shape: int, scale: float, orientation: float, x: float, y: float) -> np.ndarray:
+    """One sprite drawn on the whole 64 x 64 grid: a [64, 64] bool array (reference renderer)."""
+    rows = np.arange(IMAGE_SIZE, dtype=np.float64)[:, None]  # [64, 1]
+    cols = np.arange(IMAGE_SIZE, dtype=np.float64)[None, :]  # [1, 64]
+    return _inside(np.asarray(shape), scale, orientation, _centre(np.float64(x)), _centre(np.float64(y)),
+                   rows, cols)  # [64, 64]
+
+
+def _hsv_to_rgb(hue: np.ndarray) -> np.ndarray:
+    """Fully saturated colours of value 1: [...] hue in [0, 1) -> [..., 3] in [0, 1]."""
+    k = (np.array([5.0, 3.0, 1.0]) + 6.0 * hue[..., None]) % 6.0  # [..., 3]
+    return 1.0 - np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def _to_uint8(colour: np.ndarray) -> np.ndarray:
+    """Colours in [0, 1] -> uint8 levels, rounded to the nearest."""
+    return np.round(255.0 * colour).astype(np.uint8)
+
+
+def _pick(u: np.ndarray, k: int) -> np.ndarray:
+    """Uniforms in [0, 1) -> uniform integers in 0..k-1."""
+    return np.minimum(np.floor(u * k).astype(np.int64), k - 1)
+
+
+def _colors(variant: Variant, u_sprite: np.ndarray, u_background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 sprite colours [n, S, C] and background colours [n, C] from uniforms."""
+    if variant.colors == "hue":
+        sprite = _hsv_to_rgb(u_sprite[..., 0])  # [n, S, 3]
+        background = np.repeat(u_background[:, :1], 3, axis=1)  # [n, 3] grey
+    elif variant.colors == "rgb":
+        sprite, background = u_sprite, u_background  # [n, S, 3], [n, 3]
+    else:
+        sprite = np.ones(u_sprite.shape[:2] + (1,))  # [n, S, 1] white
+        background = np.zeros((len(u_background), 1))  # [n, 1] black
+    return _to_uint8(sprite), _to_uint8(background)
+
+
+def make_chunk(rng: np.random.Generator, n: int, variant: str = "colored_on_grayscale") -> dict[str, np.ndarray]:
+    """Generate ``n`` Multi-dSprites images of a variant with masks and factors.
+
+    All random numbers of an image come from one row of ``rng.random((n, D))``, so
+    ``make_chunk(rng, m)`` is a prefix of ``make_chunk(rng, n)`` for m < n.
+
+    Returns numpy arrays: ``image`` [n, 64, 64, C] uint8, ``mask`` [n, E, 64, 64] uint8 0/1,
+    ``x``, ``y``, ``shape``, ``orientation``, ``scale``, ``visibility`` [n, E] float32 and
+    ``color`` [n, E, C] float32.
+    """
+    spec = VARIANTS[variant]
+    S, E = spec.max_sprites, spec.num_groups
+    u = rng.random((n, 1 + 8 * S + 3))  # [n, D] every random number of each image
+    count = spec.min_sprites + _pick(u[:, 0], spec.max_sprites - spec.min_sprites + 1)  # [n]
+    per = u[:, 1 : 1 + 8 * S].reshape(n, S, 8)  # [n, S, 8]
+    shape = 1 + _pick(per[:, :, 0], 3)  # [n, S] dSprites id
+    scale = SCALES[_pick(per[:, :, 1], len(SCALES))]  # [n, S]
+    orientation = ORIENTATIONS[_pick(per[:, :, 2], len(ORIENTATIONS))]  # [n, S]
+    x = POSITIONS[_pick(per[:, :, 3], len(POSITIONS))]  # [n, S]
+    y = POSITIONS[_pick(per[:, :, 4], len(POSITIONS))]  # [n, S]
+    sprite_rgb, background_rgb = _colors(spec, per[:, :, 5:8], u[:, -3:])  # [n, S, C], [n, C]
+    present = np.arange(S)[None, :] < count[:, None]  # [n, S]
+
+    # Draw each sprite inside a window around its centre, in drawing order.
+    cx, cy = _centre(x), _centre(y)  # [n, S] pixel coordinates (column, row)
+    offsets = np.arange(_WINDOW) - _WINDOW // 2  # [29]
+    top = np.floor(cy).astype(np.int64)[..., None] + offsets  # [n, S, 29] window rows
+    left = np.floor(cx).astype(np.int64)[..., None] + offsets  # [n, S, 29] window columns
+    covered = _inside(shape[..., None, None], scale[..., None, None], orientation[..., None, None],
+                      cx[..., None, None], cy[..., None, None],
+                      top[..., :, None].astype(np.float64), left[..., None, :].astype(np.float64))  # [n, S, 29, 29]
+    covered &= present[..., None, None]
+    labels = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)  # [n, 64, 64] 0 = background
+    images = np.arange(n)[:, None, None]  # [n, 1, 1]
+    for s in range(S):
+        rows, cols = top[:, s, :, None], left[:, s, None, :]  # [n, 29, 1], [n, 1, 29]
+        window = labels[images, rows, cols]  # [n, 29, 29]
+        labels[images, rows, cols] = np.where(covered[:, s], s + 1, window)
+
+    palette = np.concatenate([background_rgb[:, None], sprite_rgb], axis=1)  # [n, E, C] uint8
+    palette[:, 1:][~present] = 0
+    image = palette[images, labels]  # [n, 64, 64, C] uint8
+    mask = (labels[:, None] == np.arange(E, dtype=np.uint8)[None, :, None, None]).astype(np.uint8)  # [n, E, 64, 64]
+
+    def per_group(values: np.ndarray, background: float = 0.0) -> np.ndarray:
+        out = np.zeros((n, E) + values.shape[2:], dtype=np.float32)
+        out[:, 0] = background
+        out[:, 1:] = np.where(present.reshape(present.shape + (1,) * (values.ndim - 2)), values, 0)
+        return out
+
+    color = palette.astype(np.float32) / 255.0  # [n, E, C]
+    return {
+        "image": image,
+        "mask": mask,
+        "x": per_group(x),  # [n, E]
+        "y": per_group(y),  # [n, E]
+        "shape": per_group(shape),  # [n, E]
+        "orientation": per_group(orientation),  # [n, E]
+        "scale": per_group(scale),  # [n, E]
+        "color": color,  # [n, E, C]
+        "visibility": per_group(np.ones((n, S)), background=1.0),  # [n, E]
+    }
+
