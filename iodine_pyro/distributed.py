@@ -402,9 +402,10 @@ def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
         torchrun.run(args)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
-        if codes != [2]:                                 # 2: an error the processes reported
-            log.error("training processes failed with exit status %s", ", ".join(map(str, codes)))
-        return 2 if 2 in codes else 1
+        if 2 in codes:          # an error the processes reported (the others were stopped after it)
+            return 2
+        log.error("training processes failed with exit status %s", ", ".join(map(str, codes)))
+        return 1
     except SignalException as e:
         return 128 + int(e.sigval)
     return 0

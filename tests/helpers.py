@@ -1,6 +1,14 @@
 """Small configurations that keep the tests fast."""
 
+from pathlib import Path
+
+import pytest
+
 from iodine_pyro.config import make_config
+
+# A few records of DeepMind's official Tetrominoes file, where the project's shared notes are.
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tetrominoes_mini.tfrecords"
+needs_official = pytest.mark.skipif(not OFFICIAL.exists(), reason="official sample (../shared) not available")
 
 
 def tiny_config(preset: str = "paper", dataset: str = "tetrominoes", **overrides):

@@ -34,8 +34,8 @@ from iodine_pyro.data.convert import (
     write_tfrecords,
 )
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tetrominoes_mini.tfrecords"
-needs_official = pytest.mark.skipif(not OFFICIAL.exists(), reason="official sample (../shared) not available")
+from .helpers import OFFICIAL, needs_official
+
 RUNNER = CliRunner()
 
 

@@ -23,12 +23,11 @@ from iodine_pyro.data import (
     load_images,
     open_dataset,
     read_examples,
+    tfrecord,
 )
 from iodine_pyro.data import tetrominoes as tet
-from iodine_pyro.data import tfrecord
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tetrominoes_mini.tfrecords"
-needs_official = pytest.mark.skipif(not OFFICIAL.exists(), reason="official sample (../shared) not available")
+from .helpers import OFFICIAL, needs_official
 
 N_IMAGES = 150  # 4 full chunks of 32 and a partial one of 22
 CHUNK = 32

@@ -15,14 +15,7 @@ from iodine_pyro.train import TrainingError, fit, make_optimizer, train_step
 
 from .helpers import TINY_OVERRIDES, tiny_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one thread is fastest, and keeps clear of other work on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is fastest
 
 
 def _system(seed=0, **fast):
