@@ -4,7 +4,7 @@
     iodine-pyro ablate --dataset NAME --steps N --out DIR [--inputs a,b] [options]
 
 Each `plot` writes FILE.png and the data behind it next to it: FILE.npz for the kinds that
-run the model (decomposition, mask-logits, traversal, projection), FILE.json for the
+run the model (decomposition, sequence, mask-logits, traversal, projection), FILE.json for the
 curves (curves, ablation); `iodine_pyro.figures` documents the arrays.
 """
 
@@ -19,6 +19,7 @@ import typer
 
 class PlotKind(str, Enum):
     decomposition = "decomposition"
+    sequence = "sequence"
     mask_logits = "mask-logits"
     traversal = "traversal"
     projection = "projection"
@@ -26,13 +27,14 @@ class PlotKind(str, Enum):
     ablation = "ablation"
 
 
-_MODEL_KINDS = {PlotKind.decomposition, PlotKind.mask_logits, PlotKind.traversal, PlotKind.projection}
+_MODEL_KINDS = {PlotKind.decomposition, PlotKind.sequence, PlotKind.mask_logits, PlotKind.traversal,
+                PlotKind.projection}
 _CURVE_KINDS = {PlotKind.curves, PlotKind.ablation}
 # Options that only some kinds use; giving one to another kind is an error.
 _OPTION_KINDS = {
     "--num-images": {PlotKind.decomposition, PlotKind.mask_logits, PlotKind.projection},
     "--steps": {PlotKind.decomposition},
-    "--image": {PlotKind.traversal},
+    "--image": {PlotKind.traversal, PlotKind.sequence},
     "--slot": {PlotKind.traversal},
     "--range": {PlotKind.traversal},
     "--num-values": {PlotKind.traversal},
@@ -60,7 +62,8 @@ def plot(
                    "projected (projection: 256)."),
     seed: int = typer.Option(0, help="Seed of posterior samples, the traversal's image and slot, and t-SNE."),
     steps: bool = typer.Option(False, "--steps", help="decomposition: every refinement step, not only the final one."),
-    image: Optional[int] = typer.Option(None, help="traversal: image index (default: random, from --seed)."),
+    image: Optional[int] = typer.Option(
+        None, help="traversal: image index (default: random, from --seed); sequence: sequence index (default 0)."),
     slot: Optional[int] = typer.Option(None, help="traversal: slot (default: random, from --seed)."),
     value_range: Optional[tuple[float, float]] = typer.Option(
         None, "--range", show_default=False,
@@ -97,6 +100,8 @@ def plot(
     run = run_dirs[0]
     if kind == PlotKind.decomposition:
         files = figures.decomposition(run, out, num_images=n, all_steps=steps, **common)
+    elif kind == PlotKind.sequence:
+        files = figures.sequence(run, out, image=image or 0, **common)
     elif kind == PlotKind.mask_logits:
         files = figures.mask_logits(run, out, num_images=n, **common)
     elif kind == PlotKind.traversal:

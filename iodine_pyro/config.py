@@ -79,6 +79,8 @@ class GuideConfig:
     lstm: int | None = None                  # hidden size; None = no LSTM (Tetrominoes)
     inputs: tuple[str, ...] = PAPER_INPUTS
     disabled_inputs: tuple[str, ...] = ()    # names from `inputs` left out (ablations)
+    recompute: bool = False                  # training: recompute each step's activations in the
+                                             # backward pass instead of storing them (memory flat in T)
 
     def active_inputs(self) -> tuple[str, ...]:
         return tuple(n for n in self.inputs if n not in self.disabled_inputs)
@@ -169,8 +171,15 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     # K = 7 (sky, floor, two wall halves, 3 objects). The sequences use the same network.
     "objects_room": {**_SMALL, "model.image_size": (64, 64), "model.num_slots": 7,
                      "model.latent_dim": 16, "guide.lstm": 128},
+    # Sequences (appendix A.1): one refinement step per frame, T = the 16 frames of the data;
+    # recomputation keeps training memory flat over the 16 steps (appendix A.2).
     "objects_room_sequences": {**_SMALL, "model.image_size": (64, 64), "model.num_slots": 7,
-                               "model.latent_dim": 16, "guide.lstm": 128},
+                               "model.latent_dim": 16, "guide.lstm": 128,
+                               "guide.num_iters": 16, "guide.recompute": True},
+    # Moving sprites: Multi-dSprites scenes whose sprites move at a constant velocity.
+    "multi_dsprites_sequences": {**_SMALL, "model.image_size": (64, 64), "model.num_slots": 6,
+                                 "model.latent_dim": 16, "guide.lstm": 128,
+                                 "guide.num_iters": 16, "guide.recompute": True},
 }
 
 LN2 = math.log(2.0)
@@ -279,3 +288,14 @@ def loss_weights(kind: str, num_iters: int) -> list[float]:
     if kind == "paper":
         return [t / T for t in range(1, T + 1)]
     return [t / T for t in range(0, T + 1)]
+
+
+def frame_weights(kind: str, num_frames: int) -> list[float]:
+    """Weights of a sequence of `num_frames` frames: one decoder pass (one step) per frame.
+
+    ``paper``: t/F, t = 1..F. ``deepmind``: linspace(0, 1, F), the initial posterior's
+    guess of frame 0 weighted 0 (F - 1 refinements, as ``loss_weights("deepmind", F - 1)``).
+    """
+    if num_frames < 2:
+        raise ValueError(f"a sequence needs at least 2 frames, got {num_frames}")
+    return loss_weights(kind, num_frames if kind == "paper" else num_frames - 1)

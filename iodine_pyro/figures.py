@@ -8,6 +8,10 @@ decomposition      `decomposition`  16 to 19        ``FILE.npz``: ``image`` [N, 
                                                     [N, S, K, H, W], ``means`` [N, S, K, C, H, W],
                                                     ``step`` [S] (1-based refinement steps),
                                                     ``image_index`` [N]
+sequence           `sequence`       12              ``FILE.npz``: ``image``, ``recon``
+                                                    [F, C, H, W], ``masks`` [F, K, H, W],
+                                                    ``true_masks`` [F, G, H, W], ``frame`` [F],
+                                                    ``image_index``
 mask-logits        `mask_logits`    20 to 22        ``FILE.npz``: ``image`` [N, C, H, W],
                                                     ``masks``, ``mask_logits`` [N, K, H, W],
                                                     ``true_masks`` [N, G, H, W], ``image_index``
@@ -63,7 +67,7 @@ from .plotting import save_figure, slot_colors  # noqa: E402
 from .train import check_images  # noqa: E402
 
 __all__ = [
-    "FigureFiles", "decomposition", "mask_logits", "traversal", "projection", "curves",
+    "FigureFiles", "decomposition", "sequence", "mask_logits", "traversal", "projection", "curves",
     "ablation", "read_metrics", "ablation_runs",
 ]
 
@@ -240,6 +244,71 @@ def draw_decomposition(a: dict[str, np.ndarray], png: Path, title: str) -> None:
             if S > 1:
                 label += f"\nstep {a['step'][s]}"
             row[0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, png)
+
+
+# ---------------------------------------------------------------------------------------
+# Sequences (Figure 12)
+# ---------------------------------------------------------------------------------------
+
+
+def sequence(run_dir: str | Path, out: str | Path, *, image: int = 0, seed: int = 0,
+             data: str | Path | None = None, num_iters: int | None = None,
+             device: str = "cpu") -> FigureFiles:
+    """Frames, reconstructions, segmentations and each slot's mask over time (Figure 12).
+
+    One column per frame (one refinement step each); rows: the frame, the reconstruction
+    sum_k pi_k mu_k, the segmentation (argmax slot, coloured), the true segmentation, then
+    the mask pi_k of every slot, framed in its colour: a tracked object stays in one row.
+    Data (``FILE.npz``): ``image``, ``recon`` [F, C, H, W], ``masks`` [F, K, H, W],
+    ``true_masks`` [F, G, H, W], ``frame`` [F] (1-based), ``image_index``.
+    """
+    png = _png_path(out)
+    run = _open(run_dir, data, device)
+    if "frame" not in run.ds["image"].dims:
+        raise ValueError(f"{run.data} holds single images, not sequences; plot sequence needs a sequence run")
+    n = run.ds.sizes["image"]
+    if not 0 <= image < n:
+        raise ValueError(f"--image {image} is outside the {n} sequences of {run.data}")
+    batch = {k: v.to(device) for k, v in load_images(run.ds, image, image + 1).items()}
+    _seed(seed)
+    steps = run.system.infer(batch["image"], num_iters=num_iters)           # one step per frame
+    F_ = len(steps)
+    arrays = {
+        "image": _np(batch["image"][0, :F_]),                                  # [F, C, H, W]
+        "recon": _np(torch.stack([s.recon[0] for s in steps])),                 # [F, C, H, W]
+        "masks": _np(torch.stack([s.masks[0] for s in steps])),                 # [F, K, H, W]
+        "true_masks": _np(batch["mask"][0, :F_]),                               # [F, G, H, W]
+        "frame": np.arange(F_) + 1,                                             # [F]
+        "image_index": np.array(image),
+    }
+    data_path = _data_path(png, ".npz")
+    np.savez_compressed(data_path, **arrays)
+    draw_sequence(arrays, png, title=f"Sequence {image}, one refinement step per frame\n{run.title()}")
+    return FigureFiles(png, data_path)
+
+
+def draw_sequence(a: dict[str, np.ndarray], png: Path, title: str) -> None:
+    """Draw the arrays of `sequence`: frames along columns, slots along rows."""
+    F_, K = a["masks"].shape[:2]
+    colors = slot_colors(K)
+    true_colors = slot_colors(a["true_masks"].shape[1])
+    rows = 4 + K
+    fig, axes = plt.subplots(rows, F_, figsize=(1.1 * F_ + 0.8, 1.15 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    labels = ["frame", "reconstruction", "segmentation", "true segmentation"] + [f"slot {k}" for k in range(K)]
+    for t in range(F_):
+        col = axes[:, t]
+        _show(col[0], _rgb(a["image"][t]), f"t={a['frame'][t]}")
+        _show(col[1], _rgb(a["recon"][t]))
+        _show(col[2], _segmentation(a["masks"][t], colors))
+        true = a["true_masks"][t]                                               # [G, H, W]
+        _show(col[3], np.where(true.any(0)[..., None], _segmentation(true, true_colors), 1.0))
+        for k in range(K):
+            _show(col[4 + k], a["masks"][t, k], border=colors[k], cmap="gray", vmin=0, vmax=1)
+    for r, label in enumerate(labels):
+        axes[r, 0].set_ylabel(label, fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, png)
 

@@ -3,6 +3,9 @@
     system = Iodine(make_config("tetrominoes"))
     loss = system.loss(x)            # sum_t w_t L_t, differentiable (Pyro TraceMeanField_ELBO)
     steps = system.infer(x)          # per refinement step: posterior, masks, reconstruction, KL
+
+Sequences x [B, F, C, H, W] take the same calls: one refinement step per frame (the first
+len(weights) frames), each step scoring its frame and predicting the next (appendix A.1).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import torch.nn as nn
 from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from .config import Config
+from .config import Config, frame_weights
 from .guides.iodine import IterativeGuide, Step
-from .models.iodine import IodineModel, step_weights
+from .models.iodine import IodineModel, frame, step_weights
 
 
 class StepResult(NamedTuple):
@@ -49,21 +52,38 @@ class Iodine(nn.Module):
             from .guides.amortized import AmortizedGuide
             self.guide = AmortizedGuide(self.model, cfg)
         self.elbo = TraceMeanField_ELBO()
+        self.model.recompute = cfg.guide.recompute
 
-    def weights(self, num_iters: int | None = None) -> list[float]:
-        """The per-decoder-pass loss weights for `num_iters` refinement iterations (default T)."""
+    def weights(self, num_iters: int | None = None, sequence: bool = False) -> list[float]:
+        """The per-decoder-pass loss weights for `num_iters` refinement iterations (default T);
+        for a `sequence`, `num_iters` counts frames, one decoder pass each (`frame_weights`)."""
         g = self.cfg.guide
+        if sequence:
+            return frame_weights(g.loss_weights, num_iters or g.num_iters)
         return step_weights(g.kind, g.loss_weights, num_iters or g.num_iters)
 
+    def clip(self, x: torch.Tensor, num_iters: int | None = None) -> tuple[torch.Tensor, list[float]]:
+        """(x, weights) for images; for sequences the first frames, one per weight."""
+        if x.dim() != 5:
+            return x, self.weights(num_iters)
+        if self.cfg.guide.kind != "iterative":
+            raise ValueError("sequences need the iterative guide (one refinement step per frame)")
+        weights = self.weights(num_iters, sequence=True)
+        if x.shape[1] < len(weights):
+            raise ValueError(f"{len(weights)} frames needed ({self.cfg.guide.loss_weights} weights for "
+                             f"{num_iters or self.cfg.guide.num_iters} steps), the sequences have "
+                             f"{x.shape[1]}; pass fewer --num-iters")
+        return x[:, :len(weights)], weights
+
     def check_images(self, x: torch.Tensor) -> None:
-        """Raise ValueError (one line) unless x is a finite [B, C, H, W] batch in [0, 1]
-        of the configured channels and size."""
+        """Raise ValueError (one line) unless x is a finite [B, C, H, W] batch (or a batch of
+        sequences [B, F, C, H, W]) in [0, 1] of the configured channels and size."""
         m = self.cfg.model
         want = (m.image_channels, *m.image_size)
-        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+        if not torch.is_tensor(x) or x.dim() not in (4, 5) or tuple(x.shape[-3:]) != want:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"expected images of shape [B, {want[0]}, {want[1]}, {want[2]}] for "
-                             f"{self.cfg.dataset}, got {shape}")
+            raise ValueError(f"expected images of shape [B, {want[0]}, {want[1]}, {want[2]}] (or sequences "
+                             f"[B, F, {want[0]}, {want[1]}, {want[2]}]) for {self.cfg.dataset}, got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
         if not bool(torch.isfinite(x).all()):
@@ -78,7 +98,8 @@ class Iodine(nn.Module):
         `check=False` skips `check_images` (its value checks wait for the device)."""
         if check:
             self.check_images(x)
-        return self.elbo.differentiable_loss(self.model.model, self.guide, x, self.weights(num_iters))
+        x, weights = self.clip(x, num_iters)
+        return self.elbo.differentiable_loss(self.model.model, self.guide, x, weights)
 
     def forward(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True) -> torch.Tensor:
         """The loss, so that the system can be wrapped in `DistributedDataParallel`."""
@@ -103,14 +124,17 @@ class Iodine(nn.Module):
         """Run the guide on images `x` [B, C, H, W] and summarise every refinement step.
 
         `num_iters` may exceed the trained T and `num_slots` differ from the trained K.
+        On sequences [B, F, C, H, W] step t is frame t and is summarised against it.
         The guide keeps no activations of earlier steps.
         """
         self.check_images(x)
-        steps: list[Step] = self.guide(x, self.weights(num_iters), num_slots=num_slots)
+        x, weights = self.clip(x, num_iters)
+        steps: list[Step] = self.guide(x, weights, num_slots=num_slots)
         self.model.forget()
-        return [self.summarize(x, s) for s in steps]
+        return [self.summarize(frame(x, t), s) for t, s in enumerate(steps)]
 
     def summarize(self, x: torch.Tensor, step: Step) -> StepResult:
+        """The results of one step against the image x [B, C, H, W] it was scored on."""
         d = step.decoded
         terms = self.model.terms(x, d)
         masks = terms.log_masks.exp()                                   # [B, K, H, W]

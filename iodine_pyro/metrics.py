@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ari", "summarize", "mse"]
+__all__ = ["ari", "summarize", "mse", "slot_stability"]
 
 
 def _num_dropped_groups(foreground_only: bool | int, n_groups: int) -> int:
@@ -159,3 +159,39 @@ def mse(image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         )
     diff = image.to(torch.float64) - recon.to(torch.float64)  # diff: [B, C, H, W]
     return diff.pow(2).mean(dim=(1, 2, 3))
+
+
+def slot_stability(true_masks: torch.Tensor, pred_masks: torch.Tensor, background: int = 1) -> torch.Tensor:
+    """How often each ground-truth object stays in the same slot over the frames of a sequence.
+
+    In every frame an object (a true group from index `background` on) is assigned the slot
+    that holds most of its pixels (pixels go to their argmax slot, as in :func:`ari`; ties
+    to the first slot). An object's stability is the fraction of the frames it is visible
+    in (at least one pixel) in which it is assigned its most frequent slot: 1 when it never
+    changes slot. Per sequence: the mean over objects visible in at least 2 frames.
+
+    Args:
+        true_masks: [B, F, G, H, W] 0/1 ground-truth masks; group identity is kept over frames.
+        pred_masks: [B, F, K, H, W] predicted masks (probabilities or one-hot).
+        background: leading groups that are not objects (Objects Room: 4).
+    Returns:
+        float64 [B]; NaN for a sequence with no object visible in 2 frames.
+    """
+    if true_masks.dim() != 5 or pred_masks.dim() != 5 or true_masks.shape[:2] != pred_masks.shape[:2]:
+        raise ValueError(f"slot_stability expects [B, F, G, H, W] and [B, F, K, H, W] masks, got shapes "
+                         f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}")
+    K = pred_masks.shape[2]
+    true = true_masks[:, :, background:].flatten(3).to(torch.float64)      # [B, F, G', N]
+    pred = pred_masks.flatten(3)                                            # [B, F, K, N]
+    pred = pred if pred.is_floating_point() else pred.to(torch.float64)
+    pred_oh = F.one_hot(pred.argmax(dim=2), K).to(torch.float64)           # [B, F, N, K]
+    overlap = true @ pred_oh                                                # [B, F, G', K] pixels
+    visible = overlap.sum(-1) > 0                                           # [B, F, G']
+    slot = F.one_hot(overlap.argmax(-1), K) * visible.unsqueeze(-1)         # [B, F, G', K]
+    per_slot = slot.sum(1)                                                  # [B, G', K] frames
+    frames = visible.sum(1)                                                 # [B, G']
+    tracked = frames >= 2                                                   # [B, G']
+    stability = per_slot.max(-1).values / frames.clamp(min=1)               # [B, G']
+    total = torch.where(tracked, stability, torch.zeros_like(stability)).sum(1)  # [B]
+    count = tracked.sum(1)                                                  # [B]
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))

@@ -38,6 +38,7 @@ from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, load_checkpoint, 
 from .config import Config, make_config
 from .data import Batches, DatasetError, open_dataset
 from .iodine import Iodine
+from .models.iodine import frame
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,16 @@ def train_step(system: Iodine, optimizer: torch.optim.Optimizer, x: torch.Tensor
 
 @torch.no_grad()
 def batch_metrics(system: Iodine, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """MSE, KL, NLL and (FG-)ARI of the final refinement step on one batch."""
-    last = system.infer(batch["image"])[-1]
-    out = {"mse": metrics.summarize(metrics.mse(batch["image"], last.recon)),
+    """MSE, KL, NLL and (FG-)ARI of the final refinement step on one batch (of sequences:
+    on the frame of the final step)."""
+    steps = system.infer(batch["image"])
+    last, t = steps[-1], len(steps) - 1
+    out = {"mse": metrics.summarize(metrics.mse(frame(batch["image"], t), last.recon)),
            "kl": float(last.kl.mean()), "nll": float(last.nll.mean())}
     if "mask" in batch:
-        out["fg_ari"] = metrics.summarize(metrics.ari(batch["mask"], last.masks, foreground_only=True))
-        out["ari"] = metrics.summarize(metrics.ari(batch["mask"], last.masks))
+        mask = frame(batch["mask"], t)
+        out["fg_ari"] = metrics.summarize(metrics.ari(mask, last.masks, foreground_only=True))
+        out["ari"] = metrics.summarize(metrics.ari(mask, last.masks))
     return out
 
 

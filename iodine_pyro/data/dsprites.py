@@ -46,6 +46,10 @@ values; 0 for the background and absent sprites), ``orientation`` (radians), ``s
 ``color`` [E, C] in [0, 1] (the background's colour in group 0; exactly the stored pixel
 value / 255), and ``visibility`` (1 for the background and every drawn sprite, 0 for absent
 ones; a sprite that later sprites hide completely keeps visibility 1 and an empty mask).
+
+Moving sprites (:func:`make_sequence_chunk`, dataset ``multi_dsprites_sequences``): 16-frame
+sequences of ``colored_on_grayscale`` scenes whose sprites each move at a random constant
+velocity, for sequential IODINE (the paper's appendix A.1).
 """
 
 from __future__ import annotations
@@ -67,9 +71,12 @@ __all__ = [
     "inside_shape",
     "sprite_mask",
     "make_chunk",
+    "NUM_FRAMES",
+    "make_sequence_chunk",
 ]
 
 IMAGE_SIZE = 64
+NUM_FRAMES = 16  # frames of a moving-sprites sequence (as Objects Room's camera flights)
 SCALES = np.linspace(0.5, 1.0, 6)  # [6]
 ORIENTATIONS = np.linspace(0.0, 2 * np.pi, 40, endpoint=False)  # [40]
 POSITIONS = np.linspace(0.0, 1.0, 32)  # [32]
@@ -178,6 +185,27 @@ def _colors(variant: Variant, u_sprite: np.ndarray, u_background: np.ndarray) ->
     return _to_uint8(sprite), _to_uint8(background)
 
 
+def _draw(shape, scale, orientation, x, y, present) -> np.ndarray:
+    """Label maps [n, 64, 64] (0 background, s + 1 sprite s) of sprites [n, S] drawn in order,
+    later ones on top; x, y are positions in [0, 1]."""
+    n, S = shape.shape
+    cx, cy = _centre(x), _centre(y)  # [n, S] pixel coordinates (column, row)
+    offsets = np.arange(_WINDOW) - _WINDOW // 2  # [29]
+    top = np.floor(cy).astype(np.int64)[..., None] + offsets  # [n, S, 29] window rows
+    left = np.floor(cx).astype(np.int64)[..., None] + offsets  # [n, S, 29] window columns
+    covered = _inside(shape[..., None, None], scale[..., None, None], orientation[..., None, None],
+                      cx[..., None, None], cy[..., None, None],
+                      top[..., :, None].astype(np.float64), left[..., None, :].astype(np.float64))  # [n, S, 29, 29]
+    covered &= present[..., None, None]
+    labels = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)  # [n, 64, 64] 0 = background
+    images = np.arange(n)[:, None, None]  # [n, 1, 1]
+    for s in range(S):  # each sprite inside a window around its centre, in drawing order
+        rows, cols = top[:, s, :, None], left[:, s, None, :]  # [n, 29, 1], [n, 1, 29]
+        window = labels[images, rows, cols]  # [n, 29, 29]
+        labels[images, rows, cols] = np.where(covered[:, s], s + 1, window)
+    return labels
+
+
 def make_chunk(rng: np.random.Generator, n: int, variant: str = "colored_on_grayscale") -> dict[str, np.ndarray]:
     """Generate ``n`` Multi-dSprites images of a variant with masks and factors.
 
@@ -201,21 +229,8 @@ def make_chunk(rng: np.random.Generator, n: int, variant: str = "colored_on_gray
     sprite_rgb, background_rgb = _colors(spec, per[:, :, 5:8], u[:, -3:])  # [n, S, C], [n, C]
     present = np.arange(S)[None, :] < count[:, None]  # [n, S]
 
-    # Draw each sprite inside a window around its centre, in drawing order.
-    cx, cy = _centre(x), _centre(y)  # [n, S] pixel coordinates (column, row)
-    offsets = np.arange(_WINDOW) - _WINDOW // 2  # [29]
-    top = np.floor(cy).astype(np.int64)[..., None] + offsets  # [n, S, 29] window rows
-    left = np.floor(cx).astype(np.int64)[..., None] + offsets  # [n, S, 29] window columns
-    covered = _inside(shape[..., None, None], scale[..., None, None], orientation[..., None, None],
-                      cx[..., None, None], cy[..., None, None],
-                      top[..., :, None].astype(np.float64), left[..., None, :].astype(np.float64))  # [n, S, 29, 29]
-    covered &= present[..., None, None]
-    labels = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)  # [n, 64, 64] 0 = background
+    labels = _draw(shape, scale, orientation, x, y, present)  # [n, 64, 64]
     images = np.arange(n)[:, None, None]  # [n, 1, 1]
-    for s in range(S):
-        rows, cols = top[:, s, :, None], left[:, s, None, :]  # [n, 29, 1], [n, 1, 29]
-        window = labels[images, rows, cols]  # [n, 29, 29]
-        labels[images, rows, cols] = np.where(covered[:, s], s + 1, window)
 
     palette = np.concatenate([background_rgb[:, None], sprite_rgb], axis=1)  # [n, E, C] uint8
     palette[:, 1:][~present] = 0
@@ -241,3 +256,73 @@ def make_chunk(rng: np.random.Generator, n: int, variant: str = "colored_on_gray
         "visibility": per_group(np.ones((n, S)), background=1.0),  # [n, E]
     }
 
+
+
+def make_sequence_chunk(rng: np.random.Generator, n: int, frames: int = NUM_FRAMES,
+                        variant: str = "colored_on_grayscale") -> dict[str, np.ndarray]:
+    """Moving sprites: ``n`` sequences of ``frames`` frames in which every sprite moves at
+    its own constant velocity (the sequence counterpart of Multi-dSprites).
+
+    A sequence draws its sprites as :func:`make_chunk` draws an image (number, shape,
+    scale, orientation, colours), except for positions: each sprite gets a start and an end
+    position, uniform in [0, 1]^2 (not on the dSprites grid), and moves by the constant
+    velocity v = (end - start) / (frames - 1) per frame, position start + f v in frame f, so
+    it never leaves the image. Sprites keep their drawing order (later ones occlude earlier
+    ones) and their mask group (s + 1 for sprite s) in every frame: the identity a tracker
+    has to keep.
+
+    Returns numpy arrays: ``image`` [n, F, 64, 64, C] uint8, ``mask`` [n, F, E, 64, 64]
+    uint8 0/1, ``x``, ``y`` (position in frame 0), ``velocity_x``, ``velocity_y`` (per
+    frame), ``shape``, ``orientation``, ``scale``, ``visibility`` [n, E] float32, ``color``
+    [n, E, C] float32 and ``frame_visibility`` [n, E, F] float32 (1 where the group has a
+    pixel in that frame).
+    """
+    if frames < 2:
+        raise ValueError(f"a sequence needs at least 2 frames, got {frames}")
+    spec = VARIANTS[variant]
+    S, E, F = spec.max_sprites, spec.num_groups, frames
+    u = rng.random((n, 1 + 10 * S + 3))  # [n, D] every random number of each sequence
+    count = spec.min_sprites + _pick(u[:, 0], spec.max_sprites - spec.min_sprites + 1)  # [n]
+    per = u[:, 1 : 1 + 10 * S].reshape(n, S, 10)  # [n, S, 10]
+    shape = 1 + _pick(per[:, :, 0], 3)  # [n, S] dSprites id
+    scale = SCALES[_pick(per[:, :, 1], len(SCALES))]  # [n, S]
+    orientation = ORIENTATIONS[_pick(per[:, :, 2], len(ORIENTATIONS))]  # [n, S]
+    start, end = per[:, :, 3:5], per[:, :, 5:7]  # [n, S, 2] (x, y) in [0, 1]
+    velocity = (end - start) / (F - 1)  # [n, S, 2] per frame
+    sprite_rgb, background_rgb = _colors(spec, per[:, :, 7:10], u[:, -3:])  # [n, S, C], [n, C]
+    present = np.arange(S)[None, :] < count[:, None]  # [n, S]
+
+    pos = start[:, None] + np.arange(F)[None, :, None, None] * velocity[:, None]  # [n, F, S, 2]
+
+    def every_frame(a: np.ndarray) -> np.ndarray:  # [n, S] -> [n * F, S]
+        return np.repeat(a[:, None], F, axis=1).reshape(n * F, S)
+
+    labels = _draw(every_frame(shape), every_frame(scale), every_frame(orientation),
+                   pos[..., 0].reshape(n * F, S), pos[..., 1].reshape(n * F, S),
+                   every_frame(present)).reshape(n, F, IMAGE_SIZE, IMAGE_SIZE)  # [n, F, 64, 64]
+    palette = np.concatenate([background_rgb[:, None], sprite_rgb], axis=1)  # [n, E, C] uint8
+    palette[:, 1:][~present] = 0
+    image = palette[np.arange(n)[:, None, None, None], labels]  # [n, F, 64, 64, C] uint8
+    groups = np.arange(E, dtype=np.uint8)[None, None, :, None, None]  # [1, 1, E, 1, 1]
+    mask = (labels[:, :, None] == groups).astype(np.uint8)  # [n, F, E, 64, 64]
+
+    def per_group(values: np.ndarray, background: float = 0.0) -> np.ndarray:
+        out = np.zeros((n, E), dtype=np.float32)
+        out[:, 0] = background
+        out[:, 1:] = np.where(present, values, 0)
+        return out
+
+    return {
+        "image": image,
+        "mask": mask,
+        "x": per_group(start[..., 0]),  # [n, E]
+        "y": per_group(start[..., 1]),  # [n, E]
+        "velocity_x": per_group(velocity[..., 0]),  # [n, E]
+        "velocity_y": per_group(velocity[..., 1]),  # [n, E]
+        "shape": per_group(shape),  # [n, E]
+        "orientation": per_group(orientation),  # [n, E]
+        "scale": per_group(scale),  # [n, E]
+        "color": palette.astype(np.float32) / 255.0,  # [n, E, C]
+        "visibility": per_group(np.ones((n, S)), background=1.0),  # [n, E]
+        "frame_visibility": mask.any(axis=(3, 4)).transpose(0, 2, 1).astype(np.float32),  # [n, E, F]
+    }

@@ -73,7 +73,8 @@ ZSTD_LEVEL = 9
 IMAGE_DIMS = ("image", "height", "width", "channel")
 Arrays = dict[str, np.ndarray]
 MASK_DIMS = ("image", "group", "height", "width")
-# Sequence datasets (objects_room_sequences) insert a "frame" dim after "image".
+# Sequence datasets (objects_room_sequences, multi_dsprites_sequences) insert a "frame" dim
+# after "image".
 SEQUENCE_IMAGE_DIMS = ("image", "frame", "height", "width", "channel")
 SEQUENCE_MASK_DIMS = ("image", "frame", "group", "height", "width")
 
@@ -147,6 +148,14 @@ GENERATORS: dict[str, GeneratorSpec] = {
         make_chunk=objects_room.make_chunk,
         description="iodine_pyro.data.objects_room: a cubic room (sky, floor, two wall halves) "
         "with 3 objects, 1-3 in view, 64x64, rendered with MuJoCo",
+    ),
+    "multi_dsprites_sequences": GeneratorSpec(
+        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 3),
+        num_groups=dsprites.VARIANTS["colored_on_grayscale"].num_groups,
+        make_chunk=dsprites.make_sequence_chunk,
+        description="iodine_pyro.data.dsprites: 16-frame sequences of 2-5 saturated dSprites on grey, "
+        "each moving at its own constant velocity, 64x64",
+        factor_dims={"color": ("rgb",), "frame_visibility": ("frame",)},
     ),
     "objects_room_sequences": GeneratorSpec(
         image_shape=(objects_room.IMAGE_SIZE, objects_room.IMAGE_SIZE, 3),
@@ -451,12 +460,10 @@ def open_dataset(path: str | Path) -> xr.Dataset:
 def _read(ds: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
     """Images and masks [start, stop) as numpy; read errors become DatasetError."""
     source = ds.encoding.get("source", "dataset")
-    if "frame" in ds["image"].dims:
-        raise DatasetError(f"{source} holds sequences (a frame dim); batches of sequences are not supported yet")
     try:
         arrays = {
-            "image": ds["image"][start:stop].values,  # [n, H, W, C] uint8
-            "mask": ds["mask"][start:stop].values,  # [n, G, H, W] uint8
+            "image": ds["image"][start:stop].values,  # [n, H, W, C] (sequences [n, F, H, W, C]) uint8
+            "mask": ds["mask"][start:stop].values,  # [n, G, H, W] (sequences [n, F, G, H, W]) uint8
         }
     except Exception as err:  # codec or OS errors of a damaged store
         raise DatasetError(f"cannot read images {start}:{stop} of {source}: {_first_line(err)}") from err
@@ -466,7 +473,9 @@ def _read(ds: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
 
 def _check_masks(mask: np.ndarray, start: int, source: str) -> None:
     """Masks are one-hot: 0/1 values, at most one group per pixel (none: not scored)."""
-    bad = (mask > 1).any(axis=(1, 2, 3)) | (mask.sum(1, dtype=np.int64) > 1).any(axis=(1, 2))  # [n]
+    group = mask.ndim - 3  # the group axis: 1, or 2 for sequences [n, F, G, H, W]
+    bad = (mask > 1).reshape(len(mask), -1).any(1) | \
+        (mask.sum(group, dtype=np.int64) > 1).reshape(len(mask), -1).any(1)  # [n]
     if bad.any():
         i = start + int(np.flatnonzero(bad)[0])
         raise DatasetError(f"{source}: the masks of image {i} are not one-hot (values must be 0/1 "
@@ -474,16 +483,17 @@ def _check_masks(mask: np.ndarray, start: int, source: str) -> None:
 
 
 def _to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    image = torch.from_numpy(arrays["image"]).permute(0, 3, 1, 2)  # [B, C, H, W] uint8
+    image = torch.from_numpy(arrays["image"]).movedim(-1, -3)  # [B, (F,) C, H, W] uint8
     return {
-        "image": image.float().div_(255.0).contiguous(),  # [B, C, H, W] float32 in [0, 1]
-        "mask": torch.from_numpy(arrays["mask"]).float(),  # [B, G, H, W] float32 0/1
+        "image": image.float().div_(255.0).contiguous(),  # [B, (F,) C, H, W] float32 in [0, 1]
+        "mask": torch.from_numpy(arrays["mask"]).float(),  # [B, (F,) G, H, W] float32 0/1
     }
 
 
 def load_images(ds: xr.Dataset, start: int, stop: int) -> dict[str, torch.Tensor]:
     """Images ``start:stop`` as a batch dict: ``image`` [B, C, H, W] float32 in [0, 1],
-    ``mask`` [B, G, H, W] float32 0/1 (for evaluation)."""
+    ``mask`` [B, G, H, W] float32 0/1 (for evaluation). Sequences keep their frame axis:
+    ``image`` [B, F, C, H, W], ``mask`` [B, F, G, H, W]."""
     n = ds.sizes["image"]
     if not 0 <= start < stop <= n:
         raise ValueError(f"image range {start}:{stop} is outside 0:{n}")
@@ -510,7 +520,7 @@ class Batches:
     that a resumed stream needs to continue exactly where the original left off.
 
     Each batch is a dict: ``image`` [B, C, H, W] float32 in [0, 1], ``mask`` [B, G, H, W]
-    float32 0/1.
+    float32 0/1 (sequences: [B, F, C, H, W] and [B, F, G, H, W]).
 
     Args:
         ds: a dataset from :func:`open_dataset` (or a path to one).

@@ -14,6 +14,13 @@ At inference (grad disabled by the caller, as in `Predictive` or evaluation) eac
 starts from a detached lambda and LSTM state, so no activations of earlier steps are kept,
 and the refinement network runs without autograd: only the gradients the refinement
 inputs need are computed.
+
+Sequences (appendix A.1): given frames x [B, F, C, H, W], step t reads frame t (its image
+input and the gradient of frame t's ELBO); lambda and the LSTM state carry over, so the
+refinement network is what tracks the objects from frame to frame.
+
+With ``guide.recompute`` each training step's networks run under `recompute`: their
+activations are recomputed in the backward pass instead of stored (appendix A.2).
 """
 
 from __future__ import annotations
@@ -21,14 +28,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import pyro
+import pyro.distributions as dist
 import torch
 import torch.nn as nn
 from pyro.contrib.autoname import scope
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import kl_divergence
+from torch.distributions.utils import _standard_normal
 
 from ..config import LAYER_NORMED, SPATIAL_INPUTS, Config
 from ..models.decoders import coordinate_grid, cosine_grid
-from ..models.iodine import Decoded, IodineModel, autocast, step_scale, step_weights
+from ..models.iodine import Decoded, IodineModel, autocast, frame, step_scale, step_weights
+from .recompute import recompute
 from .refinement import InputNorm, RefinementNetwork, posterior_scale
 
 
@@ -38,6 +48,27 @@ class Step(NamedTuple):
     lam: torch.Tensor          # [B, K, 2 n_z]
     z: torch.Tensor            # [B, K, n_z]
     decoded: Decoded           # means [B, K, C, H, W], mask_logits [B, K, H, W]
+
+
+class NoisyNormal(dist.Normal):
+    """The posterior site's Normal; its reparameterised sample keeps its standard-normal draw.
+
+    ``rsample`` is torch's (z = loc + noise * scale, the same random stream), and stores
+    ``noise``: a recomputed step rebuilds exactly this z from lambda. `expand` to the same
+    shape (what the ``images`` plate asks) returns the instance itself, which keeps it.
+    """
+
+    noise: torch.Tensor | None = None
+
+    def expand(self, batch_shape, _instance=None):
+        if torch.Size(batch_shape) == self.batch_shape:
+            return self
+        return super().expand(batch_shape, _instance)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        self.noise = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + self.noise * self.scale
 
 
 def input_channels(name: str, image_channels: int) -> int:
@@ -85,13 +116,15 @@ class IterativeGuide(nn.Module):
             mlp=g.mlp, lstm=g.lstm)
         self.default_weights = step_weights("iterative", g.loss_weights, g.num_iters)
 
-    def posterior(self, lam: torch.Tensor) -> Normal:
+    def posterior(self, lam: torch.Tensor) -> NoisyNormal:
         """q(z | lambda) with batch shape [B, K, n_z]."""
         loc, s = lam.split(self.n_z, -1)                        # [B, K, n_z] each
-        return Normal(loc, posterior_scale(s, self.cfg.posterior_scale))
+        return NoisyNormal(loc, posterior_scale(s, self.cfg.posterior_scale))
 
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
                 batch_size: int | None = None, num_slots: int | None = None) -> list[Step]:
+        """Run the T steps on images x [B, C, H, W], or on sequences x [B, F, C, H, W] with
+        step t reading frame t (the LSTM state carries over the frames)."""
         pyro.module("guide", self)
         model, training = self.model, torch.is_grad_enabled()
         weights = weights or self.default_weights
@@ -101,18 +134,14 @@ class IterativeGuide(nn.Module):
         state, steps = None, []
         with pyro.plate("images", B):
             for t, w in enumerate(weights):
+                last = t == len(weights) - 1
                 with torch.enable_grad():
                     if not training:                            # keep no earlier activations
                         lam = lam.detach().requires_grad_()
                     q = self.posterior(lam)
                     with scope(prefix=f"t{t}"), step_scale(w, B):
-                        z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
-                    decoded = model.decode(z)                   # [B, K, C, H, W], [B, K, H, W]
-                    last = t == len(weights) - 1
-                    if not last:
-                        spatial, vector = self.refinement_inputs(x, lam, q, decoded, training)
-                        with torch.set_grad_enabled(training):          # no graph at inference
-                            delta, state = self.refine(spatial, vector, state)  # [B*K, 2 n_z]
+                        z = pyro.sample("z", q.to_event(2))     # [B, K, n_z]
+                    decoded, delta, state = self.step(frame(x, t), lam, z, q.noise, state, last, training)
                 if not training:
                     decoded = Decoded(decoded.means.detach(), decoded.mask_logits.detach())
                     state = tuple(s.detach() for s in state) if state is not None else None
@@ -122,6 +151,47 @@ class IterativeGuide(nn.Module):
                 if not last:
                     lam = lam + delta.view(B, K, -1)            # [B, K, 2 n_z]
         return steps
+
+    def step(self, x: torch.Tensor, lam: torch.Tensor, z: torch.Tensor, noise: torch.Tensor | None,
+             state, last: bool, training: bool):
+        """One step's networks: decode z and, unless `last`, compute lambda's update.
+
+        Args:
+            x: [B, C, H, W] the image (or frame) this step reads.
+            lam: [B, K, 2 n_z]; z: [B, K, n_z] its sample; noise: the standard-normal draw
+                with z = loc + noise * scale (None when z was given, not drawn).
+            state: the refinement network's LSTM state, or None.
+        Returns:
+            (Decoded, delta [B*K, 2 n_z] or None, state)
+        With ``recompute`` (training only) the networks' activations are not kept: they run
+        again in the backward pass, from lambda and the noise (`recompute`).
+        """
+        if not (training and self.cfg.recompute and noise is not None):
+            return self.networks(x, lam, z, state, last, training)
+        has_state = state is not None
+
+        def rerun(x, lam, noise, *state):
+            q = self.posterior(lam)
+            z = q.loc + noise * q.scale                         # bit for bit the sampled z
+            decoded, delta, state = self.networks(x, lam, z, state if has_state else None, last, True)
+            return (*decoded, *(() if last else (delta, *(state or ()))))
+
+        params = [*self.model.decoder.parameters(), *self.net.parameters(), *self.norms.parameters()]
+        out = recompute(rerun, (x, lam, noise, *(state or ())), params)
+        decoded = Decoded(*out[:2])                             # [B, K, C, H, W], [B, K, H, W]
+        if last:
+            return decoded, None, state
+        return decoded, out[2], (tuple(out[3:]) or None)
+
+    def networks(self, x, lam, z, state, last: bool, keep_graph: bool):
+        """decoder(z), then (unless `last`) f_phi on the stop-gradient refinement inputs."""
+        decoded = self.model.decode(z)                          # [B, K, C, H, W], [B, K, H, W]
+        if last:
+            return decoded, None, state
+        spatial, vector = self.refinement_inputs(x, lam, self.posterior(lam), decoded, keep_graph)
+        with torch.set_grad_enabled(keep_graph):                # no graph at inference
+            delta, state = self.refine(spatial, vector, state)  # [B*K, 2 n_z]
+        return decoded, delta, state
 
     def refine(self, spatial: torch.Tensor, vector: torch.Tensor, state):
         """f_phi; under autocast when `amp_dtype` is set, with its outputs back in float32."""
@@ -134,7 +204,7 @@ class IterativeGuide(nn.Module):
         return delta.to(spatial.dtype), state
 
     # -- refinement inputs ---------------------------------------------------------------
-    def refinement_inputs(self, x: torch.Tensor, lam: torch.Tensor, q: Normal, decoded: Decoded,
+    def refinement_inputs(self, x: torch.Tensor, lam: torch.Tensor, q: torch.distributions.Normal, decoded: Decoded,
                           keep_graph: bool, terms=None) -> tuple[torch.Tensor, torch.Tensor]:
         """All inputs of f_phi, stop-gradient: ([B*K, C_in, H, W], [B*K, V]).
 

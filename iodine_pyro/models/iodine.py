@@ -12,9 +12,17 @@ Training scores T copies of this one-step model, one per refinement step t, unde
 the same way, Pyro's stock ``Trace_ELBO`` / ``TraceMeanField_ELBO`` give exactly
 sum_t w_t L_t, with L_t the per-image mean negative ELBO of step t.
 
+Sequences (appendix A.1) use the same one-step model with one frame per step: given
+frames x [B, F, C, H, W], step t scores frame t (site ``t{t}/x``) and, as next-step
+prediction, frame t+1 under the same decoding (site ``t{t}/x_next``, for t < F-1):
+
+    z_bt ~ N(0, prior_var I);  x_bt ~ p(x | z_bt);  x_b,t+1 ~ p(x | z_bt)
+
 The guide decodes each of its samples to build its refinement inputs; it hands the
 decoder output to the model with `remember`, and `decode` returns it for that very
-sample tensor, so a training step runs the decoder once per z, not twice.
+sample tensor, so a training step runs the decoder once per z, not twice, in the forward
+pass. (With ``guide.recompute`` the backward pass runs it once more per z, deliberately:
+see `iodine_pyro.guides.recompute`.)
 """
 
 from __future__ import annotations
@@ -46,6 +54,13 @@ def step_scale(weight: float, batch_size: int):
     return poutine.scale(scale=weight / batch_size)
 
 
+def frame(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
+    """The image that step t sees: x itself for images [B, ...], frame t of sequences [B, F, ...].
+
+    Images are [B, C, H, W] (masks [B, G, H, W]); sequences [B, F, C, H, W] ([B, F, G, H, W])."""
+    return x[:, t] if x is not None and x.dim() == 5 else x
+
+
 def step_weights(guide_kind: str, loss_kind: str, num_iters: int) -> list[float]:
     """The loss weight of every decoder pass of a guide (one pass for the amortized guide)."""
     return [1.0] if guide_kind == "amortized" else loss_weights(loss_kind, num_iters)
@@ -59,6 +74,7 @@ class IodineModel(nn.Module):
     """
 
     amp_dtype: torch.dtype | None = None   # autocast dtype of the decoder (Iodine.use_fast_paths)
+    recompute: bool = False                # recompute the likelihood in the backward pass (guide.recompute)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -103,8 +119,9 @@ class IodineModel(nn.Module):
     def forget(self) -> None:
         self._memo.clear()
 
-    def likelihood(self, decoded: Decoded) -> PixelMixture:
-        return PixelMixture(decoded.means, decoded.mask_logits, self.cfg.pixel, self.cfg.pixel_scale)
+    def likelihood(self, decoded: Decoded, recompute: bool = False) -> PixelMixture:
+        return PixelMixture(decoded.means, decoded.mask_logits, self.cfg.pixel, self.cfg.pixel_scale,
+                            recompute=recompute)
 
     def terms(self, x: torch.Tensor, decoded: Decoded):
         """The per-pixel mixture terms the likelihood is made of (see `mixture_terms`)."""
@@ -116,7 +133,8 @@ class IodineModel(nn.Module):
         """Pyro model: one copy of the generative model per weight (one per refinement step).
 
         Args:
-            x: [B, C, H, W] observed images in [0, 1], or None to sample images.
+            x: [B, C, H, W] observed images in [0, 1], or [B, F, C, H, W] sequences (step t
+                scores frame t and predicts frame t+1), or None to sample images.
             weights: loss weight per step (default: one step of weight 1).
             batch_size: number of images when `x` is None.
             num_slots: K at test time (default: the configured K).
@@ -126,13 +144,17 @@ class IodineModel(nn.Module):
         pyro.module("decoder", self.decoder)
         weights = weights or [1.0]
         B = x.shape[0] if x is not None else batch_size
+        num_frames = x.shape[1] if x is not None and x.dim() == 5 else 0
         outputs = []
         with pyro.plate("images", B):
             for t, w in enumerate(weights):
                 with scope(prefix=f"t{t}"), step_scale(w, B):
                     z = pyro.sample("z", self.prior(B, num_slots, like=x).to_event(2))  # [B, K, n_z]
                     decoded = self.decode(z)
-                    pyro.sample("x", self.likelihood(decoded), obs=x)                    # [B, C, H, W]
+                    pixels = self.likelihood(decoded, self.recompute)
+                    pyro.sample("x", pixels, obs=frame(x, t))                           # [B, C, H, W]
+                    if t + 1 < num_frames:                                          # next-step prediction
+                        pyro.sample("x_next", pixels, obs=x[:, t + 1])                  # [B, C, H, W]
                 outputs.append(decoded)
         return outputs
 

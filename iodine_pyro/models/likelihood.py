@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
+from torch.utils.checkpoint import checkpoint
 
 
 def component_log_prob(x: torch.Tensor, means: torch.Tensor, pixel: str, scale: float) -> torch.Tensor:
@@ -61,7 +62,10 @@ class PixelMixture(TorchDistribution):
 
     batch_shape = [B], event_shape = [C, H, W]. ``log_prob`` sums the per-pixel
     mixture log-likelihood of `mixture_terms` over pixels; ``sample`` draws a slot per
-    pixel from pi and then each channel from that slot's component.
+    pixel from pi and then each channel from that slot's component. With `recompute`,
+    ``log_prob`` keeps only its inputs for the backward pass and recomputes the mixture
+    terms there (``torch.utils.checkpoint``), so scoring T steps stores no [B, K, ...]
+    intermediates per step.
     """
 
     arg_constraints = {"means": constraints.real, "mask_logits": constraints.real}
@@ -69,11 +73,12 @@ class PixelMixture(TorchDistribution):
     has_rsample = False
 
     def __init__(self, means: torch.Tensor, mask_logits: torch.Tensor, pixel: str = "gaussian",
-                 scale: float = 0.1, validate_args=None):
+                 scale: float = 0.1, validate_args=None, recompute: bool = False):
         self.means = means                                     # [B, K, C, H, W]
         self.mask_logits = mask_logits                         # [B, K, H, W]
         self.pixel = pixel
         self.scale = float(scale)
+        self.recompute = recompute
         B, K, C, H, W = means.shape
         super().__init__(torch.Size([B]), torch.Size([C, H, W]), validate_args=validate_args)
 
@@ -86,10 +91,15 @@ class PixelMixture(TorchDistribution):
         B = batch_shape[0]
         return PixelMixture(self.means.expand(B, *self.means.shape[1:]),
                             self.mask_logits.expand(B, *self.mask_logits.shape[1:]),
-                            self.pixel, self.scale)
+                            self.pixel, self.scale, recompute=self.recompute)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        terms = mixture_terms(value, self.means, self.mask_logits, self.pixel, self.scale)
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._log_prob, value, self.means, self.mask_logits, use_reentrant=False)
+        return self._log_prob(value, self.means, self.mask_logits)
+
+    def _log_prob(self, value, means, mask_logits) -> torch.Tensor:
+        terms = mixture_terms(value, means, mask_logits, self.pixel, self.scale)
         return terms.log_px.sum((-2, -1))                      # [B]
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
