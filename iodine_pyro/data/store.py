@@ -32,6 +32,7 @@ import collections
 import functools
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -253,6 +254,15 @@ class _InProcess(Executor):
         return future
 
 
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes forked from a clean server process, not from this one: a fork of a
+    process that holds an OpenGL context (the Objects Room renderer), a Mitsuba variant or
+    torch's thread pools can deadlock in the child."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(workers, mp_context=context)
+
+
 def _ordered_results(executor: Executor, tasks: list[tuple], window: int) -> Iterator[dict[str, np.ndarray]]:
     """Run ``_generate_chunk`` over tasks in order, at most ``window`` chunks in flight."""
     pending: collections.deque[Future] = collections.deque()
@@ -313,7 +323,7 @@ def generate(
         "generator": spec.description,
         "num_images": int(num_images),
     }
-    executor: Executor = _InProcess() if workers == 1 else ProcessPoolExecutor(min(workers, num_chunks))
+    executor: Executor = _InProcess() if workers == 1 else _process_pool(min(workers, num_chunks))
     with executor, tqdm(total=num_images, disable=not progress, desc=f"generate {name}", unit="img") as bar:
         chunks = _ordered_results(executor, tasks, window=2 * workers)
         write_chunks(out, chunks, attrs, factor_dims=spec.factor_dims, chunk_size=chunk_size, bar=bar)
