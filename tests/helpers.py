@@ -23,6 +23,21 @@ def tiny_config(preset: str = "paper", dataset: str = "tetrominoes", **overrides
     return make_config(dataset, preset, base)
 
 
+# TINY_OVERRIDES as a --config file; [guide] comes last so that a test can append keys to it.
+TINY_TOML = """
+[train]
+batch_size = 4
+[model]
+latent_dim = 4
+decoder_channels = [8, 8]
+decoder_kernel = 3
+[guide]
+num_iters = 3
+conv_channels = [8, 8]
+conv_kernel = 3
+mlp = [16]
+"""
+
 TINY_OVERRIDES = {  # full 35x35 Tetrominoes images, narrow nets: a step takes milliseconds
     "model.latent_dim": 4, "model.decoder_channels": (8, 8), "model.decoder_kernel": 3,
     "guide.num_iters": 3, "guide.conv_channels": (8, 8), "guide.conv_kernel": 3, "guide.mlp": (16,),

@@ -18,8 +18,8 @@ from iodine_pyro.data import Batches, generate, open_dataset
 from iodine_pyro.iodine import Iodine
 from iodine_pyro.train import make_optimizer
 
-from .helpers import TINY_OVERRIDES
-from .test_robustness import TINY_TOML, assert_same_params
+from .helpers import TINY_OVERRIDES, TINY_TOML
+from .test_robustness import assert_same_params
 
 WORLD, STEPS, SEED = 2, 3, 0
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

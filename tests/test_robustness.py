@@ -17,22 +17,8 @@ from iodine_pyro.data import generate, open_dataset
 from iodine_pyro.iodine import Iodine
 from iodine_pyro.train import TrainingError, fit
 
-from .helpers import TINY_OVERRIDES
+from .helpers import TINY_OVERRIDES, TINY_TOML
 from .test_cli import assert_one_line_error, cli
-
-TINY_TOML = """
-[model]
-latent_dim = 4
-decoder_channels = [8, 8]
-decoder_kernel = 3
-[guide]
-num_iters = 3
-conv_channels = [8, 8]
-conv_kernel = 3
-mlp = [16]
-[train]
-batch_size = 4
-"""
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,10 @@ from iodine_pyro.data.dsprites import make_sequence_chunk, sprite_mask
 from iodine_pyro.iodine import Iodine
 from iodine_pyro.metrics import slot_stability
 
-from .helpers import tiny_config
+from .helpers import TINY_TOML, tiny_config
 from .test_model import hand_kl, hand_log_px
 
-TINY_TOML = """
-[model]
-latent_dim = 4
-decoder_channels = [8, 8]
-decoder_kernel = 3
-[guide]
-num_iters = 3
-conv_channels = [8, 8]
-conv_kernel = 3
-mlp = [16]
-lstm = 8
-"""
+SEQUENCE_TOML = TINY_TOML + "lstm = 8\n"
 
 
 def seq_config(preset="paper", **overrides):
@@ -268,7 +257,7 @@ def test_slot_stability():
 @pytest.fixture(scope="module")
 def sequence_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("seq")
-    (root / "tiny.toml").write_text(TINY_TOML)
+    (root / "tiny.toml").write_text(SEQUENCE_TOML)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     res = CliRunner().invoke(app, ["fit", "--dataset", "multi_dsprites_sequences", "--num-images", "8",
@@ -310,7 +299,7 @@ def test_plot_sequence(sequence_run, tmp_path, one_thread):
 
 
 def test_fit_objects_room_sequences_from_the_command_line(tmp_path, one_thread):
-    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    (tmp_path / "tiny.toml").write_text(SEQUENCE_TOML)
     res = CliRunner().invoke(app, ["fit", "--dataset", "objects_room_sequences", "--num-images", "2",
                                    "--batch-size", "2", "--steps", "1", "--num-iters", "2", "--no-recompute",
                                    "--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "run"),

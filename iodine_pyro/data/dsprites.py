@@ -172,6 +172,14 @@ def _pick(u: np.ndarray, k: int) -> np.ndarray:
     return np.minimum(np.floor(u * k).astype(np.int64), k - 1)
 
 
+def _shape_scale_orientation(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uniforms [n, S, 3] -> a sprite's dSprites shape id (1 to 3), scale and orientation [n, S]."""
+    shape = 1 + _pick(u[..., 0], 3)  # [n, S] dSprites id
+    scale = SCALES[_pick(u[..., 1], len(SCALES))]  # [n, S]
+    orientation = ORIENTATIONS[_pick(u[..., 2], len(ORIENTATIONS))]  # [n, S]
+    return shape, scale, orientation
+
+
 def _colors(variant: Variant, u_sprite: np.ndarray, u_background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 sprite colours [n, S, C] and background colours [n, C] from uniforms."""
     if variant.colors == "hue":
@@ -221,9 +229,7 @@ def make_chunk(rng: np.random.Generator, n: int, variant: str = "colored_on_gray
     u = rng.random((n, 1 + 8 * S + 3))  # [n, D] every random number of each image
     count = spec.min_sprites + _pick(u[:, 0], spec.max_sprites - spec.min_sprites + 1)  # [n]
     per = u[:, 1 : 1 + 8 * S].reshape(n, S, 8)  # [n, S, 8]
-    shape = 1 + _pick(per[:, :, 0], 3)  # [n, S] dSprites id
-    scale = SCALES[_pick(per[:, :, 1], len(SCALES))]  # [n, S]
-    orientation = ORIENTATIONS[_pick(per[:, :, 2], len(ORIENTATIONS))]  # [n, S]
+    shape, scale, orientation = _shape_scale_orientation(per[:, :, :3])  # [n, S] each
     x = POSITIONS[_pick(per[:, :, 3], len(POSITIONS))]  # [n, S]
     y = POSITIONS[_pick(per[:, :, 4], len(POSITIONS))]  # [n, S]
     sprite_rgb, background_rgb = _colors(spec, per[:, :, 5:8], u[:, -3:])  # [n, S, C], [n, C]
@@ -284,9 +290,7 @@ def make_sequence_chunk(rng: np.random.Generator, n: int, frames: int = NUM_FRAM
     u = rng.random((n, 1 + 10 * S + 3))  # [n, D] every random number of each sequence
     count = spec.min_sprites + _pick(u[:, 0], spec.max_sprites - spec.min_sprites + 1)  # [n]
     per = u[:, 1 : 1 + 10 * S].reshape(n, S, 10)  # [n, S, 10]
-    shape = 1 + _pick(per[:, :, 0], 3)  # [n, S] dSprites id
-    scale = SCALES[_pick(per[:, :, 1], len(SCALES))]  # [n, S]
-    orientation = ORIENTATIONS[_pick(per[:, :, 2], len(ORIENTATIONS))]  # [n, S]
+    shape, scale, orientation = _shape_scale_orientation(per[:, :, :3])  # [n, S] each
     start, end = per[:, :, 3:5], per[:, :, 5:7]  # [n, S, 2] (x, y) in [0, 1]
     velocity = (end - start) / (F - 1)  # [n, S, 2] per frame
     sprite_rgb, background_rgb = _colors(spec, per[:, :, 7:10], u[:, -3:])  # [n, S, C], [n, C]
