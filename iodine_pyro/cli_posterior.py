@@ -18,11 +18,12 @@ def _load_images(system, ckpt, data: Optional[Path], start: int, stop: int):
     """Images start:stop (clipped to the dataset) of `data` or the run's held-out set."""
     from .data import load_images, open_dataset
     from .evaluate import default_data
-    from .train import check_images
+    from .train import check_images, check_single_images
 
     where = str(data) if data else default_data(ckpt)
     ds = open_dataset(where)
     check_images(ds, system.cfg, where)
+    check_single_images(ds, where, "sample")
     n = ds.sizes["image"]
     if start >= n:
         raise ValueError(f"image {start} is outside {where}, which holds {n} images")

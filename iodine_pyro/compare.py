@@ -233,6 +233,7 @@ def load_images_for(run_dir: str | Path, data: str | Path | Mapping[str, torch.T
     from .checkpoint import load_checkpoint
     from .data import load_images, open_dataset
     from .evaluate import default_data
+    from .train import check_single_images
 
     if isinstance(data, Mapping):
         batch = {k: v for k, v in data.items() if k in ("image", "mask")}
@@ -241,6 +242,7 @@ def load_images_for(run_dir: str | Path, data: str | Path | Mapping[str, torch.T
     else:
         where = str(data) if data else default_data(load_checkpoint(Path(run_dir)))
         ds = open_dataset(where)
+        check_single_images(ds, where, "compare")
         n = min(num_images * merge, ds.sizes["image"])
         batch = load_images(ds, 0, n)
     if merge > 1:

@@ -64,7 +64,7 @@ from .data import DatasetError, load_images, open_dataset  # noqa: E402
 from .evaluate import default_data, load_run  # noqa: E402
 from .iodine import Iodine  # noqa: E402
 from .plotting import save_figure, slot_colors  # noqa: E402
-from .train import check_images  # noqa: E402
+from .train import check_images, check_single_images  # noqa: E402
 
 __all__ = [
     "FigureFiles", "decomposition", "sequence", "mask_logits", "traversal", "projection", "curves",
@@ -129,11 +129,17 @@ def _data_path(png: Path, suffix: str) -> Path:
     return png.with_suffix(suffix)
 
 
-def _open(run_dir: str | Path, data: str | Path | None, device: str) -> _Run:
+def _open(run_dir: str | Path, data: str | Path | None, device: str, kind: str) -> _Run:
+    """A run and its data; ``kind`` (the plot's name) must suit the data: `sequence` draws
+    sequences, every other kind single images."""
     system, ckpt = load_run(run_dir, device)
     path = str(data) if data else default_data(ckpt)
     ds = open_dataset(path)
     check_images(ds, ckpt["config"], path)
+    if kind != "sequence":
+        check_single_images(ds, path, f"plot {kind}")
+    elif "frame" not in ds["image"].dims:
+        raise ValueError(f"{path} holds single images, not sequences; plot sequence needs a sequence run")
     return _Run(system, ckpt, ds, path, Path(run_dir).resolve().name)
 
 
@@ -202,7 +208,7 @@ def decomposition(run_dir: str | Path, out: str | Path, *, num_images: int = 4,
     iterations), otherwise only the final step.
     """
     png = _png_path(out)
-    run = _open(run_dir, data, device)
+    run = _open(run_dir, data, device, "decomposition")
     x = _first_images(run, num_images, device)["image"]           # x: [N, C, H, W]
     _seed(seed)
     steps = run.system.infer(x, num_iters=num_iters)
@@ -265,9 +271,7 @@ def sequence(run_dir: str | Path, out: str | Path, *, image: int = 0, seed: int 
     ``true_masks`` [F, G, H, W], ``frame`` [F] (1-based), ``image_index``.
     """
     png = _png_path(out)
-    run = _open(run_dir, data, device)
-    if "frame" not in run.ds["image"].dims:
-        raise ValueError(f"{run.data} holds single images, not sequences; plot sequence needs a sequence run")
+    run = _open(run_dir, data, device, "sequence")
     n = run.ds.sizes["image"]
     if not 0 <= image < n:
         raise ValueError(f"--image {image} is outside the {n} sequences of {run.data}")
@@ -330,7 +334,7 @@ def mask_logits(run_dir: str | Path, out: str | Path, *, num_images: int = 4, se
     scale per image (colour bar on the right).
     """
     png = _png_path(out)
-    run = _open(run_dir, data, device)
+    run = _open(run_dir, data, device, "mask-logits")
     batch = _first_images(run, num_images, device)
     x = batch["image"]                                               # x: [N, C, H, W]
     _seed(seed)
@@ -405,7 +409,7 @@ def traversal(run_dir: str | Path, out: str | Path, *, image: int | None = None,
         raise ValueError(f"--range must go from low to high, got {lo:g} {hi:g}")
     if num_values < 2:
         raise ValueError(f"--num-values must be at least 2, got {num_values}")
-    run = _open(run_dir, data, device)
+    run = _open(run_dir, data, device, "traversal")
     system, cfg = run.system, run.cfg
     n_images, K, n_z = run.ds.sizes["image"], cfg.model.num_slots, cfg.model.latent_dim
     rng = np.random.default_rng(seed)
@@ -509,7 +513,7 @@ def projection(run_dir: str | Path, out: str | Path, *, num_images: int = 256, s
     png = _png_path(out)
     if num_images < 1 or batch_size < 1:
         raise ValueError("--num-images and the batch size must be at least 1")
-    run = _open(run_dir, data, device)
+    run = _open(run_dir, data, device, "projection")
     n_z = run.cfg.model.latent_dim
     n = min(num_images, run.ds.sizes["image"])
     factors = [k for k in run.ds.data_vars if k not in ("image", "mask", "visibility")]

@@ -101,6 +101,13 @@ def check_images(ds, cfg: Config, where: str) -> None:
                            f"{m.image_channels}x{m.image_size[0]}x{m.image_size[1]}")
 
 
+def check_single_images(ds, where: str, command: str) -> None:
+    """`command` needs single images: a sequence store is refused with a one-line reason."""
+    if "frame" in ds["image"].dims:
+        raise DatasetError(f"{where} holds sequences; {command} works on single images "
+                           "(for sequence runs: fit, evaluate and plot sequence)")
+
+
 @dataclass
 class FitResult:
     step: int

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from iodine_pyro.cli import app
 from iodine_pyro.config import frame_weights
-from iodine_pyro.data import Batches, generate, load_images, open_dataset
+from iodine_pyro.data import Batches, DatasetError, generate, load_images, open_dataset
 from iodine_pyro.data.dsprites import make_sequence_chunk, sprite_mask
 from iodine_pyro.iodine import Iodine
 from iodine_pyro.metrics import slot_stability
@@ -296,6 +296,20 @@ def test_plot_sequence(sequence_run, tmp_path, one_thread):
     assert a["masks"].shape == (3, 6, 64, 64) and a["true_masks"].shape == (3, 6, 64, 64)
     np.testing.assert_allclose(a["masks"].sum(1), 1.0, atol=1e-5)
     assert (tmp_path / "seq.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args", [
+    ["plot", "decomposition"], ["plot", "mask-logits"], ["plot", "traversal"], ["plot", "projection"],
+    ["sample", "--num-images", "2", "--num-samples", "2"], ["compare", "--num-images", "2"],
+])
+def test_single_image_commands_refuse_a_sequence_run(sequence_run, tmp_path, args):
+    out = ["--out", str(tmp_path / "out.png")] if args[0] == "plot" else (
+        ["--out", str(tmp_path / "post.nc")] if args[0] == "sample" else [])
+    res = CliRunner().invoke(app, [*args[:2], str(sequence_run), *args[2:], *out] if args[0] == "plot"
+                             else [args[0], str(sequence_run), *args[1:], *out])
+    assert isinstance(res.exception, DatasetError), res.output            # main(): one line, exit 2
+    assert "holds sequences" in str(res.exception) and "\n" not in str(res.exception)
+    assert not list(tmp_path.iterdir())                                   # nothing written
 
 
 def test_fit_objects_room_sequences_from_the_command_line(tmp_path, one_thread):
