@@ -298,15 +298,15 @@ def test_plot_sequence(sequence_run, tmp_path, one_thread):
     assert (tmp_path / "seq.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("args", [
-    ["plot", "decomposition"], ["plot", "mask-logits"], ["plot", "traversal"], ["plot", "projection"],
-    ["sample", "--num-images", "2", "--num-samples", "2"], ["compare", "--num-images", "2"],
+@pytest.mark.parametrize("command, options", [
+    (["plot", "decomposition"], ["--out", "out.png"]), (["plot", "mask-logits"], ["--out", "out.png"]),
+    (["plot", "traversal"], ["--out", "out.png"]), (["plot", "projection"], ["--out", "out.png"]),
+    (["sample"], ["--num-images", "2", "--num-samples", "2", "--out", "post.nc"]),
+    (["compare"], ["--num-images", "2"]),
 ])
-def test_single_image_commands_refuse_a_sequence_run(sequence_run, tmp_path, args):
-    out = ["--out", str(tmp_path / "out.png")] if args[0] == "plot" else (
-        ["--out", str(tmp_path / "post.nc")] if args[0] == "sample" else [])
-    res = CliRunner().invoke(app, [*args[:2], str(sequence_run), *args[2:], *out] if args[0] == "plot"
-                             else [args[0], str(sequence_run), *args[1:], *out])
+def test_single_image_commands_refuse_a_sequence_run(sequence_run, tmp_path, command, options):
+    options = [str(tmp_path / o) if o.endswith((".png", ".nc")) else o for o in options]
+    res = CliRunner().invoke(app, [*command, str(sequence_run), *options])
     assert isinstance(res.exception, DatasetError), res.output            # main(): one line, exit 2
     assert "holds sequences" in str(res.exception) and "\n" not in str(res.exception)
     assert not list(tmp_path.iterdir())                                   # nothing written
