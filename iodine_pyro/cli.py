@@ -21,6 +21,7 @@ app.add_typer(data_app, name="data")
 class Preset(str, Enum):
     paper = "paper"
     deepmind = "deepmind"
+    fast = "fast"
 
 
 class GuideKind(str, Enum):
@@ -40,6 +41,20 @@ class UserError(Exception):
 def _positive(name: str, value: Optional[int]) -> None:
     if value is not None and value < 1:
         raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "45m", "2h" or "1.5h"."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration (e.g. 90s, 45m, 2h)", param_hint="--time-limit")
+    if not value > 0 or value == float("inf"):
+        raise typer.BadParameter(f"must be a positive, finite duration, got {text!r}", param_hint="--time-limit")
+    return value
 
 
 def load_toml_overrides(path: Path) -> dict:
@@ -65,8 +80,11 @@ def load_toml_overrides(path: Path) -> dict:
 @app.command()
 def fit(
     dataset: str = typer.Option("tetrominoes", help="Dataset and its architecture preset (paper appendix C)."),
-    preset: Preset = typer.Option(Preset.paper, help="paper (appendix C) or deepmind (released code)."),
+    preset: Preset = typer.Option(Preset.paper, help="paper (appendix C), deepmind (released code) or fast (learns fastest per hour)."),
     steps: int = typer.Option(200, help="Total optimisation steps of the run (a resumed run continues to this)."),
+    time_limit: Optional[str] = typer.Option(
+        None, help="Stop after this much training time in this call (90s, 45m, 2h), with a checkpoint; "
+                   "running the command again continues."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step (default: the preset's)."),
     out: Path = typer.Option(Path("runs/tetrominoes"), help="Run directory (continued when it holds this run)."),
     data: Optional[Path] = typer.Option(None, help="Stored dataset to train on (default: generate one in OUT/data)."),
@@ -89,7 +107,7 @@ def fit(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     nproc: int = typer.Option(1, "--nproc", help="Train data-parallel on N local processes (launches torchrun)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp",
-                                       help="bf16 autocast for the networks (default: on for cuda)."),
+                                       help="bf16 autocast for the networks (default: on for cuda with bf16, and for CPUs with AMX-BF16)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="Channels-last convolutions (default: on for cuda)."),
     recompute: Optional[bool] = typer.Option(
@@ -136,13 +154,14 @@ def fit(
                      dataset=dataset, preset=preset.value, overrides=overrides, seed=seed,
                      log_every=log_every, checkpoint_every=checkpoint_every, device=device,
                      progress=not quiet, resume=resume, overwrite=overwrite, amp=amp,
-                     channels_last=channels_last)
+                     channels_last=channels_last,
+                     time_limit=parse_duration(time_limit) if time_limit is not None else None)
     if result.rank != 0:                             # rank 0 reports and draws
         return
     _finish_pictures(out, device)
     last = result.last_metrics
     summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "mse", "kl", "fg_ari") if k in last)
-    how = "stopped by signal at" if result.stopped == "signal" else "trained to"
+    how = {"signal": "stopped by signal at", "time": "reached the time limit at"}.get(result.stopped, "trained to")
     skipped = f" ({result.skipped} non-finite steps skipped)" if result.skipped else ""
     typer.echo(f"{how} step {result.step}: {summary or 'no metrics logged'}{skipped}; run in {out}")
 

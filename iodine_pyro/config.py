@@ -20,28 +20,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# Names of the refinement network's inputs. Image-sized inputs are concatenated along
-# channels and fed to the convolutional stack; vector inputs are concatenated with the
-# pooled features. Any of them can be switched off by name (the paper's input ablations).
-SPATIAL_INPUTS = (
-    "image",           # x                        C channels
-    "means",           # mu_k                     C
-    "mask",            # pi_k                     1
-    "mask_logits",     # m_k (decoder output)     1
-    "mask_posterior",  # p(m_k | x, mu)           1
-    "grad_means",      # dL/dmu_k       LN        C
-    "grad_mask",       # dL/dm_k        LN        1
-    "likelihood",      # log p(x | z)   LN        1
-    "leave_one_out",   # log p(x|z) - log p(x|z_{i!=k})  LN  1
-    "coordinates",     # row, column in [-1, 1]   2
-    "capacity",        # constant 0.5 (deepmind)  1
-    "cos_coordinates", # cos(i pi u) cos(j pi v)  8 (deepmind, dSprites/Tetrominoes)
-)
-VECTOR_INPUTS = ("posterior", "grad_posterior")  # lambda_k; dL/dlambda_k (LN)
-ALL_INPUTS = SPATIAL_INPUTS + VECTOR_INPUTS
-PAPER_INPUTS = SPATIAL_INPUTS[:10] + VECTOR_INPUTS  # the appendix's 17 channels + vectors
-# Inputs that are layer-normed before use (all inputs are stop-gradient).
-LAYER_NORMED = ("grad_means", "grad_mask", "likelihood", "leave_one_out", "grad_posterior")
+from .guides.inputs import INPUTS, PAPER_INPUTS, PAPER_STOP_GRADIENT
+
+# The refinement network's inputs are the rows of `iodine_pyro.guides.inputs.INPUTS`;
+# presets choose them by name, and which of them are stop-gradient.
+DEEPMIND_INPUTS = ("image", "means", "mask", "mask_logits", "mask_posterior", "grad_means", "grad_mask",
+                   "likelihood", "leave_one_out", "coordinates", "capacity", "posterior", "grad_posterior")
+# For Multi-dSprites and Tetrominoes the released code's coordinate features are the 8
+# cosines instead of the 2 linear coordinates: 17 - 2 + 1 + 8 = 24 channels.
+DEEPMIND_COSINE_INPUTS = ("image", "means", "mask", "mask_logits", "mask_posterior", "grad_means",
+                          "grad_mask", "likelihood", "leave_one_out", "capacity", "cos_coordinates",
+                          "posterior", "grad_posterior")
 
 
 @dataclass
@@ -77,7 +66,10 @@ class GuideConfig:
     conv_stride: int = 1                     # deepmind: 2 (SAME padding)
     mlp: tuple[int, ...] = (128,)
     lstm: int | None = None                  # hidden size; None = no LSTM (Tetrominoes)
-    inputs: tuple[str, ...] = PAPER_INPUTS
+    inputs: tuple[str, ...] = PAPER_INPUTS   # rows of guides.inputs.INPUTS, by name
+    stop_gradient: tuple[str, ...] = PAPER_STOP_GRADIENT  # inputs the loss does not differentiate through
+    grad_reduction: str = "image"            # gradient inputs of "image": each image's own -ELBO |
+                                             # "batch_mean": the batch mean's (released code)
     disabled_inputs: tuple[str, ...] = ()    # names from `inputs` left out (ablations)
     recompute: bool = False                  # training: recompute each step's activations in the
                                              # backward pass instead of storing them (memory flat in T)
@@ -98,6 +90,12 @@ class TrainConfig:
     lr_decay: float = 1.0                    # multiply lr by this every lr_decay_steps
     lr_decay_steps: int = 1_000_000
     max_bad_steps: int = 20                  # non-finite steps in a row before stopping
+    warmup_steps: int = 0                    # lr rises linearly from 0 over this many steps
+    init: str = "torch"                      # initial weights: "torch" (PyTorch's defaults) |
+                                             # "sonnet" (truncated normal 1/sqrt(fan_in), zero bias)
+    geco_goal: float | None = None           # GECO: target reconstruction MSE; None = the plain ELBO
+    geco_rate: float = 0.01                  # GECO: step of log(beta) per unit relative violation
+    geco_ema: float = 0.99                   # GECO: smoothing of the measured MSE
 
 
 @dataclass
@@ -194,24 +192,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "guide.posterior_scale": "sqrt_softplus",
         "guide.mask_posterior": "normalized_likelihood",
         "guide.conv_stride": 2,
-        "guide.inputs": PAPER_INPUTS[:-2] + ("capacity",) + VECTOR_INPUTS,
+        "guide.inputs": DEEPMIND_INPUTS,
+        "guide.grad_reduction": "batch_mean",
         "train.beta1": 0.95,
+        "train.init": "sonnet",
         "train.lr_decay": 0.1,
+    },
+    # The paper's model and iterative guide, trained for speed of learning per hour on a
+    # small machine: the levers measured in docs/learning.md (benchmarks/learning_speed.py).
+    "fast": {
+        "model.pixel_scale": 0.3,
+        "train.lr": 1e-3,
+        "train.warmup_steps": 200,
+        "train.batch_size": 8,
+        "train.geco_goal": 0.01,
+        "train.geco_rate": 0.05,
     },
 }
 # DeepMind's per-dataset optimiser settings and extra inputs.
-# For Multi-dSprites and Tetrominoes the released code's coordinate features are the 8
-# cosines instead of the 2 linear coordinates: 17 - 2 + 1 + 8 = 24 channels.
-_COSINE_INPUTS = SPATIAL_INPUTS[:9] + ("capacity", "cos_coordinates") + VECTOR_INPUTS
 PRESET_DATASET: dict[tuple[str, str], dict[str, Any]] = {
-    ("deepmind", "tetrominoes"): {"train.lr": 3e-4, "train.batch_size": 256, "guide.inputs": _COSINE_INPUTS},
-    ("deepmind", "multi_dsprites"): {"train.lr": 3e-4, "train.batch_size": 128, "guide.inputs": _COSINE_INPUTS},
+    ("deepmind", "tetrominoes"): {"train.lr": 3e-4, "train.batch_size": 256, "guide.inputs": DEEPMIND_COSINE_INPUTS},
+    ("deepmind", "multi_dsprites"): {"train.lr": 3e-4, "train.batch_size": 128, "guide.inputs": DEEPMIND_COSINE_INPUTS},
     ("deepmind", "clevr6"): {"train.lr": 1e-3, "train.batch_size": 32},
     ("deepmind", "clevr"): {"train.lr": 1e-3, "train.batch_size": 32},
 }
 # Every field a preset changes, for documentation and tests.
 PRESET_FIELDS = sorted(
-    set(PRESETS["deepmind"]) | {k for (p, _), v in PRESET_DATASET.items() for k in v}
+    {k for v in PRESETS.values() for k in v} | {k for (p, _), v in PRESET_DATASET.items() for k in v}
 )
 
 
@@ -264,38 +271,22 @@ def validate(cfg: Config) -> None:
         (g.posterior_scale in ("softplus", "sqrt_softplus"), "posterior_scale must be softplus or sqrt_softplus"),
         (g.mask_posterior in ("responsibility", "normalized_likelihood"),
          "mask_posterior must be responsibility or normalized_likelihood"),
-        (set(g.inputs) <= set(ALL_INPUTS), f"unknown refinement inputs {sorted(set(g.inputs) - set(ALL_INPUTS))}"),
+        (set(g.inputs) <= set(INPUTS), f"unknown refinement inputs {sorted(set(g.inputs) - set(INPUTS))}; "
+                                       f"choose from {list(INPUTS)}"),
+        (set(g.stop_gradient) <= set(INPUTS),
+         f"unknown stop-gradient inputs {sorted(set(g.stop_gradient) - set(INPUTS))}"),
+        (g.grad_reduction in ("image", "batch_mean"), "grad_reduction must be image or batch_mean"),
         (set(g.disabled_inputs) <= set(g.inputs),
          f"cannot disable inputs not in use: {sorted(set(g.disabled_inputs) - set(g.inputs))}; "
          f"inputs are {list(g.inputs)}"),
-        (any(n in SPATIAL_INPUTS for n in g.active_inputs()),
+        (any(INPUTS[n].spatial for n in g.active_inputs() if n in INPUTS),
          "at least one image-sized refinement input must stay enabled"),
         (t.lr > 0 and t.batch_size >= 1 and t.clip_norm > 0, "lr, batch_size and clip_norm must be positive"),
+        (t.warmup_steps >= 0, f"warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.init in ("torch", "sonnet"), f"init must be torch or sonnet, got {t.init!r}"),
+        (t.geco_goal is None or t.geco_goal > 0, f"geco_goal must be > 0 (a reconstruction MSE), got {t.geco_goal}"),
+        (t.geco_rate > 0 and 0 <= t.geco_ema < 1, "geco_rate must be > 0 and geco_ema in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-
-
-def loss_weights(kind: str, num_iters: int) -> list[float]:
-    """Weights w_t of the per-step losses; one weight per decoder pass.
-
-    ``paper``: sum_{t=1..T} (t/T) L_t (T decoder passes, T-1 refinements used).
-    ``deepmind``: t = 0..T with weights linspace(0, 1, T+1) (T+1 passes, T refinements;
-    the initial posterior's term has weight 0).
-    """
-    T = num_iters
-    if kind == "paper":
-        return [t / T for t in range(1, T + 1)]
-    return [t / T for t in range(0, T + 1)]
-
-
-def frame_weights(kind: str, num_frames: int) -> list[float]:
-    """Weights of a sequence of `num_frames` frames: one decoder pass (one step) per frame.
-
-    ``paper``: t/F, t = 1..F. ``deepmind``: linspace(0, 1, F), the initial posterior's
-    guess of frame 0 weighted 0 (F - 1 refinements, as ``loss_weights("deepmind", F - 1)``).
-    """
-    if num_frames < 2:
-        raise ValueError(f"a sequence needs at least 2 frames, got {num_frames}")
-    return loss_weights(kind, num_frames if kind == "paper" else num_frames - 1)

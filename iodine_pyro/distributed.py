@@ -188,14 +188,28 @@ def speed_settings(device: str | torch.device, amp: bool | None = None,
     """Resolve the speed options of `fit`; None means the device's default.
 
     CUDA: bf16 autocast (where the GPU supports bf16), channels-last, deferred checks.
-    CPU: all off, so that the CPU path computes exactly what it always has.
+    CPU: bf16 autocast where the processor has AMX-BF16 tiles (`cpu_has_fast_bf16`), the
+    rest off. Measured on a 2-core Xeon with AMX, Tetrominoes preset: a training step is
+    2.9 times faster at batch 8 on one thread (0.60 s against 1.76 s) and 3.5 times at
+    batch 32 on two (1.16 s against 4.05 s); without AMX, bf16 on a CPU is slower than
+    float32, so it stays off there.
     """
     cuda = torch.device(device).type == "cuda"
     if amp is None:
-        amp = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        amp = (cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or \
+              (not cuda and cpu_has_fast_bf16())
     return Speed(amp=torch.bfloat16 if amp else None,
                  channels_last=cuda if channels_last is None else channels_last,
                  deferred=cuda if deferred is None else deferred)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX-BF16 tiles)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return all(p is not None and bool(p()) for p in probes)
+    except RuntimeError:
+        return False
 
 
 # -- one optimisation step -------------------------------------------------------------
@@ -279,33 +293,35 @@ class Trainer:
         self._faults = torch.zeros(3, dtype=torch.long, device=device)   # skipped, current run, longest run
         self._last = (torch.zeros((), device=device), torch.zeros((), device=device))
 
-    def step(self, x: torch.Tensor, step: int):
-        """One step on this process's images `x` [b, C, H, W].
+    def step(self, x: torch.Tensor, step: int, kl_scale: float | torch.Tensor = 1.0):
+        """One step on this process's images `x` [b, C, H, W], the KL weighted `kl_scale`.
 
-        Returns (loss, gradient norm, applied): the loss is the mean over all processes.
-        With host checks these are floats and a bool; deferred, they are device tensors
-        and None (read them with `settle`).
+        Returns (loss, gradient norm, applied, reconstruction MSE): loss and MSE are means
+        over all processes. With host checks loss and norm are floats and applied a bool;
+        deferred, they are device tensors and applied is None (read them with `settle`;
+        `last_applied` holds the step's outcome as a device tensor).
         """
         opt, world = self.optimizer, self.processes.world
         opt.zero_grad(set_to_none=True)
         if self.processes.distributed:
             torch.manual_seed(step_seed(self.seed, step, self.processes.rank))
-        loss = self.module(x, check=False)
+        loss, mse = self.module(x, check=False, kl_scale=kl_scale)
         loss.backward()
         value = loss.detach()
-        stats = torch.stack([value, (~torch.isfinite(value)).to(value.dtype)])   # [2]: loss, non-finite
-        if self.processes.distributed:
+        stats = torch.stack([value, (~torch.isfinite(value)).to(value.dtype), mse.to(value.dtype)])
+        if self.processes.distributed:                               # [3]: loss, non-finite, MSE
             dist.all_reduce(stats)                                   # sums over processes
-        mean = stats[0] / world
+        mean, mse = stats[0] / world, stats[2] / world
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None],
                                               self.clip_norm)
         bad = (stats[1] > 0) | ~torch.isfinite(norm)
+        self.last_applied = ~bad
         if not self.deferred:
             if bool(bad):
                 opt.zero_grad(set_to_none=True)
-                return float(mean), float(norm), False
+                return float(mean), float(norm), False, mse
             opt.step()
-            return float(mean), float(norm), True
+            return float(mean), float(norm), True, mse
         opt.found_inf = bad.float()                                  # fused Adam skips the update
         try:
             opt.step()
@@ -316,7 +332,7 @@ class Trainer:
         run = (run + b) * b
         self._faults = torch.stack([skipped + b, run, torch.maximum(longest, run)])
         self._last = (mean, norm)
-        return mean, norm, None
+        return mean, norm, None, mse
 
     def settle(self) -> tuple[float, float, int, int]:
         """(loss and gradient norm of the last step, steps skipped so far, longest run of

@@ -80,6 +80,7 @@ CURVE_LABELS = {
     "mse": ("reconstruction MSE", "MSE, final step"),
     "kl": ("KL divergence", "KL, final step (nats)"),
     "fg_ari": ("segmentation FG-ARI", "FG-ARI, final step"),
+    "ari": ("segmentation ARI", "ARI, final step"),
 }
 # Factors drawn with a discrete palette even when numeric.
 CATEGORICAL = {"shape", "color", "material", "size"}
@@ -783,3 +784,53 @@ def ablation(ablation_dir: str | Path, out: str | Path, *, smooth: int = 1) -> F
     return curves(runs, out, labels=[p.name for p in runs], smooth=smooth, highlight="full",
                   title=f"Refinement input ablations ({Path(ablation_dir).resolve().name}): "
                         f"the full model and one refinement input left out per run")
+
+
+# ---------------------------------------------------------------------------------------
+# Learning speed (benchmarks/learning_speed.py)
+# ---------------------------------------------------------------------------------------
+
+
+def draw_learning_speed(curves: dict[str, dict[str, list[list[float]]]], keys: Sequence[str],
+                        png: str | Path, title: str = "Held-out metrics against training CPU time") -> FigureFiles:
+    """Panels of held-out `keys` against CPU minutes, one colour per variant: each seed a
+    thin line, their mean a thick one (``fast`` black, ``paper`` grey).
+
+    Args:
+        curves: {variant: {seed: [[cpu_min, step, *values of keys], ...]}}.
+    """
+    png = _png_path(png)
+    data = _data_path(png, ".json")
+    data.write_text(json.dumps({"keys": list(keys), "columns": ["cpu_min", "step", *keys], "curves": curves}))
+    cols = 2
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols + 2.6, 3.0 * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    fixed = {"fast": "black", "paper": "0.55"}
+    others = iter(range(100))
+    colors = {v: fixed.get(v) or palette(next(others) % palette.N) for v in curves}
+    for ax, (j, key) in zip(axes.flat, enumerate(keys)):
+        for v, seeds in curves.items():
+            series = [np.array(points, float) for points in seeds.values()]
+            for a in series:
+                ax.plot(a[:, 0], a[:, 2 + j], color=colors[v], linewidth=0.7, alpha=0.45)
+            n = min(len(a) for a in series)
+            mean = np.mean([a[:n] for a in series], 0)
+            ax.plot(mean[:, 0], mean[:, 2 + j], color=colors[v], linewidth=2.4 if v in fixed else 1.6,
+                    marker="o", markersize=3, label=v)
+        name, ylabel = CURVE_LABELS[key]
+        ax.set_title(f"held-out {name}", fontsize=10)
+        ax.set_xlabel("training CPU minutes (one thread)", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if key in ("mse", "kl"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, title="variant", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, png)
+    return FigureFiles(png, data)

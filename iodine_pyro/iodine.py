@@ -10,16 +10,19 @@ len(weights) frames), each step scoring its frame and predicting the next (appen
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
 from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from .config import Config, frame_weights
 from .guides.iodine import IterativeGuide, Step
-from .models.iodine import IodineModel, frame, step_weights
+from .models.iodine import IodineModel, frame, frame_weights, step_weights
+from .nets import initialise
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class StepResult(NamedTuple):
@@ -53,6 +56,7 @@ class Iodine(nn.Module):
             self.guide = AmortizedGuide(self.model, cfg)
         self.elbo = TraceMeanField_ELBO()
         self.model.recompute = cfg.guide.recompute
+        initialise(self, cfg.train.init)
 
     def weights(self, num_iters: int | None = None, sequence: bool = False) -> list[float]:
         """The per-decoder-pass loss weights for `num_iters` refinement iterations (default T);
@@ -92,18 +96,37 @@ class Iodine(nn.Module):
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
 
-    def loss(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True,
+             kl_scale: float = 1.0) -> torch.Tensor:
         """sum_t w_t L_t with L_t the per-image mean negative ELBO of step t (analytic KL).
 
-        `check=False` skips `check_images` (its value checks wait for the device)."""
+        `check=False` skips `check_images` (its value checks wait for the device);
+        `kl_scale` weighs the KL terms (beta; 1 is the ELBO)."""
+        return self.objective(x, num_iters, check, kl_scale)[0]
+
+    def objective(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True,
+                  kl_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss of `loss`, the final step's reconstruction MSE on this batch, detached).
+
+        The MSE comes from the decoder pass the loss scored: it costs no extra pass."""
         if check:
             self.check_images(x)
         x, weights = self.clip(x, num_iters)
-        return self.elbo.differentiable_loss(self.model.model, self.guide, x, weights)
+        scored = []
 
-    def forward(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True) -> torch.Tensor:
-        """The loss, so that the system can be wrapped in `DistributedDataParallel`."""
-        return self.loss(x, num_iters, check=check)
+        def model(*args, **kwargs):
+            scored.append(self.model.model(*args, **kwargs))   # the model's per-step `Decoded`
+
+        loss = self.elbo.differentiable_loss(model, self.guide, x, weights, None, None, kl_scale)
+        last = scored[-1][-1]
+        with torch.no_grad():
+            mse = (last.reconstruction() - frame(x, len(weights) - 1)).pow(2).mean()
+        return loss, mse
+
+    def forward(self, x: torch.Tensor, num_iters: int | None = None, check: bool = True,
+                kl_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`objective`, so that the system can be wrapped in `DistributedDataParallel`."""
+        return self.objective(x, num_iters, check, kl_scale)
 
     def use_fast_paths(self, amp: torch.dtype | None = None, channels_last: bool = False) -> "Iodine":
         """Run the decoder and the guide's networks under autocast to `amp` (e.g.
@@ -138,7 +161,7 @@ class Iodine(nn.Module):
         d = step.decoded
         terms = self.model.terms(x, d)
         masks = terms.log_masks.exp()                                   # [B, K, H, W]
-        recon = (masks.unsqueeze(2) * d.means).sum(1)                   # [B, C, H, W]
+        recon = d.reconstruction(masks)                                 # [B, C, H, W]
         q = self.guide.posterior(step.lam)
         prior = self.model.prior(x.shape[0], step.lam.shape[1], like=x)
         kl = kl_divergence(q, prior).sum((1, 2))                        # [B]

@@ -53,27 +53,76 @@ def make_optimizer(system: Iodine, cfg: Config, fused: bool = False) -> torch.op
 
 
 def learning_rate(cfg: Config, step: int) -> float:
+    """The learning rate of optimisation step `step` (0-based): a linear warm-up over
+    ``warmup_steps``, then ``lr`` times ``lr_decay`` per ``lr_decay_steps``."""
     t = cfg.train
-    return t.lr * t.lr_decay ** (step // t.lr_decay_steps)
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+    return t.lr * warm * t.lr_decay ** (step // t.lr_decay_steps)
+
+
+class Geco:
+    """GECO (Rezende and Viola, 2018) as a weight beta on the KL terms.
+
+    Minimise the KL subject to the reconstruction MSE staying below `goal`: beta falls
+    while the (smoothed) MSE of the final refinement step is above the goal, so the
+    networks first learn to reconstruct, and rises back to 1 (the ELBO) once it is below:
+
+        mse_ema <- ema * mse_ema + (1 - ema) * mse
+        log beta <- clip(log beta + rate * clip(1 - mse_ema / goal, -1, 1), log BETA_MIN, 0)
+
+    The inner clip bounds a step's change of log beta by `rate`: at initialisation the
+    MSE can be a hundred times the goal, which would otherwise drive beta to its floor
+    within a few steps (seen: 1e-6 after 100 steps with rate 0.01).
+
+    The state lives on the training device (no host read per step) and is checkpointed.
+    """
+
+    BETA_MIN = 1e-6
+
+    def __init__(self, goal: float, rate: float, ema: float, device: torch.device | str = "cpu"):
+        self.goal, self.rate, self.ema = goal, rate, ema
+        self.log_beta = torch.zeros((), device=device)
+        self.mse = torch.full((), float("nan"), device=device)   # NaN: nothing measured yet
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.log_beta.exp()
+
+    def update(self, mse: torch.Tensor, applied: torch.Tensor | bool = True) -> None:
+        """Take the MSE of a step; a step that was not `applied` changes nothing."""
+        mse = mse.detach().to(self.mse)
+        smoothed = torch.where(torch.isnan(self.mse), mse, self.ema * self.mse + (1 - self.ema) * mse)
+        violation = (1 - smoothed / self.goal).clamp(-1.0, 1.0)
+        log_beta = (self.log_beta + self.rate * violation).clamp(math.log(self.BETA_MIN), 0.0)
+        ok = torch.as_tensor(applied, device=self.mse.device) & torch.isfinite(smoothed)
+        self.mse = torch.where(ok, smoothed, self.mse)
+        self.log_beta = torch.where(ok, log_beta, self.log_beta)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"log_beta": float(self.log_beta), "mse": float(self.mse)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.log_beta = torch.tensor(float(state["log_beta"]), device=self.log_beta.device)
+        self.mse = torch.tensor(float(state["mse"]), device=self.mse.device)
 
 
 def train_step(system: Iodine, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               clip_norm: float) -> tuple[float, float, bool]:
-    """One SVI step. Returns (loss, gradient norm, applied); a non-finite loss or gradient
-    is never applied to the parameters."""
+               clip_norm: float, kl_scale: float | torch.Tensor = 1.0) -> tuple[float, float, bool, torch.Tensor]:
+    """One SVI step. Returns (loss, gradient norm, applied, reconstruction MSE); a
+    non-finite loss or gradient is never applied to the parameters."""
     optimizer.zero_grad(set_to_none=True)
-    loss = system.loss(x)
+    loss, mse = system.objective(x, kl_scale=kl_scale)
     value = float(loss.detach())
     if not math.isfinite(value):
-        return value, float("nan"), False
+        return value, float("nan"), False, mse
     loss.backward()
     params = [p for p in system.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        return value, float(norm), False
+        return value, float(norm), False, mse
     optimizer.step()
-    return value, float(norm), True
+    return value, float(norm), True, mse
 
 
 @torch.no_grad()
@@ -112,7 +161,7 @@ def check_single_images(ds, where: str, command: str) -> None:
 class FitResult:
     step: int
     out: Path
-    stopped: str           # "done" | "signal"
+    stopped: str           # "done" | "signal" | "time" (the time limit was reached)
     last_metrics: dict[str, Any]
     skipped: int = 0       # steps skipped for non-finite loss or gradient
     rank: int = 0          # this process's rank (0 for a single process)
@@ -233,7 +282,8 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
         log_every: int = 25, checkpoint_every: int = 250, device: str = "cpu",
         progress: bool = True, resume: bool = False, overwrite: bool = False,
         amp: bool | None = None, channels_last: bool | None = None,
-        sync_free: bool | None = None) -> FitResult:
+        sync_free: bool | None = None, time_limit: float | None = None,
+        time_clock: str = "wall") -> FitResult:
     """Train (or continue training) the run in `out` up to `steps` total steps.
 
     Args:
@@ -252,6 +302,14 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
             `log_every` steps instead of every step (default: on for CUDA). Skipped steps
             then count towards `steps`, and a run of `max_bad_steps` faults is noticed at
             the next logging step (the parameters stay those of the last good step).
+        time_limit: stop (with a checkpoint) after this many seconds of training in this
+            call, even before `steps`; running it again continues.
+        time_clock: what `time_limit` counts: "wall" seconds, or "cpu" seconds of this
+            process (thread-seconds: on one thread, the time an idle core would take,
+            whatever else the machine runs).
+
+    Each row of metrics.jsonl has ``time`` and ``cpu_time``: the run's training wall and
+    process CPU seconds so far, summed over every call that trained it.
 
     Under torchrun (WORLD_SIZE > 1) it trains data-parallel: the batch size is the global
     batch, split evenly over the processes; rank 0 writes the run directory.
@@ -266,7 +324,7 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
 
 def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overrides, data, eval_data,
          num_images, seed, log_every, checkpoint_every, device, progress, resume, overwrite, amp,
-         channels_last, sync_free) -> FitResult:
+         channels_last, sync_free, time_limit, time_clock) -> FitResult:
     device = processes.device
     out = Path(out)
     cfg = make_config(dataset, preset, overrides)
@@ -295,7 +353,9 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
     system = Iodine(cfg).to(device).use_fast_paths(speed.amp, speed.channels_last)
     optimizer = make_optimizer(system, cfg, fused=speed.deferred)
     batches = Batches(ds, cfg.train.batch_size, seed=seed)
-    step = 0
+    geco = Geco(cfg.train.geco_goal, cfg.train.geco_rate, cfg.train.geco_ema, device) \
+        if cfg.train.geco_goal is not None else None
+    step, spent = 0, {"time": 0.0, "cpu_time": 0.0}     # training seconds of earlier calls
     ckpt_path = out / CHECKPOINT
     if ckpt is not None:
         try:
@@ -304,6 +364,9 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
         batches.load_state_dict(ckpt["data_state"])
+        spent.update({k: float(v) for k, v in ckpt.get("extra", {}).get("spent", {}).items() if k in spent})
+        if geco is not None and "geco" in ckpt.get("extra", {}):
+            geco.load_state_dict(ckpt["extra"]["geco"])
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
         if processes.is_main:
@@ -316,6 +379,19 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
     data_info = {"train": str(Path(data).resolve()),
                  "eval": str(Path(eval_data).resolve()) if eval_data else None}
 
+    t_start, c_start = time.time(), time.process_time()
+
+    def clock() -> dict[str, float]:
+        """Training seconds of the run so far (wall and CPU), earlier calls included."""
+        return {"time": spent["time"] + time.time() - t_start,
+                "cpu_time": spent["cpu_time"] + time.process_time() - c_start}
+
+    def out_of_time() -> bool:
+        if time_limit is None:
+            return False
+        used = time.time() - t_start if time_clock == "wall" else time.process_time() - c_start
+        return used >= time_limit
+
     def checkpoint():
         if trainer is not None:
             trainer.ensure_in_sync()
@@ -323,7 +399,9 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
             return
         save_checkpoint(ckpt_path, cfg=cfg, system_state=system.state_dict(),
                         optimizer_state=optimizer.state_dict(), step=step,
-                        data_state=batches.state_dict(), data=data_info, extra={"seed": seed})
+                        data_state=batches.state_dict(), data=data_info,
+                        extra={"seed": seed, "spent": clock(),
+                               **({"geco": geco.state_dict()} if geco is not None else {})})
 
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
@@ -334,7 +412,6 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
     it = iter(batches)
     bar = tqdm(total=steps, initial=min(step, steps), disable=not (progress and processes.is_main),
                desc=f"fit {cfg.dataset}", unit="step", dynamic_ncols=True)
-    t_start = time.time()
     # Pyro's argument validation costs ~20% per step; non-finite values are caught below.
     with _StopFlag() as flag, open(out / METRICS if processes.is_main else os.devnull, "a") as mlog, \
             pyro.validation_enabled(False):
@@ -342,13 +419,19 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
             if processes.any(flag.signal is not None):           # every process stops at the same step
                 stop = "signal"
                 break
+            if processes.any(out_of_time()):
+                stop = "time"
+                break
             batch = distributed.to_device(processes.shard(next(it)), device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
+            beta = geco.beta if geco is not None else 1.0
             if trainer is None:
-                loss, gnorm, applied = train_step(system, optimizer, batch["image"], cfg.train.clip_norm)
+                loss, gnorm, applied, mse = train_step(system, optimizer, batch["image"], cfg.train.clip_norm, beta)
             else:                                                # applied is None when checked on the device
-                loss, gnorm, applied = trainer.step(batch["image"], step)
+                loss, gnorm, applied, mse = trainer.step(batch["image"], step, beta)
+            if geco is not None:
+                geco.update(mse, trainer.last_applied if applied is None else applied)
             if applied is False:
                 bad_in_row, skipped = bad_in_row + 1, skipped + 1
                 log.warning("step %d: non-finite loss or gradient (loss %s, gradient norm %s); skipped",
@@ -371,7 +454,8 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
                             f"{longest} non-finite steps in a row before step {step}; the last good state "
                             f"is saved in {ckpt_path} (lower the learning rate or check the data)")
                 last = {"step": step, "loss": loss, "grad_norm": gnorm, "skipped": skipped,
-                        "time": round(time.time() - t_start, 3),
+                        **{k: round(v, 3) for k, v in clock().items()},
+                        **({"beta": float(geco.beta)} if geco is not None else {}),
                         **(batch_metrics(system, batch) if processes.is_main else {})}
                 mlog.write(json.dumps(last) + "\n")
                 mlog.flush()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from iodine_pyro.config import LAYER_NORMED, make_config
+from iodine_pyro.config import make_config
 from iodine_pyro.guides import leave_one_out
 from iodine_pyro.iodine import Iodine
 from iodine_pyro.models import PixelMixture, mixture_terms
@@ -88,8 +88,28 @@ def test_all_parameters_are_trained():
     assert untouched == []
 
 
-def test_refinement_inputs_are_stop_gradient_and_layer_normed():
-    cfg = tiny_config("paper")
+def _input_parts(guide, spatial, vector):
+    """{input name: its slice of the concatenated refinement inputs}."""
+    parts, offset = {}, 0
+    for row, width in [(r, spatial) for r in guide.spatial_inputs] + [(r, vector) for r in guide.vector_inputs]:
+        c = row.channels(3, guide.n_z)
+        start = offset if width is spatial else offset - sum(r.channels(3, guide.n_z) for r in guide.spatial_inputs)
+        parts[row.name] = width[:, start:start + c]
+        offset += c
+    return parts
+
+
+CARRY_GRADIENT = {"means", "mask", "mask_logits", "mask_posterior", "posterior"}
+CONSTANT = {"image", "coordinates", "capacity", "cos_coordinates"}
+
+
+@pytest.mark.parametrize("preset", ["paper", "deepmind"])
+def test_which_refinement_inputs_carry_gradient(preset):
+    """Paper: the SG column of the inputs table; deepmind: the released DEFAULT_STOP_GRADIENT
+    (dcomponents, dmask, dzp, log_prob, counterfactual). Checked through autograd: an input
+    carries gradient when d(input)/d(decoder, lambda_1) is not all zero."""
+    cfg = tiny_config(preset)
+    torch.manual_seed(0)
     system = Iodine(cfg)
     guide, model = system.guide, system.model
     x = torch.rand(2, 3, *cfg.model.image_size)
@@ -98,22 +118,106 @@ def test_refinement_inputs_are_stop_gradient_and_layer_normed():
     z = q.rsample()
     decoded = model.decode(z)
     spatial, vector = guide.refinement_inputs(x, lam, q, decoded, keep_graph=True)
+    upstream = list(model.parameters()) + [guide.lambda0]
+    carried = set()
+    for name, part in _input_parts(guide, spatial, vector).items():
+        if not part.requires_grad:                                  # constants, detached inputs
+            continue
+        grads = torch.autograd.grad(part.sum(), upstream, allow_unused=True, retain_graph=True)
+        if any(g is not None and g.abs().sum() > 0 for g in grads):
+            carried.add(name)
+    names = set(cfg.guide.inputs)
+    assert carried == CARRY_GRADIENT & names
+    assert set(cfg.guide.stop_gradient) == {"grad_means", "grad_mask", "likelihood", "leave_one_out",
+                                            "grad_posterior"}
+    assert names - carried == set(cfg.guide.stop_gradient) | (CONSTANT & names)
+    # at inference (the guide differentiates its ELBO, the inputs keep no graph)
+    lam = lam.detach().requires_grad_()
+    q = guide.posterior(lam)
+    spatial, vector = guide.refinement_inputs(x, lam, q, model.decode(q.rsample()), keep_graph=False)
+    assert not spatial.requires_grad and not vector.requires_grad
+
+
+def test_layer_normed_inputs_are_standardised_per_image_slot():
+    cfg = tiny_config("paper")
+    system = Iodine(cfg)
+    guide, model = system.guide, system.model
+    x = torch.rand(2, 3, *cfg.model.image_size)
+    lam = guide.lambda0.expand(2, 3, -1)
+    q = guide.posterior(lam)
+    decoded = model.decode(q.rsample())
+    spatial, vector = guide.refinement_inputs(x, lam, q, decoded, keep_graph=True)
     assert spatial.shape == (2 * 3, 17, *cfg.model.image_size)       # the appendix's 17 channels
     assert vector.shape == (2 * 3, 4 * cfg.model.latent_dim)
-    model_params = list(model.parameters()) + [guide.lambda0]
-    grads = torch.autograd.grad(spatial.sum() + vector.sum(), model_params, allow_unused=True)
-    assert all(g is None for g in grads)                              # nothing flows back into z, decoder
-    assert set(guide.norms) == set(LAYER_NORMED)
-    # fresh norms standardise each image-slot's input
-    offset = 0
-    for name in guide.spatial_names:
-        c = {"image": 3, "means": 3, "grad_means": 3, "coordinates": 2}.get(name, 1)
-        if name in LAYER_NORMED:
-            part = spatial[:, offset:offset + c].detach()
-            assert torch.allclose(part.mean((1, 2, 3)), torch.zeros(6), atol=1e-4)
-            var = part.var((1, 2, 3), unbiased=False)           # var / (var + eps): eps = 1e-5
-            assert ((var > 0.9) & (var <= 1.0 + 1e-4)).all()
-        offset += c
+    normed = {r.name for r in guide.spatial_inputs + guide.vector_inputs if r.layer_norm}
+    assert set(guide.norms) == normed == {"grad_means", "grad_mask", "likelihood", "leave_one_out",
+                                          "grad_posterior"}
+    for name, part in _input_parts(guide, spatial, vector).items():
+        if name in normed:
+            part = part.detach().flatten(1)
+            assert torch.allclose(part.mean(1), torch.zeros(6), atol=1e-4)
+            var = part.var(1, unbiased=False)                      # var / (var + eps): eps = 1e-5
+            assert ((var > 0.9) & (var <= 1.0 + 1e-4)).all(), name
+
+
+def _inputs_and_update(guide, model, x, noise):
+    """Refinement inputs and lambda's update at inference, from the given draws."""
+    lam = guide.lambda0.detach().expand(x.shape[0], noise.shape[1], -1).requires_grad_()
+    q = guide.posterior(lam)
+    z = q.loc + noise * q.scale                                      # the given draws
+    decoded = model.decode(z)
+    spatial, vector = guide.refinement_inputs(x, lam, q, decoded, keep_graph=False)
+    with torch.no_grad():
+        delta, _ = guide.net(spatial, vector, None)
+    return spatial, vector, delta
+
+
+@pytest.mark.parametrize("init", ["torch", "sonnet"])
+def test_an_images_inference_does_not_depend_on_its_batch(init):
+    """Gradient inputs are of each image's own -ELBO: image 0's refinement inputs and
+    lambda update are the same alone and in a batch of 64 (same z draws)."""
+    cfg = make_config("tetrominoes", overrides={"train.init": init})
+    torch.manual_seed(0)
+    system = Iodine(cfg)
+    x = torch.rand(64, 3, 35, 35)
+    noise = torch.randn(64, 4, cfg.model.latent_dim)
+    K = 4
+    big = _inputs_and_update(system.guide, system.model, x, noise)
+    one = _inputs_and_update(system.guide, system.model, x[:1], noise[:1])
+    for a, b in zip(big, one):
+        assert torch.allclose(a[:K], b, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_mean_gradients_depend_on_the_batch_as_released():
+    """The deepmind preset keeps the released code's gradient of the batch mean."""
+    cfg = make_config("tetrominoes", "deepmind")
+    assert cfg.guide.grad_reduction == "batch_mean"
+    torch.manual_seed(0)
+    system = Iodine(cfg)
+    x = torch.rand(64, 3, 35, 35)
+    noise = torch.randn(64, 4, cfg.model.latent_dim)
+    big = _inputs_and_update(system.guide, system.model, x, noise)
+    one = _inputs_and_update(system.guide, system.model, x[:1], noise[:1])
+    assert not torch.allclose(big[2][:4], one[2], atol=1e-4, rtol=1e-4)
+
+
+def test_sonnet_initialisation_makes_the_decoder_depend_more_on_z():
+    """Truncated normal 1/sqrt(fan_in), zero biases: the decoder's output varies several
+    times more with z at initialisation than under PyTorch's defaults."""
+    spread = {}
+    for init in ("torch", "sonnet"):
+        torch.manual_seed(0)
+        system = Iodine(make_config("tetrominoes", overrides={"train.init": init}))
+        with torch.no_grad():
+            out = system.model.decode(torch.randn(64, 1, 32))
+        spread[init] = float(torch.cat([out.means, out.mask_logits.unsqueeze(2)], 2).std(0).mean())
+        if init == "sonnet":
+            for m in system.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                    fan_in = m.weight[0].numel()
+                    assert float(m.weight.detach().abs().max()) <= 2.0 / math.sqrt(fan_in) + 1e-6
+                    assert m.bias is None or float(m.bias.detach().abs().max()) == 0.0
+    assert spread["sonnet"] > 3 * spread["torch"]
 
 
 def test_leave_one_out_matches_brute_force():
@@ -176,7 +280,7 @@ def test_each_input_can_be_switched_off(name):
     full = Iodine(tiny_config("paper"))
     cfg = tiny_config("paper", **{"guide.disabled_inputs": (name,)})
     system = Iodine(cfg)
-    assert name not in system.guide.spatial_names + system.guide.vector_names
+    assert name not in system.guide.input_names
     c_full = full.guide.net.convs[0].in_channels
     c = system.guide.net.convs[0].in_channels
     v_full, v = full.guide.net.head.in_features, system.guide.net.head.in_features

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iodine_pyro.config import PRESET_FIELDS, make_config
+from iodine_pyro.config import PRESET_FIELDS, PRESETS, make_config
 from iodine_pyro.iodine import Iodine
 from iodine_pyro.models import PixelMixture
 from iodine_pyro.train import learning_rate, make_optimizer
@@ -90,8 +90,8 @@ def test_refinement_spatial_inputs_17_vs_18_or_24_channels(dataset, paper_c, dee
         system = Iodine(make_config(dataset, preset))
         assert system.guide.net.convs[0].in_channels == c
     dm = Iodine(make_config(dataset, "deepmind")).guide
-    assert "capacity" in dm.spatial_names
-    assert ("cos_coordinates" in dm.spatial_names) == (dataset != "clevr6")
+    assert "capacity" in dm.input_names
+    assert ("cos_coordinates" in dm.input_names) == (dataset != "clevr6")
 
 
 def test_mask_posterior_responsibility_vs_normalized_likelihood():
@@ -100,11 +100,13 @@ def test_mask_posterior_responsibility_vs_normalized_likelihood():
     x = torch.rand(1, 3, 12, 12)
     means = torch.rand(1, 3, 3, 12, 12)
     logits = torch.randn(1, 3, 12, 12)
+    from iodine_pyro.guides.inputs import INPUTS, Context
     from iodine_pyro.models import Decoded
     d = Decoded(means, logits)
     for system in (paper, deepmind):
         terms = system.model.terms(x, d)
-        got = system.guide._spatial("mask_posterior", x, d, terms, {})[:, :, 0]
+        ctx = Context(x, None, means, logits, terms, {}, system.cfg.guide.mask_posterior)
+        got = INPUTS["mask_posterior"].compute(ctx)[:, :, 0]
         comp = terms.comp
         if system is paper:
             want = (logits.log_softmax(1) + comp).softmax(1)
@@ -130,5 +132,5 @@ def test_every_preset_field_differs_somewhere():
     for key in PRESET_FIELDS:
         section, name = key.split(".")
         values = {repr(getattr(getattr(make_config(ds, p), section), name))
-                  for ds in ("tetrominoes", "clevr6") for p in ("paper", "deepmind")}
+                  for ds in ("tetrominoes", "clevr6") for p in PRESETS}
         assert len(values) > 1, key

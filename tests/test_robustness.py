@@ -120,16 +120,16 @@ def test_same_seed_gives_bit_identical_parameters(tmp_path, data):
 
 
 def _faulty_loss(monkeypatch, bad_calls, kind):
-    """Make Iodine.loss produce a NaN loss or a NaN gradient on the given (1-based) calls."""
-    real = Iodine.loss
+    """Make the training objective produce a NaN loss or a NaN gradient on the given (1-based) calls."""
+    real = Iodine.objective
     calls = {"n": 0}
 
-    def loss(self, x, num_iters=None):
+    def objective(self, x, *args, **kwargs):
         calls["n"] += 1
-        value = real(self, x, num_iters)
+        value, mse = real(self, x, *args, **kwargs)
         if calls["n"] in bad_calls:
             if kind == "loss":
-                return value * float("nan")
+                return value * float("nan"), mse
             p = self.guide.lambda0
 
             def hook(g):                                            # once: a NaN gradient
@@ -137,9 +137,9 @@ def _faulty_loss(monkeypatch, bad_calls, kind):
                 return torch.full_like(g, float("nan"))
 
             handle = p.register_hook(hook)
-        return value
+        return value, mse
 
-    monkeypatch.setattr(Iodine, "loss", loss)
+    monkeypatch.setattr(Iodine, "objective", objective)
 
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from iodine_pyro.cli import app
-from iodine_pyro.config import frame_weights
+from iodine_pyro.models.iodine import frame_weights
 from iodine_pyro.data import Batches, DatasetError, generate, load_images, open_dataset
 from iodine_pyro.data.dsprites import make_sequence_chunk, sprite_mask
 from iodine_pyro.iodine import Iodine

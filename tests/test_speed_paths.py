@@ -86,7 +86,7 @@ def test_a_deferred_step_never_applies_a_non_finite_update(x):
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     before = {k: v.clone() for k, v in system.state_dict().items()}
-    loss, norm, applied = trainer.step(bad, 0)
+    loss, norm, applied, _ = trainer.step(bad, 0)
     assert applied is None and torch.is_tensor(loss)                  # nothing read on the host
     assert all(torch.equal(before[k], v) for k, v in system.state_dict().items())
     assert not opt.state or all(s["step"] == 0 for s in opt.state.values())
@@ -108,15 +108,15 @@ def test_a_deferred_step_never_applies_a_non_finite_update(x):
 
 
 def _faulty_loss(monkeypatch, bad_calls):
-    real = Iodine.loss
+    real = Iodine.objective
     calls = {"n": 0}
 
-    def loss(self, x, num_iters=None, check=True):
+    def objective(self, x, *args, **kwargs):
         calls["n"] += 1
-        value = real(self, x, num_iters, check=check)
-        return value * float("nan") if calls["n"] in bad_calls else value
+        value, mse = real(self, x, *args, **kwargs)
+        return (value * float("nan") if calls["n"] in bad_calls else value), mse
 
-    monkeypatch.setattr(Iodine, "loss", loss)
+    monkeypatch.setattr(Iodine, "objective", objective)
 
 
 def test_sync_free_fit_counts_skipped_steps(tmp_path, data, monkeypatch):

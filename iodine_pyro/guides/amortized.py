@@ -9,17 +9,21 @@ two differ only in how lambda is computed: the baseline for what refinement buys
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyro
 import torch
 import torch.nn as nn
 from pyro.contrib.autoname import scope
 from torch.distributions import Normal
 
-from ..config import Config
 from ..models.decoders import coordinate_grid
 from ..models.iodine import Decoded, IodineModel, autocast, step_scale
 from .iodine import Step
 from .refinement import AmortizedEncoder, posterior_scale
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 class AmortizedGuide(nn.Module):
@@ -41,7 +45,8 @@ class AmortizedGuide(nn.Module):
         return Normal(loc, posterior_scale(s, self.cfg.posterior_scale))
 
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
-                batch_size: int | None = None, num_slots: int | None = None) -> list[Step]:
+                batch_size: int | None = None, num_slots: int | None = None,
+                kl_scale: float = 1.0) -> list[Step]:
         pyro.module("guide", self)
         if num_slots not in (None, self.encoder.num_slots):
             raise ValueError(f"the amortized guide was trained with K={self.encoder.num_slots} "
@@ -54,7 +59,7 @@ class AmortizedGuide(nn.Module):
             lam = self.encoder(torch.cat([x, coords], 1))                      # [B, K, 2 n_z]
         lam = lam.to(x.dtype)
         q = self.posterior(lam)
-        with pyro.plate("images", B), scope(prefix="t0"), step_scale(1.0, B):
+        with pyro.plate("images", B), scope(prefix="t0"), step_scale(1.0, B, kl_scale):
             z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
         decoded = model.decode(z)
         if not training:

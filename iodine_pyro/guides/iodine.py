@@ -6,9 +6,14 @@
         decode z_t; L_t = -ELBO_t (mean over images)
         lambda_{t+1} = lambda_t + f_phi(inputs(x, z_t, dL_t/d(lambda_t, mu, m)), h_t)
 
-The refinement inputs are stop-gradient (layer-normed where `LAYER_NORMED` says); the
-chain of lambdas is not, so training backpropagates through every step. The last
-step's refinement is never scored and is not computed.
+The refinement inputs are the rows of `iodine_pyro.guides.inputs.INPUTS` the preset names;
+those in ``guide.stop_gradient`` are detached (the gradients, the likelihoods), the others
+(means, masks, mask logits, mask posterior, lambda) carry gradient, as in the paper's
+table. The gradient inputs are of each image's own -ELBO, so an image's inference does not
+depend on the rest of its batch (``guide.grad_reduction = "batch_mean"``: the released
+code's gradient of the batch mean). The chain of lambdas is not stop-gradient: training
+backpropagates through every step. The last step's refinement is never scored and is not
+computed.
 
 At inference (grad disabled by the caller, as in `Predictive` or evaluation) each step
 starts from a detached lambda and LSTM state, so no activations of earlier steps are kept,
@@ -25,7 +30,8 @@ activations are recomputed in the backward pass instead of stored (appendix A.2)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -35,11 +41,15 @@ from pyro.contrib.autoname import scope
 from torch.distributions import kl_divergence
 from torch.distributions.utils import _standard_normal
 
-from ..config import LAYER_NORMED, SPATIAL_INPUTS, Config
-from ..models.decoders import coordinate_grid, cosine_grid
 from ..models.iodine import Decoded, IodineModel, autocast, frame, step_scale, step_weights
+from .inputs import INPUTS, Context, leave_one_out
 from .recompute import recompute
 from .refinement import InputNorm, RefinementNetwork, posterior_scale
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["IterativeGuide", "NoisyNormal", "Step", "leave_one_out"]
 
 
 class Step(NamedTuple):
@@ -71,15 +81,8 @@ class NoisyNormal(dist.Normal):
         return self.loc + self.noise * self.scale
 
 
-def input_channels(name: str, image_channels: int) -> int:
-    return {"image": image_channels, "means": image_channels, "grad_means": image_channels,
-            "coordinates": 2, "cos_coordinates": 8}.get(name, 1)
-
-
 def initial_scale_param(kind: str, prior_var: float) -> float:
     """s such that the initial posterior's sigma equals the prior's."""
-    import math
-
     target = prior_var if kind == "sqrt_softplus" else prior_var ** 0.5  # softplus(s) = target
     return math.log(math.expm1(target))
 
@@ -100,21 +103,26 @@ class IterativeGuide(nn.Module):
         self.__dict__["model"] = model            # a reference, not a child module
         g, m = cfg.guide, cfg.model
         self.cfg, self.n_z = g, m.latent_dim
-        self.spatial_names = [n for n in g.active_inputs() if n in SPATIAL_INPUTS]
-        self.vector_names = [n for n in g.active_inputs() if n not in SPATIAL_INPUTS]
-        C = m.image_channels
-        self.norms = nn.ModuleDict({n: InputNorm(input_channels(n, C))
-                                    for n in self.spatial_names if n in LAYER_NORMED})
-        if "grad_posterior" in self.vector_names:
-            self.norms["grad_posterior"] = InputNorm(2 * self.n_z)
+        rows = [INPUTS[n] for n in g.active_inputs()]
+        self.spatial_inputs = [r for r in rows if r.spatial]    # concatenated in this order
+        self.vector_inputs = [r for r in rows if not r.spatial]
+        self.needs = {r.needs for r in rows if r.needs is not None}   # gradients to compute
+        self.stop_gradient = set(g.stop_gradient)
+        size = {r.name: r.channels(m.image_channels, self.n_z) for r in rows}
+        self.norms = nn.ModuleDict({r.name: InputNorm(size[r.name]) for r in rows if r.layer_norm})
         s0 = initial_scale_param(g.posterior_scale, m.prior_var)
         self.lambda0 = nn.Parameter(torch.cat([torch.zeros(self.n_z), torch.full((self.n_z,), s0)]))
         self.net = RefinementNetwork(
-            spatial_channels=sum(input_channels(n, C) for n in self.spatial_names),
-            vector_dim=2 * self.n_z * len(self.vector_names), out_dim=2 * self.n_z,
+            spatial_channels=sum(size[r.name] for r in self.spatial_inputs),
+            vector_dim=sum(size[r.name] for r in self.vector_inputs), out_dim=2 * self.n_z,
             conv_channels=g.conv_channels, kernel=g.conv_kernel, stride=g.conv_stride,
             mlp=g.mlp, lstm=g.lstm)
         self.default_weights = step_weights("iterative", g.loss_weights, g.num_iters)
+
+    @property
+    def input_names(self) -> list[str]:
+        """The refinement inputs in use: image-sized ones in order, then the vectors."""
+        return [r.name for r in self.spatial_inputs + self.vector_inputs]
 
     def posterior(self, lam: torch.Tensor) -> NoisyNormal:
         """q(z | lambda) with batch shape [B, K, n_z]."""
@@ -122,9 +130,11 @@ class IterativeGuide(nn.Module):
         return NoisyNormal(loc, posterior_scale(s, self.cfg.posterior_scale))
 
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
-                batch_size: int | None = None, num_slots: int | None = None) -> list[Step]:
+                batch_size: int | None = None, num_slots: int | None = None,
+                kl_scale: float = 1.0) -> list[Step]:
         """Run the T steps on images x [B, C, H, W], or on sequences x [B, F, C, H, W] with
-        step t reading frame t (the LSTM state carries over the frames)."""
+        step t reading frame t (the LSTM state carries over the frames). `kl_scale` scales
+        the latent sites as the model's do (the KL's weight)."""
         pyro.module("guide", self)
         model, training = self.model, torch.is_grad_enabled()
         weights = weights or self.default_weights
@@ -139,7 +149,7 @@ class IterativeGuide(nn.Module):
                     if not training:                            # keep no earlier activations
                         lam = lam.detach().requires_grad_()
                     q = self.posterior(lam)
-                    with scope(prefix=f"t{t}"), step_scale(w, B):
+                    with scope(prefix=f"t{t}"), step_scale(w, B, kl_scale):
                         z = pyro.sample("z", q.to_event(2))     # [B, K, n_z]
                     decoded, delta, state = self.step(frame(x, t), lam, z, q.noise, state, last, training)
                 if not training:
@@ -206,84 +216,50 @@ class IterativeGuide(nn.Module):
     # -- refinement inputs ---------------------------------------------------------------
     def refinement_inputs(self, x: torch.Tensor, lam: torch.Tensor, q: torch.distributions.Normal, decoded: Decoded,
                           keep_graph: bool, terms=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All inputs of f_phi, stop-gradient: ([B*K, C_in, H, W], [B*K, V]).
+        """All inputs of f_phi: ([B*K, C_in, H, W], [B*K, V]), the rows of `INPUTS` in use.
 
-        `terms` are the `mixture_terms` of (x, decoded) when the caller has them already.
+        Rows in ``stop_gradient`` are detached; the others carry gradient when
+        `keep_graph` (training). `terms` are the `mixture_terms` of (x, decoded) when the
+        caller has them already.
         """
         B, K, C, H, W = decoded.means.shape
         if terms is None:
             terms = self.model.terms(x, decoded)                # log_px [B, H, W], comp, log_masks [B, K, H, W]
         grads = self._loss_gradients(x, lam, q, decoded, terms, keep_graph)
-        feats = []
-        for name in self.spatial_names:
-            with torch.no_grad():                               # stop-gradient inputs
-                f = self._spatial(name, x, decoded, terms, grads)   # [B, K|1, c, H, W]
-                f = f.expand(B, K, *f.shape[2:]).reshape(B * K, *f.shape[2:])  # [B*K, c, H, W]
-            feats.append(self.norms[name](f) if name in self.norms else f)  # norms are trained
-        spatial = torch.cat(feats, 1)                           # [B*K, C_in, H, W]
-        vec = {"posterior": lambda: lam.detach().reshape(B * K, -1),                  # [B*K, 2 n_z]
-               "grad_posterior": lambda: self.norms["grad_posterior"](grads["lam"].reshape(B * K, -1))}
-        vector = torch.cat([vec[n]() for n in self.vector_names], 1) if self.vector_names \
-            else spatial.new_zeros(B * K, 0)                     # [B*K, V]
+        ctx = Context(x, lam, decoded.means, decoded.mask_logits, terms, grads, self.cfg.mask_posterior)
+        with torch.set_grad_enabled(keep_graph):               # at inference: no graph at all
+            feats = []
+            for row in self.spatial_inputs:
+                f = self._compute(row, ctx)                     # [B, K|1, c, H, W]
+                f = f.expand(B, K, *f.shape[2:]).reshape(B * K, *f.shape[2:])   # [B*K, c, H, W]
+                feats.append(self.norms[row.name](f) if row.layer_norm else f)  # norms are trained
+            spatial = torch.cat(feats, 1)                       # [B*K, C_in, H, W]
+            vecs = []
+            for row in self.vector_inputs:
+                v = self._compute(row, ctx).reshape(B * K, -1)  # [B*K, c]
+                vecs.append(self.norms[row.name](v) if row.layer_norm else v)
+            vector = torch.cat(vecs, 1) if vecs else spatial.new_zeros(B * K, 0)   # [B*K, V]
         return spatial, vector
 
+    def _compute(self, row, ctx: Context) -> torch.Tensor:
+        """One input's value, detached when it is stop-gradient."""
+        value = row.compute(ctx)
+        return value.detach() if row.name in self.stop_gradient else value
+
     def _loss_gradients(self, x, lam, q, decoded, terms, keep_graph) -> dict[str, torch.Tensor]:
-        """dL_t / d(lambda, mu, mask logits), L_t = mean_b[-log p(x_b | z_b) + KL(q_b || p)]."""
-        wanted = {"lam": "grad_posterior", "means": "grad_means", "mask_logits": "grad_mask"}
-        wanted = {k: v for k, v in wanted.items() if v in self.cfg.active_inputs()}
-        if not wanted:
+        """dL_t / d(lambda, mu, mask logits) for the inputs that need them.
+
+        L_t is the sum over images of each image's -ELBO, -log p(x_b | z_b) + KL(q_b || p):
+        image b's gradients are those of its own -ELBO. ``grad_reduction = "batch_mean"``
+        differentiates the batch mean instead (each gradient carries 1/B), as the released
+        code does.
+        """
+        if not self.needs:
             return {}
         prior = self.model.prior(x.shape[0], lam.shape[1], like=lam)
-        loss = -terms.log_px.sum((1, 2)).mean() + kl_divergence(q, prior).sum((1, 2)).mean()
+        per_image = -terms.log_px.sum((1, 2)) + kl_divergence(q, prior).sum((1, 2))   # [B]
+        loss = per_image.mean() if self.cfg.grad_reduction == "batch_mean" else per_image.sum()
         targets = {"lam": lam, "means": decoded.means, "mask_logits": decoded.mask_logits}
+        wanted = sorted(self.needs)
         values = torch.autograd.grad(loss, [targets[k] for k in wanted], retain_graph=keep_graph)
         return dict(zip(wanted, values))
-
-    def _spatial(self, name, x, decoded, terms, grads) -> torch.Tensor:
-        B, K, C, H, W = decoded.means.shape
-        if name == "image":
-            return x.unsqueeze(1)                               # [B, 1, C, H, W]
-        if name == "means":
-            return decoded.means.detach()
-        if name == "mask":
-            return terms.log_masks.exp().unsqueeze(2)          # [B, K, 1, H, W]
-        if name == "mask_logits":
-            return decoded.mask_logits.detach().unsqueeze(2)
-        if name == "mask_posterior":
-            if self.cfg.mask_posterior == "responsibility":     # p(m_k | x, mu)
-                return (terms.log_masks + terms.comp).softmax(1).unsqueeze(2)
-            p = terms.comp.exp()                                # p_k(x) / (sum_j p_j(x) + 1e-6)
-            return (p / (p.sum(1, keepdim=True) + 1e-6)).unsqueeze(2)
-        if name == "grad_means":
-            return grads["means"]
-        if name == "grad_mask":
-            return grads["mask_logits"].unsqueeze(2)
-        if name == "likelihood":
-            return terms.log_px[:, None, None]                  # [B, 1, 1, H, W]
-        if name == "leave_one_out":
-            return (terms.log_px.unsqueeze(1) - leave_one_out(decoded.mask_logits, terms.comp)).unsqueeze(2)
-        if name == "coordinates":
-            return coordinate_grid(H, W, x.device, x.dtype)[None, None]   # [1, 1, 2, H, W]
-        if name == "capacity":
-            return x.new_full((1, 1, 1, H, W), 0.5)
-        if name == "cos_coordinates":
-            return cosine_grid(H, W, x.device, x.dtype)[None, None]       # [1, 1, 8, H, W]
-        raise ValueError(f"unknown refinement input {name!r}")
-
-
-def leave_one_out(mask_logits: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
-    """log p(x | z_{i != k}): the mixture of the other K-1 slots, masks renormalised.
-
-    Args:
-        mask_logits, comp: [B, K, H, W]. Returns [B, K, H, W] (zeros when K = 1).
-    """
-    B, K, H, W = comp.shape
-    if K == 1:
-        return torch.zeros_like(comp)
-    drop = torch.eye(K, dtype=torch.bool, device=comp.device)[None, :, :, None, None]  # [1, K, K, 1, 1]
-
-    def lse_without(v):                                        # v: [B, K, H, W]
-        vv = v.unsqueeze(1).expand(B, K, K, H, W).masked_fill(drop, float("-inf"))
-        return torch.logsumexp(vv, 2)                           # [B, K, H, W]
-
-    return lse_without(mask_logits + comp) - lse_without(mask_logits)

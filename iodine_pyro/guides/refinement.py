@@ -6,6 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nets import conv_stack
+from ..nets import mlp as make_mlp
+
 
 class InputNorm(nn.Module):
     """Layer norm over all non-batch axes of one input, with a per-channel affine.
@@ -46,17 +49,9 @@ class RefinementNetwork(nn.Module):
                  conv_channels: tuple[int, ...], kernel: int, stride: int,
                  mlp: tuple[int, ...], lstm: int | None):
         super().__init__()
-        convs, c_in = [], spatial_channels
-        for c in conv_channels:
-            convs += [nn.Conv2d(c_in, c, kernel, stride=stride, padding=kernel // 2), nn.ELU()]
-            c_in = c
-        self.convs = nn.Sequential(*convs)
-        layers, d_in = [], c_in
-        for d in mlp:
-            layers += [nn.Linear(d_in, d), nn.ELU()]
-            d_in = d
-        self.mlp = nn.Sequential(*layers)
-        d_in += vector_dim
+        self.convs = conv_stack(spatial_channels, conv_channels, kernel, stride)
+        self.mlp = make_mlp(conv_channels[-1], mlp)
+        d_in = (mlp[-1] if mlp else conv_channels[-1]) + vector_dim
         self.lstm = nn.LSTMCell(d_in, lstm) if lstm else None
         self.head = nn.Linear(lstm or d_in, out_dim)
 
@@ -86,17 +81,9 @@ class AmortizedEncoder(nn.Module):
                  conv_channels: tuple[int, ...], kernel: int, stride: int, mlp: tuple[int, ...]):
         super().__init__()
         self.num_slots, self.out_dim = num_slots, out_dim
-        convs, c_in = [], in_channels
-        for c in conv_channels:
-            convs += [nn.Conv2d(c_in, c, kernel, stride=stride, padding=kernel // 2), nn.ELU()]
-            c_in = c
-        self.convs = nn.Sequential(*convs)
-        layers, d_in = [], c_in
-        for d in mlp:
-            layers += [nn.Linear(d_in, d), nn.ELU()]
-            d_in = d
-        self.mlp = nn.Sequential(*layers)
-        self.head = nn.Linear(d_in, num_slots * out_dim)
+        self.convs = conv_stack(in_channels, conv_channels, kernel, stride)
+        self.mlp = make_mlp(conv_channels[-1], mlp)
+        self.head = nn.Linear(mlp[-1] if mlp else conv_channels[-1], num_slots * out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mlp(self.convs(x).mean((2, 3)))                # [B, d]

@@ -28,7 +28,7 @@ see `iodine_pyro.guides.recompute`.)
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -37,21 +37,60 @@ import torch
 import torch.nn as nn
 from pyro.contrib.autoname import scope
 
-from ..config import ModelConfig, loss_weights
 from .decoders import DeconvDecoder, SpatialBroadcastDecoder
 from .likelihood import PixelMixture, mixture_terms
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 class Decoded(NamedTuple):
     means: torch.Tensor        # [B, K, C, H, W]
     mask_logits: torch.Tensor  # [B, K, H, W]
 
+    @property
+    def masks(self) -> torch.Tensor:
+        """pi = softmax over slots of the mask logits: [B, K, H, W]."""
+        return self.mask_logits.softmax(1)
 
-def step_scale(weight: float, batch_size: int):
-    """Scale of the step-t sites: w_t / B (per-image mean); weight 0 masks the sites."""
+    def reconstruction(self, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_k pi_k mu_k: [B, C, H, W] (`masks` when the caller has them already)."""
+        masks = self.masks if masks is None else masks
+        return (masks.unsqueeze(2) * self.means).sum(1)
+
+
+def loss_weights(kind: str, num_iters: int) -> list[float]:
+    """Weights w_t of the per-step losses; one weight per decoder pass.
+
+    ``paper``: sum_{t=1..T} (t/T) L_t (T decoder passes, T-1 refinements used).
+    ``deepmind``: t = 0..T with weights linspace(0, 1, T+1) (T+1 passes, T refinements;
+    the initial posterior's term has weight 0).
+    """
+    T = num_iters
+    if kind == "paper":
+        return [t / T for t in range(1, T + 1)]
+    return [t / T for t in range(0, T + 1)]
+
+
+def frame_weights(kind: str, num_frames: int) -> list[float]:
+    """Weights of a sequence of `num_frames` frames: one decoder pass (one step) per frame.
+
+    ``paper``: t/F, t = 1..F. ``deepmind``: linspace(0, 1, F), the initial posterior's
+    guess of frame 0 weighted 0 (F - 1 refinements, as ``loss_weights("deepmind", F - 1)``).
+    """
+    if num_frames < 2:
+        raise ValueError(f"a sequence needs at least 2 frames, got {num_frames}")
+    return loss_weights(kind, num_frames if kind == "paper" else num_frames - 1)
+
+
+def step_scale(weight: float, batch_size: int, kl_scale: float = 1.0):
+    """Scale of the step-t sites: w_t / B (per-image mean); weight 0 masks the sites.
+
+    `kl_scale` (for the latent site, in model and guide alike) multiplies the step's KL
+    term only: beta of a KL-weighted objective such as GECO's (1: the ELBO)."""
     if weight <= 0:
         return poutine.mask(mask=False)
-    return poutine.scale(scale=weight / batch_size)
+    return poutine.scale(scale=weight * kl_scale / batch_size)
 
 
 def frame(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
@@ -129,7 +168,7 @@ class IodineModel(nn.Module):
 
     # -- the Pyro model -----------------------------------------------------------------
     def model(self, x: torch.Tensor | None = None, weights: list[float] | None = None,
-              batch_size: int | None = None, num_slots: int | None = None):
+              batch_size: int | None = None, num_slots: int | None = None, kl_scale: float = 1.0):
         """Pyro model: one copy of the generative model per weight (one per refinement step).
 
         Args:
@@ -138,6 +177,7 @@ class IodineModel(nn.Module):
             weights: loss weight per step (default: one step of weight 1).
             batch_size: number of images when `x` is None.
             num_slots: K at test time (default: the configured K).
+            kl_scale: weight of the KL terms relative to the likelihood (1: the ELBO).
         Returns:
             the list of per-step `Decoded` outputs.
         """
@@ -148,13 +188,15 @@ class IodineModel(nn.Module):
         outputs = []
         with pyro.plate("images", B):
             for t, w in enumerate(weights):
-                with scope(prefix=f"t{t}"), step_scale(w, B):
-                    z = pyro.sample("z", self.prior(B, num_slots, like=x).to_event(2))  # [B, K, n_z]
+                with scope(prefix=f"t{t}"):
+                    with step_scale(w, B, kl_scale):
+                        z = pyro.sample("z", self.prior(B, num_slots, like=x).to_event(2))  # [B, K, n_z]
                     decoded = self.decode(z)
                     pixels = self.likelihood(decoded, self.recompute)
-                    pyro.sample("x", pixels, obs=frame(x, t))                           # [B, C, H, W]
-                    if t + 1 < num_frames:                                          # next-step prediction
-                        pyro.sample("x_next", pixels, obs=x[:, t + 1])                  # [B, C, H, W]
+                    with step_scale(w, B):
+                        pyro.sample("x", pixels, obs=frame(x, t))                       # [B, C, H, W]
+                        if t + 1 < num_frames:                                      # next-step prediction
+                            pyro.sample("x_next", pixels, obs=x[:, t + 1])              # [B, C, H, W]
                 outputs.append(decoded)
         return outputs
 

@@ -1,0 +1,202 @@
+"""How fast does IODINE learn? Variants trained side by side for a fixed time budget.
+
+Every variant trains on the same generated Tetrominoes images with the project's own
+`fit`, one thread per run, for ``--budget`` minutes of *CPU time* (thread-seconds: what an
+idle core would take, whatever else runs on the machine), and is evaluated on the same
+held-out images at ``--evals`` evenly spaced points of its budget (evaluation time is not
+counted). Runs are resumable: run the same command again and finished points are kept,
+unfinished runs continue exactly from their checkpoints.
+
+Writes under ``--out``:
+
+* ``results.jsonl``: one row per (variant, seed, point): step, images seen, CPU and wall
+  seconds, held-out FG-ARI, ARI, MSE and KL of the last refinement step;
+* ``summary.md``: the table of the last point (mean and per-seed values);
+* ``curves.png`` / ``curves.json``: FG-ARI, ARI, MSE and KL against CPU time, per variant.
+
+    python benchmarks/learning_speed.py --budget 30 --seeds 0 1 --parallel 2
+    python benchmarks/learning_speed.py --budget 1 --evals 2 --variants paper fast --seeds 0   # a smoke run
+
+The variants are `VARIANTS` below: the `paper` preset, the `fast` preset, and the `fast`
+preset with one lever set back (to the paper's value, or to the other choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# name: (what it is, preset, overrides, amp)
+VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
+    "paper": ("the paper: sigma 0.1, lr 3e-4, batch 32, PyTorch init", "paper", {}, True),
+    "fast": ("the fast preset", "fast", {}, True),
+    "fast-sigma0.1": ("fast with the paper's pixel sigma 0.1", "fast", {"model.pixel_scale": 0.1}, True),
+    "fast-lr3e-4": ("fast with lr 3e-4, no warm-up", "fast", {"train.lr": 3e-4, "train.warmup_steps": 0}, True),
+    "fast-batch32": ("fast at batch 32", "fast", {"train.batch_size": 32}, True),
+    "fast-torch-init": ("fast with PyTorch's default init", "fast", {"train.init": "torch"}, True),
+    "fast-sonnet-init": ("fast with the released code's init", "fast", {"train.init": "sonnet"}, True),
+    "fast-all-detached": ("fast with every refinement input stop-gradient",
+                          "fast", {"guide.stop_gradient": "ALL"}, True),
+    "fast-batch-mean-grads": ("fast with gradients of the batch mean", "fast",
+                              {"guide.grad_reduction": "batch_mean"}, True),
+    "fast-fp32": ("fast in float32 (no bf16 autocast)", "fast", {}, False),
+    "fast-geco": ("fast with a GECO reconstruction target (MSE 0.01)", "fast", {"train.geco_goal": 0.01}, True),
+    "fast-no-geco": ("fast without GECO", "fast", {"train.geco_goal": None}, True),
+}
+METRICS = ("fg_ari", "ari", "mse", "kl")
+
+
+def overrides_of(variant: str) -> tuple[str, dict, bool]:
+    from iodine_pyro.config import make_config
+
+    _, preset, overrides, amp = VARIANTS[variant]
+    overrides = dict(overrides)
+    if overrides.get("guide.stop_gradient") == "ALL":
+        overrides["guide.stop_gradient"] = make_config("tetrominoes", preset).guide.inputs
+    return preset, overrides, amp
+
+
+def applies(variant: str) -> bool:
+    """A lever that the fast preset already has at that value is not a variant."""
+    from iodine_pyro.config import make_config
+
+    if variant in ("paper", "fast") or VARIANTS[variant][1] != "fast":
+        return True
+    preset, overrides, amp = overrides_of(variant)
+    base = make_config("tetrominoes", "fast").to_dict()
+    changed = make_config("tetrominoes", "fast", overrides).to_dict()
+    return changed != base or not amp
+
+
+def worker(a) -> None:
+    """Train one (variant, seed) to its budget, evaluating at each point (run in a subprocess)."""
+    import torch
+
+    from iodine_pyro.checkpoint import load_checkpoint
+    from iodine_pyro.evaluate import evaluate
+    from iodine_pyro.train import fit
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    run = out / "runs" / f"{a.variant}-s{a.seed}"
+    results = out / "results.jsonl"
+    done = {r["point"] for r in read_rows(results) if (r["variant"], r["seed"]) == (a.variant, a.seed)}
+    preset, overrides, amp = overrides_of(a.variant)
+    for point in range(1, a.evals + 1):
+        if point in done:
+            continue
+        result = fit(out=run, steps=10**9, dataset="tetrominoes", preset=preset, overrides=overrides,
+                     data=out / "data" / "train", eval_data=out / "data" / "test", seed=a.seed,
+                     log_every=100, checkpoint_every=10**9, progress=False, amp=amp,
+                     time_limit=a.budget * 60 / a.evals, time_clock="cpu")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        res = evaluate(run, num_images=a.eval_images, batch_size=64, progress=False)
+        spent = load_checkpoint(run)["extra"]["spent"]
+        row = {"variant": a.variant, "seed": a.seed, "point": point, "step": result.step,
+               "images": result.step * make_batch(preset, overrides),
+               "cpu_min": spent["cpu_time"] / 60, "wall_min": spent["time"] / 60,
+               **{k: res[k][-1] for k in METRICS}, "logged": rows[-1] if rows else {}}
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{a.variant} seed {a.seed} point {point}/{a.evals}: step {result.step}, "
+              f"{row['cpu_min']:.1f} CPU min, FG-ARI {row['fg_ari']:.3f}, MSE {row['mse']:.4f}", flush=True)
+
+
+def make_batch(preset: str, overrides: dict) -> int:
+    from iodine_pyro.config import make_config
+    return make_config("tetrominoes", preset, overrides).train.batch_size
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_data(out: Path, num_images: int, eval_images: int) -> None:
+    from iodine_pyro.data import generate
+
+    for name, n, seed in (("train", num_images, 0), ("test", eval_images, 10_000)):
+        path = out / "data" / name
+        if not path.exists():
+            generate("tetrominoes", n, path, seed=seed, progress=False)
+
+
+def summarize(out: Path, variants: list[str], evals: int) -> None:
+    """summary.md and curves.png from results.jsonl."""
+    import numpy as np
+
+    from iodine_pyro.figures import draw_learning_speed
+
+    rows = read_rows(out / "results.jsonl")
+    lines = ["| variant | what | seeds | CPU min | steps | images | FG-ARI | ARI | MSE | KL | FG-ARI per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    curves = {}
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        if not mine:
+            continue
+        seeds = sorted({r["seed"] for r in mine})
+        final = [max((r for r in mine if r["seed"] == s), key=lambda r: r["point"]) for s in seeds]
+        mean = {k: float(np.mean([r[k] for r in final])) for k in (*METRICS, "cpu_min", "step", "images")}
+        per_seed = ", ".join(f"{r['fg_ari']:.3f}" for r in final)
+        lines.append(f"| {v} | {VARIANTS[v][0]} | {len(seeds)} | {mean['cpu_min']:.0f} | {mean['step']:.0f} | "
+                     f"{mean['images']:.0f} | {mean['fg_ari']:.3f} | {mean['ari']:.3f} | {mean['mse']:.4f} | "
+                     f"{mean['kl']:.1f} | {per_seed} |")
+        curves[v] = {str(s): sorted(([r["cpu_min"], r["step"], *[r[k] for k in METRICS]]
+                                     for r in mine if r["seed"] == s)) for s in seeds}
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    if curves:
+        draw_learning_speed(curves, METRICS, out / "curves.png")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--budget", type=float, default=30.0, help="CPU minutes of training per run")
+    p.add_argument("--evals", type=int, default=6, help="held-out evaluations per run, evenly over the budget")
+    p.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--num-images", type=int, default=20_000, help="generated training images")
+    p.add_argument("--eval-images", type=int, default=256, help="held-out images")
+    p.add_argument("--out", default="runs/learning-speed")
+    p.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    out = Path(a.out)
+    if a.worker:
+        a.variant, a.seed = a.worker[0], int(a.worker[1])
+        return worker(a)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_data(out, a.num_images, a.eval_images)
+    variants = [v for v in a.variants if applies(v)]
+    skipped = sorted(set(a.variants) - set(variants))
+    if skipped:
+        print(f"not run (the fast preset already has that setting): {', '.join(skipped)}")
+    jobs = [(v, s) for s in a.seeds for v in variants]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    t0 = time.time()
+
+    def run(job):
+        v, s = job
+        cmd = [sys.executable, __file__, "--worker", v, str(s), "--budget", str(a.budget), "--evals", str(a.evals),
+               "--threads", str(a.threads), "--eval-images", str(a.eval_images), "--out", str(out)]
+        return subprocess.run(cmd, env=env).returncode
+
+    with ThreadPoolExecutor(a.parallel) as pool:
+        codes = list(pool.map(run, jobs))
+    print(f"{len(jobs)} runs in {(time.time() - t0) / 60:.1f} wall minutes; exit codes {sorted(set(codes))}")
+    summarize(out, variants, a.evals)
+    if any(codes):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
