@@ -31,7 +31,7 @@ import pyro
 import torch
 
 from iodine_pyro.config import make_config
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.system import Iodine
 
 
 def _status_mb(field: str) -> float | None:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import plain_loss  # noqa: E402
 
 from iodine_pyro.config import make_config  # noqa: E402
-from iodine_pyro.iodine import Iodine  # noqa: E402
+from iodine_pyro.system import Iodine  # noqa: E402
 
 QUICK = {"model.latent_dim": 4, "model.decoder_channels": (8, 8), "model.decoder_kernel": 3,
          "guide.conv_channels": (8, 8), "guide.conv_kernel": 3, "guide.mlp": (16,)}
@@ -121,7 +121,7 @@ def measure(cfg, a, device: torch.device) -> dict[str, float]:
         system.model.forget()
 
     def decoder():
-        from iodine_pyro.models.iodine import autocast
+        from iodine_pyro.models.generative import autocast
         with autocast(z, system.model.amp_dtype):
             out = system.model.decoder(z)
         out.float().sum().backward()

@@ -20,7 +20,7 @@ import torch
 from torch.distributions import kl_divergence
 
 from iodine_pyro.config import make_config
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.system import Iodine
 
 
 def plain_loss(system: Iodine, x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import QUICK, decoder_flops, peak_mib  # noqa: E402
 
 from iodine_pyro.config import make_config  # noqa: E402
-from iodine_pyro.iodine import Iodine  # noqa: E402
+from iodine_pyro.system import Iodine  # noqa: E402
 
 # Rated dense peak TFLOP/s (bf16, float32 without TF32) of devices the check may meet.
 RATED_TFLOPS = {"H200": (989.0, 66.9), "H100": (989.0, 66.9), "A100": (312.0, 19.5),
@@ -109,7 +109,7 @@ def throughput(dataset: str, bf16: bool, device: torch.device, tiny: bool, reps:
         system.model.forget()
 
     def decoder():
-        from iodine_pyro.models.iodine import autocast
+        from iodine_pyro.models.generative import autocast
         with autocast(z, system.model.amp_dtype):
             out = system.model.decoder(z)
         out.float().sum().backward()

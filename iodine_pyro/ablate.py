@@ -19,7 +19,7 @@ from typing import Any
 
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import make_config
-from .data import GENERATORS, DatasetError, generate, open_dataset
+from .data import DATASETS, ensure_generated
 from .train import fit
 
 __all__ = ["FULL", "AblationRun", "ablate", "plan"]
@@ -70,22 +70,6 @@ def plan(dataset: str, inputs: Sequence[str] | None = None, *, preset: str = "pa
     return runs
 
 
-def _ensure_data(dataset: str, path: Path, num_images: int, seed: int, progress: bool) -> Path:
-    """A complete generated dataset at `path`: reused when there, (re)generated otherwise."""
-    try:
-        ds = open_dataset(path)
-    except DatasetError:
-        if path.exists() and any(path.iterdir()) and not ((path / "zarr.json").is_file()
-                                                          or (path / ".zgroup").is_file()):
-            raise
-        generate(dataset, num_images, path, seed=seed, progress=progress, overwrite=True)
-        return path
-    if ds.sizes["image"] != num_images:
-        raise DatasetError(f"{path} holds {ds.sizes['image']} images, not {num_images}; pass the "
-                           f"--num-images of the first call or choose another --out")
-    return path
-
-
 def _finished_step(run_dir: Path) -> int | None:
     path = run_dir / CHECKPOINT
     return int(load_checkpoint(path)["step"]) if path.exists() else None
@@ -100,7 +84,7 @@ def ablate(dataset: str, steps: int, out: str | Path, inputs: Sequence[str] | No
     """Train the full model and one model per refinement input left out.
 
     Args:
-        dataset: a dataset with a generator (``iodine_pyro.data.GENERATORS``).
+        dataset: a generated dataset (``iodine_pyro.data.DATASETS``).
         steps: total optimisation steps of every run.
         out: the ablation directory (``full/``, ``no-<input>/``, ``data/``).
         inputs: the inputs to leave out one at a time (default: all of the configuration's).
@@ -115,15 +99,16 @@ def ablate(dataset: str, steps: int, out: str | Path, inputs: Sequence[str] | No
     """
     if steps < 1 or num_images < 1:
         raise ValueError("steps and num_images must be at least 1")
-    if dataset not in GENERATORS:
-        raise ValueError(f"no generator for {dataset!r}; choose from {', '.join(sorted(GENERATORS))}")
+    if dataset not in DATASETS:
+        raise ValueError(f"no generator for {dataset!r}; choose from {', '.join(DATASETS)}")
     overrides = dict(overrides or {})
     if batch_size is not None:
         overrides["train.batch_size"] = batch_size
     runs = plan(dataset, inputs, preset=preset, overrides=overrides)
     out = Path(out)
-    train = _ensure_data(dataset, out / "data" / "train", num_images, seed, progress)
-    test = _ensure_data(dataset, out / "data" / "test", min(1024, num_images), seed + 10_000, progress)
+    train = ensure_generated(dataset, num_images, out / "data" / "train", seed=seed, progress=progress)
+    test = ensure_generated(dataset, min(1024, num_images), out / "data" / "test", seed=seed + 10_000,
+                            progress=progress)
     report = report or (lambda r: log.info("%s %s at step %d", r.name, r.status, r.step))
     results = []
     for index, (name, disabled) in enumerate(runs):

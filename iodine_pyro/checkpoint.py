@@ -6,6 +6,7 @@ A run directory holds ``checkpoint.pt`` (everything needed to continue exactly),
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -66,6 +67,14 @@ def save_checkpoint(path: Path, *, cfg: Config, system_state: dict, optimizer_st
     }, path)
 
 
+def save_weights(path: Path, ckpt: dict[str, Any], extra: dict | None = None) -> None:
+    """A checkpoint's parameters and configuration only (no optimiser, RNG or data state): a
+    trained model to ship, evaluate and sample from, not to resume."""
+    atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "config": ckpt["config"].to_dict()
+                 if isinstance(ckpt["config"], Config) else ckpt["config"], "system": ckpt["system"],
+                 "step": int(ckpt["step"]), "extra": extra or {}}, path)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint file; raise `CheckpointError` naming it otherwise."""
     path = Path(path)
@@ -83,7 +92,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('format_version')}, "
                               f"this version reads {FORMAT_VERSION}")
-    missing = {"config", "system", "optimizer", "step"} - set(ckpt)
+    missing = {"config", "system", "step"} - set(ckpt)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
     try:
@@ -91,3 +100,33 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an invalid configuration: {e}") from None
     return ckpt
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file (``metrics.jsonl``, or the run directory holding it), in
+    order; a line cut by a crash is skipped; [] when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged rows past `step` (and a line cut by a crash): a resumed run logs them again."""
+    if not Path(path).exists():
+        return
+    keep = "".join(json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= step)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(keep)
+    os.replace(tmp, path)
+

@@ -46,16 +46,23 @@ from torch.distributions import Normal, kl_divergence
 from tqdm.auto import tqdm
 
 from . import metrics
-from .iodine import Iodine
-from .models.iodine import step_scale
+from .data import load_images
+from .evaluate import METRICS as TABLE
+from .evaluate import score_steps
+from .figures import draw_comparison
+from .models.generative import step_scale
 from .posterior import check_slots, rng_devices
+from .run import IMAGES, Run
+from .system import Iodine
 
 log = logging.getLogger(__name__)
 
 __all__ = ["compare", "importance_terms", "optimize_posterior", "merge_scenes", "load_images_for",
-           "write_report", "plot_comparison", "markdown_table"]
+           "write_report", "markdown_table"]
 
-METRICS = ("elbo", "iwae", "nll", "kl", "amortization_gap", "mse", "fg_ari", "ari")
+OWN = ("elbo", "iwae", "nll", "kl", "amortization_gap")       # this module's estimators
+# ... and every per-image metric of the evaluation table that they do not define
+METRICS = OWN + tuple(k for k in TABLE if k not in OWN and k != "pred_nll")
 PIXEL_BUDGET = 2 ** 21        # decoded slot-pixels per decoder call when scoring samples
 
 
@@ -113,13 +120,14 @@ def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 
 def optimize_posterior(system: Iodine, x: torch.Tensor, q0: Normal, *, steps: int = 200,
-                       lr: float = 0.01) -> Normal:
+                       lr: float = 0.01, tick=None) -> Normal:
     """A per-image mean-field Gaussian q*(z) [B, K, n_z] fitted to each image's ELBO.
 
     Initialised at `q0` (the guide's posterior); Adam on Pyro's `TraceMeanField_ELBO` of
     the one-step model (one sample per step, closed-form KL) with the decoder's parameters
     frozen. The batch's images share the loss but not their parameters, and Adam's updates
-    are per element, so every image is optimised on its own.
+    are per element, so every image is optimised on its own. `tick()` is called after every
+    step (progress).
     """
     loc = q0.loc.detach().clone().requires_grad_()                        # [B, K, n_z]
     raw = _inverse_softplus(q0.scale.detach()).clone().requires_grad_()   # [B, K, n_z]
@@ -142,6 +150,8 @@ def optimize_posterior(system: Iodine, x: torch.Tensor, q0: Normal, *, steps: in
                 loss = elbo.differentiable_loss(model, guide, x, None, num_slots=K)
                 loss.backward()
                 optimizer.step()
+                if tick is not None:
+                    tick()
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
@@ -223,75 +233,74 @@ def _place(scene: torch.Tensor, fg: torch.Tensor, source: torch.Tensor, obj: tor
     return placed
 
 
-def load_images_for(run_dir: str | Path, data: str | Path | Mapping[str, torch.Tensor] | None,
-                    num_images: int, merge: int = 1) -> tuple[dict[str, torch.Tensor], str]:
-    """The images of a comparison: ``image`` [N, C, H, W], ``mask`` [N, G, H, W] (if known).
+def load_images_for(run: Run, data: str | Path | Mapping[str, torch.Tensor] | None,
+                    num_images: int, merge: int = 1) -> tuple[dict[str, torch.Tensor], str, int]:
+    """The images of a comparison: ``image`` [N, C, H, W], ``mask`` [N, G, H, W] (if known),
+    where they come from, and how many leading mask groups are background.
 
     `data` is a stored dataset, an in-memory dict with ``image`` (and ``mask``), or None for
-    the first run's held-out set; with `merge` > 1 the scenes are merged (`merge_scenes`).
+    the run's held-out set; with `merge` > 1 the scenes are merged (`merge_scenes`).
     """
-    from .checkpoint import load_checkpoint
-    from .data import load_images, open_dataset
-    from .evaluate import default_data
-    from .train import check_single_images
-
     if isinstance(data, Mapping):
-        batch = {k: v for k, v in data.items() if k in ("image", "mask")}
-        where = "in-memory images"
-        batch = {k: v[:num_images * merge] for k, v in batch.items()}
+        batch = {k: v[:num_images * merge] for k, v in data.items() if k in ("image", "mask")}
+        where, background = "in-memory images", 1
     else:
-        where = str(data) if data else default_data(load_checkpoint(Path(run_dir)))
-        ds = open_dataset(where)
-        check_single_images(ds, where, "compare")
-        n = min(num_images * merge, ds.sizes["image"])
-        batch = load_images(ds, 0, n)
+        ds, where = run.dataset(data, need=IMAGES, command="compare")
+        batch = load_images(ds, 0, min(num_images * merge, ds.sizes["image"]))
+        background = run.background_groups(ds)
     if merge > 1:
         if "mask" not in batch:
             raise ValueError("merging scenes needs ground-truth masks")
         batch["image"], batch["mask"] = merge_scenes(batch["image"], batch["mask"], merge)
-    return batch, where
+    return batch, where, background
 
 
 # -- one guide ------------------------------------------------------------------------------
 def evaluate_guide(system: Iodine, x: torch.Tensor, masks: torch.Tensor | None, *,
                    num_iters: int | None = None, num_slots: int | None = None,
-                   iw_samples: int = 16, gap_steps: int = 200, gap_lr: float = 0.01) -> dict[str, torch.Tensor]:
+                   iw_samples: int = 16, gap_steps: int = 200, gap_lr: float = 0.01,
+                   background: int = 1, tick=None) -> dict[str, torch.Tensor]:
     """Per-image values of every metric at every step for one batch.
+
+    The evaluation table's metrics (`iodine_pyro.evaluate.METRICS`) come from the engine
+    (FG-ARI dropping `background` groups), the estimators from this module; the per-image
+    posterior of the amortization gap starts from the trained step T (the last step when
+    fewer are run). `tick(n)` reports n units of work done (one per step, one per Adam step).
 
     Returns:
         {metric: [L, B]} for `METRICS`, plus ``optimized_elbo``, ``optimized_iwae``,
         ``optimized_kl``, ``optimized_nll`` [B].
     """
+    tick = tick or (lambda n=1: None)
     steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)    # L x StepResult
-    trained = len(system.weights()) - 1 if system.cfg.guide.kind == "iterative" else 0
-    per: dict[str, list[torch.Tensor]] = {k: [] for k in METRICS}
+    trained = min(len(system.weights()), len(steps)) - 1 if system.guide.refines else 0
+    per: dict[str, list[torch.Tensor]] = {k: [] for k in OWN if k != "amortization_gap"}
     for s in steps:
         q = system.guide.posterior(s.lam)                                 # batch [B, K, n_z]
         for k, v in _elbo_iwae(system, x, q, iw_samples).items():
             per[k].append(v.double())
-        per["mse"].append(metrics.mse(x, s.recon))
-        nan = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
-        per["fg_ari"].append(metrics.ari(masks, s.masks, foreground_only=True) if masks is not None else nan)
-        per["ari"].append(metrics.ari(masks, s.masks) if masks is not None else nan)
+        tick(1)
+    nan = torch.full((len(steps), x.shape[0]), float("nan"), dtype=torch.float64)
+    table = score_steps(system, x, steps, masks, background, [k for k in METRICS if k in TABLE and k not in OWN])
     q_star = optimize_posterior(system, x, system.guide.posterior(steps[trained].lam),
-                                steps=gap_steps, lr=gap_lr)
+                                steps=gap_steps, lr=gap_lr, tick=lambda: tick(1))
     opt = {f"optimized_{k}": v.double() for k, v in _elbo_iwae(system, x, q_star, iw_samples).items()}
     per["amortization_gap"] = [opt["optimized_elbo"] - e for e in per["elbo"]]
     out = {k: torch.stack(v).cpu() for k, v in per.items()}              # [L, B]
+    out.update({k: table.get(k, nan) for k in METRICS if k not in OWN})  # [L, B]; NaN without masks
     out.update({k: v.cpu() for k, v in opt.items()})                     # [B]
     return out
 
 
-def _run_name(run_dir: Path, taken: set[str]) -> str:
-    run_dir = Path(run_dir)
-    base = run_dir.parent.name if run_dir.suffix == ".pt" else run_dir.name
+def _run_name(run: Run, taken: set[str]) -> str:
+    base = run.name
     name, i = base or "run", 2
     while name in taken:
         name, i = f"{base}-{i}", i + 1
     return name
 
 
-def compare(run_dirs: Sequence[str | Path], *, num_images: int = 64, num_iters: int | None = None,
+def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters: int | None = None,
             num_slots: int | None = None, iw_samples: int = 16, gap_steps: int = 200,
             gap_lr: float = 0.01, seed: int = 0,
             data: str | Path | Mapping[str, torch.Tensor] | None = None, batch_size: int = 16,
@@ -299,26 +308,27 @@ def compare(run_dirs: Sequence[str | Path], *, num_images: int = 64, num_iters: 
     """Evaluate the guides of several runs on the same images (see the module docstring).
 
     Args:
-        run_dirs: run directories (or checkpoint files); their image shapes must agree.
+        runs: `Run`s, or what `Run.open` takes (run directories, checkpoint files,
+            ``pretrained:NAME``); their image shapes must agree.
         num_images: images (scenes, after merging) to evaluate.
-        num_iters: refinement iterations of iterative guides (default 2T, each run its own
-            T); the amortized guide always takes one step.
-        num_slots: K at test time (iterative guides; an amortized run refuses another K).
+        num_iters: refinement steps of guides that refine (default: each run's trained T;
+            more looks beyond it, fewer stops early); a one-shot guide always takes one.
+        num_slots: K at test time (guides that can change K; others refuse another K).
         iw_samples: S, the samples of every ELBO / IWAE estimate.
         gap_steps, gap_lr: Adam steps and learning rate of the per-image posterior.
         seed: seeds the refinement and every estimate (the same for every run).
         data: stored dataset, in-memory dict (``image``, ``mask``) or None (first run's).
         batch_size: images per batch.
         merge: source images merged into each scene (`merge_scenes`); 1 leaves them alone.
+        progress: a progress bar over all runs with an estimate of the time left.
     Returns:
         ``{"settings": {...}, "runs": {name: {...}}}``: per run the lists over steps 1..L of
         every metric in `METRICS`, ``trained_step`` (1-based position of the trained T in
-        those lists), ``optimized_elbo`` / ``optimized_iwae`` / ``optimized_kl`` /
-        ``optimized_nll`` and ``final`` (every metric at the trained step).
+        those lists, which may lie beyond L), ``final_step`` (the trained step, or L when
+        fewer steps were run), ``optimized_elbo`` / ``optimized_iwae`` / ``optimized_kl`` /
+        ``optimized_nll`` and ``final`` (every metric at the final step).
     """
-    from .evaluate import load_run
-
-    if not run_dirs:
+    if not runs:
         raise ValueError("give at least one run directory")
     for name, value in [("--num-images", num_images), ("--iw-samples", iw_samples),
                         ("--batch-size", batch_size), ("--merge-scenes", merge)]:
@@ -329,55 +339,65 @@ def compare(run_dirs: Sequence[str | Path], *, num_images: int = 64, num_iters: 
     for name, value in [("--num-iters", num_iters), ("--num-slots", num_slots)]:
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    systems = []
-    for run_dir in run_dirs:                      # load (and check) every run before any work
-        system, ckpt = load_run(run_dir, device)
+    opened = []
+    for run in runs:                               # open (and check) every run before any work
+        run = run if isinstance(run, Run) else Run.open(run, device)
         try:
-            check_slots(system, num_slots)
+            check_slots(run.system, num_slots)
         except ValueError as e:
-            raise ValueError(f"{run_dir}: {e}") from None
-        systems.append((Path(run_dir), system, ckpt))
-    batch, where = load_images_for(run_dirs[0], data, num_images, merge)
+            raise ValueError(f"{run.ref}: {e}") from None
+        opened.append(run)
+    batch, where, background = load_images_for(opened[0], data, num_images, merge)
     x_all = batch["image"][:num_images].to(device)                        # [N, C, H, W]
     m_all = batch["mask"][:num_images].to(device) if "mask" in batch else None   # [N, G, H, W]
     N = x_all.shape[0]
-    objects = float((m_all[:, 1:].flatten(2).amax(2) > 0).sum(1).double().mean()) if m_all is not None else None
+    objects = float((m_all[:, background:].flatten(2).amax(2) > 0).sum(1).double().mean()) \
+        if m_all is not None else None
     settings = {"num_images": N, "data": where, "merge_scenes": merge, "objects_per_image": objects,
-                "num_iters": num_iters, "num_slots": num_slots, "iw_samples": iw_samples,
-                "gap_steps": gap_steps, "gap_lr": gap_lr, "seed": seed, "batch_size": batch_size}
-    runs: dict[str, Any] = {}
-    for run_dir, system, ckpt in systems:
-        name = _run_name(run_dir, set(runs))
-        cfg = system.cfg
+                "background_groups": background, "num_iters": num_iters, "num_slots": num_slots,
+                "iw_samples": iw_samples, "gap_steps": gap_steps, "gap_lr": gap_lr, "seed": seed,
+                "batch_size": batch_size}
+    plans = []
+    for run in opened:
+        refines = run.system.guide.refines
+        iters = (num_iters or run.cfg.guide.num_iters) if refines else None
+        L = len(run.system.weights(iters)) if refines else 1
+        plans.append((run, iters, L))
+    work = sum(math.ceil(N / batch_size) * (L + gap_steps) for _, _, L in plans)   # steps + Adam steps
+    bar = tqdm(total=work, disable=not progress, desc="compare", unit="step", dynamic_ncols=True)
+    results: dict[str, Any] = {}
+    for run, iters, L in plans:
+        name = _run_name(run, set(results))
+        system, cfg = run.system, run.cfg
         try:
-            system.check_images(x_all[:1])
+            system.check_batch(x_all[:1])
         except ValueError as e:
-            raise ValueError(f"{run_dir}: {e}") from None
-        iterative = cfg.guide.kind == "iterative"
-        iters = (num_iters or 2 * cfg.guide.num_iters) if iterative else None
-        trained = len(system.weights()) if iterative else 1
+            raise ValueError(f"{run.ref}: {e}") from None
+        trained = len(system.weights()) if system.guide.refines else 1
+        bar.set_postfix_str(name)
         log.info("comparing %s (%s guide) on %d images", name, cfg.guide.kind, N)
         parts: list[dict[str, torch.Tensor]] = []
         with pyro.get_param_store().scope(), torch.random.fork_rng(devices=rng_devices(x_all)):
             torch.manual_seed(seed)
-            for start in tqdm(range(0, N, batch_size), disable=not progress, desc=f"compare {name}",
-                              unit="batch"):
+            for start in range(0, N, batch_size):
                 stop = min(start + batch_size, N)
                 parts.append(evaluate_guide(system, x_all[start:stop],
                                             m_all[start:stop] if m_all is not None else None,
                                             num_iters=iters, num_slots=num_slots, iw_samples=iw_samples,
-                                            gap_steps=gap_steps, gap_lr=gap_lr))
+                                            gap_steps=gap_steps, gap_lr=gap_lr, background=background,
+                                            tick=bar.update))
         joined = {k: torch.cat([p[k] for p in parts], -1) for k in parts[0]}   # [L, N] or [N]
         result: dict[str, Any] = {k: [metrics.summarize(row) for row in joined[k]] for k in METRICS}
         result.update({k: metrics.summarize(joined[k]) for k in joined if k.startswith("optimized_")})
-        L = len(result["elbo"])
-        result["final"] = {k: result[k][trained - 1] for k in METRICS}
-        result.update(run_dir=str(run_dir), guide=cfg.guide.kind, dataset=cfg.dataset, preset=cfg.preset,
-                      checkpoint_step=int(ckpt["step"]), trained_num_iters=cfg.guide.num_iters if iterative else 0,
+        final = min(trained, L)
+        result["final"] = {k: result[k][final - 1] for k in METRICS}
+        result.update(run_dir=run.ref, guide=cfg.guide.kind, dataset=cfg.dataset, preset=cfg.preset,
+                      checkpoint_step=run.step, trained_num_iters=cfg.guide.num_iters if system.guide.refines else 0,
                       trained_num_slots=cfg.model.num_slots, num_slots=num_slots or cfg.model.num_slots,
-                      steps=L, trained_step=trained)
-        runs[name] = result
-    return {"settings": settings, "runs": runs}
+                      steps=L, trained_step=trained, final_step=final)
+        results[name] = result
+    bar.close()
+    return {"settings": settings, "runs": results}
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -398,7 +418,7 @@ def markdown_table(result: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         f = r["final"]
-        lines.append(f"| {name} | {r['guide']} | {r['num_slots']} | {r['trained_step']} | {_fmt(f['elbo'], '.1f')} | "
+        lines.append(f"| {name} | {r['guide']} | {r['num_slots']} | {r['final_step']} | {_fmt(f['elbo'], '.1f')} | "
                      f"{_fmt(f['iwae'], '.1f')} | {_fmt(r['optimized_elbo'], '.1f')} | "
                      f"{_fmt(f['amortization_gap'], '.1f')} | {_fmt(f['kl'], '.1f')} | {_fmt(f['nll'], '.1f')} | "
                      f"{_fmt(f['mse'], '.5f')} | {_fmt(f['fg_ari'], '.3f')} |")
@@ -417,38 +437,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(result: dict[str, Any], path: str | Path) -> Path:
-    """ELBO, FG-ARI and MSE against the refinement step: iterative guides as lines with
-    their trained T marked (dotted), amortized guides as dashed horizontal lines, and
-    each run's optimised per-image ELBO as a faint horizontal line in the ELBO panel."""
-    from .plotting import plt, save_figure, slot_colors
-
-    runs = result["runs"]
-    colors = slot_colors(max(len(runs), 1))
-    longest = max(r["steps"] for r in runs.values())
-    panels = [("elbo", "ELBO (nats / image)"), ("fg_ari", "FG-ARI"), ("mse", "MSE")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        for c, (name, r) in zip(colors, runs.items()):
-            values = r[key]
-            if r["steps"] > 1:
-                ax.plot(range(1, r["steps"] + 1), values, "o-", color=c, ms=3, label=name)
-                ax.axvline(r["trained_step"], color=c, ls=":", lw=1)
-            else:
-                ax.axhline(values[0], color=c, ls="--", label=f"{name} (amortized)")
-            if key == "elbo" and r["optimized_elbo"] is not None and not math.isnan(r["optimized_elbo"]):
-                ax.axhline(r["optimized_elbo"], color=c, ls="-", lw=0.8, alpha=0.4)
-        ax.set_xlim(0.5, max(longest, 1) + 0.5)
-        ax.set_xlabel("refinement step")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{result['settings']['num_images']} images; dotted: trained T; faint: optimised ELBO",
-                 fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 def write_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """compare.json, compare.md and compare.png in directory `out`."""
     out = Path(out)
@@ -456,5 +444,5 @@ def write_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
     paths = {"json": out / "compare.json", "table": out / "compare.md", "plot": out / "compare.png"}
     paths["json"].write_text(json.dumps(result, indent=1) + "\n")
     paths["table"].write_text(markdown_table(result))
-    plot_comparison(result, paths["plot"])
+    draw_comparison(result, paths["plot"])
     return paths

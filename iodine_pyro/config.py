@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .guides import ITERATIVE, guide_kinds
 from .guides.inputs import INPUTS, PAPER_INPUTS, PAPER_STOP_GRADIENT
 
 # The refinement network's inputs are the rows of `iodine_pyro.guides.inputs.INPUTS`;
@@ -56,7 +57,8 @@ class ModelConfig:
 class GuideConfig:
     """IODINE's iterative amortized posterior q(z | lambda_T)."""
 
-    kind: str = "iterative"                  # "iterative" | "amortized" (VAE baseline)
+    kind: str = ITERATIVE                    # a registered guide (iodine_pyro.guides): IODINE's
+                                             # iterative guide, or the amortized VAE baseline
     num_iters: int = 5                       # T
     loss_weights: str = "paper"              # "paper": t/T, t=1..T; "deepmind": linspace(0,1,T+1)
     posterior_scale: str = "softplus"        # sigma = softplus(s) | "sqrt_softplus": sqrt(softplus(s))
@@ -64,7 +66,8 @@ class GuideConfig:
     conv_channels: tuple[int, ...] = (32, 32, 32)
     conv_kernel: int = 5
     conv_stride: int = 1                     # deepmind: 2 (SAME padding)
-    mlp: tuple[int, ...] = (128,)
+    mlp: tuple[int, ...] = (128,)            # after pooling, ELU after each layer ...
+    mlp_linear_last: bool = False            # ... but the last (CLEVR; the released code everywhere)
     lstm: int | None = None                  # hidden size; None = no LSTM (Tetrominoes)
     inputs: tuple[str, ...] = PAPER_INPUTS   # rows of guides.inputs.INPUTS, by name
     stop_gradient: tuple[str, ...] = PAPER_STOP_GRADIENT  # inputs the loss does not differentiate through
@@ -147,7 +150,8 @@ _CLEVR = {
     "model.decoder_kernel": 3,
     "guide.conv_channels": (64, 64, 64, 64),
     "guide.conv_kernel": 3,
-    "guide.mlp": (256,),
+    "guide.mlp": (256, 256),                 # 256 ELU, 256 linear (appendix C; the released config)
+    "guide.mlp_linear_last": True,
     "guide.lstm": 256,
 }
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -194,6 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "guide.conv_stride": 2,
         "guide.inputs": DEEPMIND_INPUTS,
         "guide.grad_reduction": "batch_mean",
+        "guide.mlp_linear_last": True,
         "train.beta1": 0.95,
         "train.init": "sonnet",
         "train.lr_decay": 0.1,
@@ -265,7 +270,7 @@ def validate(cfg: Config) -> None:
         (m.pixel_scale > 0, f"pixel_scale must be > 0, got {m.pixel_scale}"),
         (m.prior_var > 0, f"prior_var must be > 0, got {m.prior_var}"),
         (m.decoder in ("broadcast", "deconv"), f"decoder must be broadcast or deconv, got {m.decoder!r}"),
-        (g.kind in ("iterative", "amortized"), f"guide must be iterative or amortized, got {g.kind!r}"),
+        (g.kind in guide_kinds(), f"unknown guide {g.kind!r}; choose from {', '.join(guide_kinds())}"),
         (g.num_iters >= 1, f"num_iters must be >= 1, got {g.num_iters}"),
         (g.loss_weights in ("paper", "deepmind"), "loss_weights must be paper or deepmind"),
         (g.posterior_scale in ("softplus", "sqrt_softplus"), "posterior_scale must be softplus or sqrt_softplus"),

@@ -281,9 +281,8 @@ class Trainer:
         if deferred:
             system.elbo = SyncFreeMeanFieldELBO()
         if processes.distributed:
-            cfg = system.cfg
             # with a single decoder pass the refinement network never runs
-            unused = cfg.guide.kind == "iterative" and len(system.weights()) < 2
+            unused = system.guide.refines and len(system.weights()) < 2
             ids = [processes.device.index] if processes.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(
                 system, device_ids=ids, find_unused_parameters=unused, **_ddp_buffer_kwargs())

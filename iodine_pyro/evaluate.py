@@ -1,127 +1,184 @@
-"""Evaluation of a trained run: FG-ARI, ARI, MSE, KL and NLL at every refinement step."""
+"""One evaluation engine: named per-image metrics of every refinement step.
+
+`METRICS` is the table that every report iterates: `evaluate` (images and sequences),
+`compare`, the training log and the command line's tables. Each row computes one value
+per image from a `Scored` step; adding a metric is one function and one row here.
+
+FG-ARI drops the leading mask groups that the dataset's description calls background
+(`iodine_pyro.data.background_groups`: 1 for most datasets, 4 for Objects Room: sky,
+floor, two wall halves), in every path. Per-image values can be NaN where DeepMind's
+ARI is undefined (see `iodine_pyro.metrics.ari`); means over images are nan-aware
+(`metrics.summarize`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .checkpoint import load_checkpoint
-from .data import DatasetError, load_images, open_dataset
-from .iodine import Iodine
-from .models.iodine import Decoded
-from .train import check_images
+from .data import is_sequence, load_images
+from .models.generative import Decoded, frame
+from .run import Run
+from .system import Iodine, StepResult
+
+__all__ = ["METRICS", "Metric", "Scored", "batch_metrics", "evaluate", "score_steps"]
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Iodine, dict[str, Any]]:
-    """The trained system of a run directory (eval mode) and its checkpoint."""
-    ckpt = load_checkpoint(Path(run_dir), map_location=device)
-    system = Iodine(ckpt["config"]).to(device)
-    try:
-        system.load_state_dict(ckpt["system"])
-    except RuntimeError as e:
-        from .checkpoint import CheckpointError
-        raise CheckpointError(f"checkpoint in {run_dir} does not fit its configuration: "
-                              f"{str(e).splitlines()[0]}") from None
-    system.eval()
-    return system, ckpt
+class Scored(NamedTuple):
+    """One refinement step and what it is scored against."""
+
+    system: Iodine
+    x: torch.Tensor                  # [B, C, H, W] the image (frame) the step read
+    step: StepResult
+    true: torch.Tensor | None        # [B, G, H, W] ground-truth masks, when known
+    background: int                  # leading groups FG-ARI drops
+    next_x: torch.Tensor | None      # [B, C, H, W] the next frame of a sequence, or None
 
 
-def default_data(ckpt: dict[str, Any]) -> str:
-    d = ckpt.get("data") or {}
-    path = d.get("eval") or d.get("train")
-    if not path:
-        raise DatasetError("the checkpoint names no dataset; pass --data")
-    return path
+@dataclass(frozen=True)
+class Metric:
+    """One row of the table.
+
+    Attributes:
+        name: its key in results and JSON.
+        label: its column heading.
+        fmt: its format in tables.
+        compute: `Scored` -> float64 [B], or None where it does not apply (no masks, no
+            next frame).
+        doc: what it is.
+    """
+
+    name: str
+    label: str
+    fmt: str
+    compute: Callable[[Scored], torch.Tensor | None]
+    doc: str
 
 
-def evaluate(run_dir: str | Path, *, num_images: int = 256, batch_size: int = 32,
+def _fg_ari(s: Scored) -> torch.Tensor | None:
+    return None if s.true is None else metrics.ari(s.true, s.step.masks, foreground_only=s.background)
+
+
+def _ari(s: Scored) -> torch.Tensor | None:
+    return None if s.true is None else metrics.ari(s.true, s.step.masks)
+
+
+def _next_nll(s: Scored) -> torch.Tensor | None:
+    if s.next_x is None:
+        return None
+    pixels = s.system.model.likelihood(Decoded(s.step.means, s.step.mask_logits))
+    return pixels.log_prob(s.next_x).neg().double()
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("fg_ari", "FG-ARI", ".4f", _fg_ari, "ARI of the masks' argmax without the background groups"),
+    Metric("ari", "ARI", ".4f", _ari, "ARI of the masks' argmax over all labelled pixels"),
+    Metric("mse", "MSE", ".5f", lambda s: metrics.mse(s.x, s.step.recon), "reconstruction MSE, [0, 1] scale"),
+    Metric("kl", "KL", ".3f", lambda s: s.step.kl.double(), "KL(q || p), nats, summed over slots and dims"),
+    Metric("nll", "NLL", ".1f", lambda s: s.step.nll.double(), "-log p(x | z) of the step's sample, nats"),
+    Metric("pred_nll", "next NLL", ".1f", _next_nll,
+           "sequences: -log p(next frame | z of this frame), nats (next-step prediction)"),
+]}
+
+
+def score_steps(system: Iodine, x: torch.Tensor, steps: list[StepResult], true: torch.Tensor | None,
+                background: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """{metric: [L, B]} over the L steps of a batch (rows where a metric does not apply are
+    left out: a metric absent from every step is absent from the result).
+
+    Args:
+        x: [B, C, H, W] images, or [B, F, C, H, W] sequences (step t scores frame t).
+        true: ground-truth masks [B, G, H, W] (or [B, F, G, H, W]), or None.
+    """
+    out: dict[str, list[torch.Tensor]] = {}
+    sequence = x.dim() == 5
+    for t, step in enumerate(steps):
+        nxt = x[:, t + 1] if sequence and t + 1 < x.shape[1] else None
+        s = Scored(system, frame(x, t), step, frame(true, t) if true is not None else None, background, nxt)
+        for name in names or METRICS:
+            value = METRICS[name].compute(s)
+            if value is not None:
+                out.setdefault(name, []).append(value.detach().cpu())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def batch_metrics(system: Iodine, batch: dict[str, torch.Tensor], background: int) -> dict[str, float]:
+    """The table's metrics of the final refinement step on one batch (the training log)."""
+    steps = system.infer(batch["image"])
+    last = len(steps) - 1
+    x = batch["image"][:, :last + 1] if batch["image"].dim() == 5 else batch["image"]
+    true = batch.get("mask")
+    true = true[:, :last + 1] if true is not None and true.dim() == 5 else true
+    scores = score_steps(system, x, steps, true, background)
+    return {k: metrics.summarize(v[-1]) for k, v in scores.items() if len(v) == len(steps)}
+
+
+def evaluate(run: Run | str | Path, *, num_images: int = 256, batch_size: int = 32,
              data: str | Path | None = None, num_iters: int | None = None,
              num_slots: int | None = None, seed: int = 0, device: str = "cpu",
              progress: bool = True) -> dict[str, Any]:
-    """Metrics per refinement step over the first `num_images` images of `data`.
+    """The table's metrics at every refinement step over the first `num_images` images of
+    the run's held-out set (or `data`).
 
-    Returns a dict with lists over refinement steps: ``fg_ari``, ``ari`` (nan-aware means
-    over images), ``mse`` (reconstruction, [0, 1] scale), ``kl`` (nats per image, summed
-    over slots and dims), ``nll`` (nats per image); plus the settings used.
+    Returns a dict with a list over refinement steps (over frames for a sequence run, one
+    step per frame) for every metric of `METRICS` that applies; for sequences also
+    ``slot_stability`` (`metrics.slot_stability`, a nan-aware mean over sequences) and
+    ``sequence``; plus the settings used (``data``, ``num_images``, ``step``, ...).
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
-    system, ckpt = load_run(run_dir, device)
-    cfg = ckpt["config"]
-    data = str(data) if data else default_data(ckpt)
-    ds = open_dataset(data)
-    check_images(ds, cfg, data)
-    if "frame" in ds["image"].dims:
-        return evaluate_sequences(system, ckpt, ds, data, num_images=num_images, batch_size=batch_size,
-                                  num_iters=num_iters, num_slots=num_slots, seed=seed, device=device,
-                                  progress=progress)
+    run = run if isinstance(run, Run) else Run.open(run, device)
+    ds, where = run.dataset(data, need=None, command="evaluate")
+    sequence = is_sequence(ds)
+    background = run.background_groups(ds)
+    system = run.system
     n = min(num_images, ds.sizes["image"])
     torch.manual_seed(seed)
-    sums: dict[str, list[list[torch.Tensor]]] = {k: [] for k in ("fg_ari", "ari", "mse", "kl", "nll")}
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="evaluate", unit="batch"):
-        batch = load_images(ds, start, min(start + batch_size, n))
-        x = batch["image"].to(device)
-        true = batch["mask"].to(device)
-        steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)
-        per = {"fg_ari": [metrics.ari(true, s.masks, foreground_only=True) for s in steps],
-               "ari": [metrics.ari(true, s.masks) for s in steps],
-               "mse": [metrics.mse(x, s.recon) for s in steps],
-               "kl": [s.kl.double() for s in steps], "nll": [s.nll.double() for s in steps]}
-        for k, v in per.items():
-            sums[k].append(torch.stack(v).cpu())                        # [steps, b]
-    result: dict[str, Any] = {k: [metrics.summarize(row) for row in torch.cat(v, 1)]
-                              for k, v in sums.items()}                 # [steps]
-    result.update(num_images=n, data=data, step=int(ckpt["step"]), dataset=cfg.dataset,
-                  preset=cfg.preset, guide=cfg.guide.kind,
-                  num_slots=num_slots or cfg.model.num_slots,
-                  num_iters=len(result["fg_ari"]))
-    return result
-
-
-def evaluate_sequences(system: Iodine, ckpt: dict[str, Any], ds, data: str, *, num_images: int,
-                       batch_size: int, num_iters: int | None, num_slots: int | None, seed: int,
-                       device: str, progress: bool) -> dict[str, Any]:
-    """Tracking metrics of a sequence run: one refinement step per frame.
-
-    Returns lists over frames: ``fg_ari`` (the dataset's background groups dropped: 4 for
-    Objects Room), ``ari``, ``mse``, ``kl``, ``nll`` (-log p(frame t | z_t)), ``pred_nll``
-    (-log p(frame t+1 | z_t), one shorter); and ``slot_stability`` (`metrics.slot_stability`,
-    a nan-aware mean over sequences), with the settings used.
-    """
-    from .data.convert import background_groups
-    from .models.iodine import frame
-
-    cfg = ckpt["config"]
-    background = background_groups(cfg.dataset, ds.attrs)
-    n = min(num_images, ds.sizes["image"])
-    torch.manual_seed(seed)
-    sums: dict[str, list[torch.Tensor]] = {k: [] for k in ("fg_ari", "ari", "mse", "kl", "nll", "pred_nll")}
+    parts: dict[str, list[torch.Tensor]] = {}
     stability = []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="evaluate", unit="batch"):
+    bar = tqdm(total=n, disable=not progress, desc="evaluate", unit="img", dynamic_ncols=True)
+    for start in range(0, n, batch_size):
         batch = load_images(ds, start, min(start + batch_size, n))
-        x = batch["image"].to(device)                                   # [b, F, C, H, W]
-        true = batch["mask"].to(device)                                 # [b, F, G, H, W]
-        steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)   # one per frame
-        frames = range(len(steps))
-        per = {"fg_ari": [metrics.ari(frame(true, t), s.masks, foreground_only=background)
-                          for t, s in zip(frames, steps)],
-               "ari": [metrics.ari(frame(true, t), s.masks) for t, s in zip(frames, steps)],
-               "mse": [metrics.mse(frame(x, t), s.recon) for t, s in zip(frames, steps)],
-               "kl": [s.kl.double() for s in steps], "nll": [s.nll.double() for s in steps],
-               "pred_nll": [system.model.likelihood(Decoded(s.means, s.mask_logits)).log_prob(x[:, t + 1])
-                            .neg().double() for t, s in zip(frames, steps[:-1])]}
-        for k, v in per.items():
-            sums[k].append(torch.stack(v).cpu())                        # [frames, b]
-        masks = torch.stack([s.masks for s in steps], 1)                # [b, frames, K, H, W]
-        stability.append(metrics.slot_stability(true[:, :len(steps)], masks, background).cpu())
-    result: dict[str, Any] = {k: [metrics.summarize(row) for row in torch.cat(v, 1)]
-                              for k, v in sums.items()}                 # [frames]
-    result.update(slot_stability=metrics.summarize(torch.cat(stability)), sequence=True,
-                  background_groups=background, num_images=n, data=data, step=int(ckpt["step"]),
-                  dataset=cfg.dataset, preset=cfg.preset, guide=cfg.guide.kind,
-                  num_slots=num_slots or cfg.model.num_slots, num_iters=len(result["fg_ari"]))
+        x = batch["image"].to(run.device)                                  # [b, (F,) C, H, W]
+        true = batch["mask"].to(run.device) if "mask" in batch else None
+        steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)   # one per step (frame)
+        if sequence:
+            x, true = x[:, :len(steps)], true[:, :len(steps)] if true is not None else None
+        for k, v in score_steps(system, x, steps, true, background).items():
+            parts.setdefault(k, []).append(v)                               # [steps, b]
+        if sequence and true is not None:
+            masks = torch.stack([s.masks for s in steps], 1)                # [b, frames, K, H, W]
+            stability.append(metrics.slot_stability(true, masks, background).cpu())
+        bar.update(x.shape[0])
+    bar.close()
+    result: dict[str, Any] = {k: [metrics.summarize(row) for row in torch.cat(v, 1)] for k, v in parts.items()}
+    cfg = run.cfg
+    result.update(num_images=n, data=where, step=run.step, dataset=cfg.dataset, preset=cfg.preset,
+                  guide=cfg.guide.kind, num_slots=num_slots or cfg.model.num_slots,
+                  num_iters=len(result["mse"]), background_groups=background)
+    if sequence:
+        result.update(sequence=True, slot_stability=metrics.summarize(torch.cat(stability))
+                      if stability else float("nan"))
     return result
+
+
+def table(result: dict[str, Any], names: list[str] | None = None, first: str = "t") -> list[str]:
+    """The lines of a per-step table of `result` (one row per step, one column per metric of
+    `METRICS` it holds)."""
+    names = [n for n in (names or METRICS) if n in result]
+    head = f"{first:>5} " + " ".join(f"{METRICS[n].label:>10}" for n in names)
+    lines = [head]
+    for t in range(result["num_iters"]):
+        cells = []
+        for n in names:
+            values = result[n]
+            cells.append(f"{values[t]:>10{METRICS[n].fmt}}" if t < len(values) else f"{'':>10}")
+        lines.append(f"{t + 1:>5} " + " ".join(cells))
+    return lines

@@ -17,10 +17,10 @@ mask-logits        `mask_logits`    20 to 22        ``FILE.npz``: ``image`` [N, 
                                                     ``true_masks`` [N, G, H, W], ``image_index``
 traversal          `traversal`      30 to 32        ``FILE.npz``: ``image`` [C, H, W],
                                                     ``image_index``, ``slot``, ``posterior_mean``
-                                                    [K, n_z], ``kl`` [n_z], ``dims`` [n_z] (row
-                                                    order), ``offsets`` [V] (prior sd),
-                                                    ``values`` [n_z, V], ``renders``
-                                                    [n_z, V, C, H, W] (rows in ``dims`` order),
+                                                    [K, n_z], ``kl`` [n_z], ``dims`` [D] (the
+                                                    rows: most KL first), ``offsets`` [V]
+                                                    (prior sd), ``values`` [D, V], ``renders``
+                                                    [D, V, C, H, W] (rows in ``dims`` order),
                                                     ``recon`` [C, H, W], ``slot_mask`` [H, W]
 projection         `projection`     24 to 29        ``FILE.npz``: one row per matched object:
                                                     ``latent`` [M, n_z], ``pca`` [M, 2],
@@ -34,8 +34,11 @@ ablation           `ablation`       33 to 40        ``FILE.json``: as curves, on
                                                     ablation (``full``, ``no-<input>``)
 =================  ===============  ==============  ==========================================
 
-Figures that run the model take a run directory (see `iodine_pyro.evaluate.load_run`) and
-read the run's held-out images unless ``data`` names another dataset. Every random choice
+Figures that run the model take a `iodine_pyro.run.Run` (or what `Run.open` takes: a run
+directory, a checkpoint file, ``pretrained:NAME``) and read the run's held-out images
+unless ``data`` names another dataset. This module is the package's one figure toolkit:
+`fit`'s pictures, the ``plot`` figures, multi-stability, the guide comparison and ``data
+show`` all draw with it. Every random choice
 (posterior samples, the traversal's image and slot, t-SNE) follows ``seed``, so the same
 arguments give the same PNG, byte for byte.
 """
@@ -59,19 +62,18 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.distributions import kl_divergence  # noqa: E402
 
-from .checkpoint import METRICS  # noqa: E402
-from .data import DatasetError, load_images, open_dataset  # noqa: E402
-from .evaluate import default_data, load_run  # noqa: E402
-from .iodine import Iodine  # noqa: E402
-from .plotting import save_figure, slot_colors  # noqa: E402
-from .train import check_images, check_single_images  # noqa: E402
+from .checkpoint import METRICS, read_metrics  # noqa: E402
+from .data import DATASETS, DatasetError, is_sequence, load_images  # noqa: E402
+from .run import IMAGES, SEQUENCES, Run  # noqa: E402
+from .system import Iodine  # noqa: E402
 
 __all__ = [
     "FigureFiles", "decomposition", "sequence", "mask_logits", "traversal", "projection", "curves",
-    "ablation", "read_metrics", "ablation_runs",
+    "ablation", "ablation_runs", "save_figure", "slot_colors",
 ]
 
 DPI = 100
+TRAVERSAL_DIMS = 8          # latent dimensions a traversal shows by default: those with most KL
 CURVE_KEYS = ("loss", "mse", "kl", "fg_ari")
 # metrics.jsonl key -> (panel title, y-axis label); the metrics are of one training batch
 # at the final refinement step, the loss is the training objective sum_t w_t L_t.
@@ -82,8 +84,9 @@ CURVE_LABELS = {
     "fg_ari": ("segmentation FG-ARI", "FG-ARI, final step"),
     "ari": ("segmentation ARI", "ARI, final step"),
 }
-# Factors drawn with a discrete palette even when numeric.
-CATEGORICAL = {"shape", "color", "material", "size"}
+# Factors drawn with a discrete palette even when numeric, for a store of no known dataset
+# (a known dataset's description says which of its factors are categorical).
+CATEGORICAL = frozenset({"shape", "color", "material", "size"})
 RGB_NAMES = {(1, 0, 0): "red", (0, 1, 0): "green", (0, 0, 1): "blue", (1, 1, 0): "yellow",
              (1, 0, 1): "magenta", (0, 1, 1): "cyan", (1, 1, 1): "white", (0, 0, 0): "black"}
 
@@ -101,20 +104,39 @@ class FigureFiles:
 # ---------------------------------------------------------------------------------------
 
 
+def save_figure(fig, path: str | Path, dpi: int = DPI) -> Path:
+    """Write `fig` to `path` (creating its folder) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def slot_colors(num_slots: int) -> np.ndarray:
+    """[K, 3] distinct colours, the same for a given K everywhere."""
+    cmap = plt.get_cmap("tab10" if num_slots <= 10 else "tab20")
+    return np.array([cmap(k % cmap.N)[:3] for k in range(num_slots)])
+
+
 @dataclass
-class _Run:
-    system: Iodine
-    ckpt: dict[str, Any]
+class _Opened:
+    """A run with the dataset a figure reads."""
+
+    run: Run
     ds: Any
     data: str
-    name: str
+
+    @property
+    def system(self) -> Iodine:
+        return self.run.system
 
     @property
     def cfg(self):
-        return self.ckpt["config"]
+        return self.run.cfg
 
     def title(self) -> str:
-        return f"{self.cfg.dataset} run {self.name}, training step {self.ckpt['step']}"
+        return self.run.title()
 
 
 def _png_path(out: str | Path) -> Path:
@@ -130,21 +152,16 @@ def _data_path(png: Path, suffix: str) -> Path:
     return png.with_suffix(suffix)
 
 
-def _open(run_dir: str | Path, data: str | Path | None, device: str, kind: str) -> _Run:
+def _open(run: Run | str | Path, data: str | Path | None, device: str, kind: str) -> _Opened:
     """A run and its data; ``kind`` (the plot's name) must suit the data: `sequence` draws
     sequences, every other kind single images."""
-    system, ckpt = load_run(run_dir, device)
-    path = str(data) if data else default_data(ckpt)
-    ds = open_dataset(path)
-    check_images(ds, ckpt["config"], path)
-    if kind != "sequence":
-        check_single_images(ds, path, f"plot {kind}")
-    elif "frame" not in ds["image"].dims:
-        raise ValueError(f"{path} holds single images, not sequences; plot sequence needs a sequence run")
-    return _Run(system, ckpt, ds, path, Path(run_dir).resolve().name)
+    run = run if isinstance(run, Run) else Run.open(run, device)
+    need = {"sequence": SEQUENCES, "decomposition": None}.get(kind, IMAGES)   # fit draws sequence runs too
+    ds, where = run.dataset(data, need=need, command=f"plot {kind}")
+    return _Opened(run, ds, where)
 
 
-def _first_images(run: _Run, num_images: int, device: str) -> dict[str, torch.Tensor]:
+def _first_images(run: _Opened, num_images: int, device: str) -> dict[str, torch.Tensor]:
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
     n = min(num_images, run.ds.sizes["image"])
@@ -197,7 +214,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def decomposition(run_dir: str | Path, out: str | Path, *, num_images: int = 4,
+def decomposition(run: Run | str | Path, out: str | Path, *, num_images: int = 4,
                   all_steps: bool = False, seed: int = 0, data: str | Path | None = None,
                   num_iters: int | None = None, device: str = "cpu") -> FigureFiles:
     """Image, reconstruction, segmentation and each slot's masked reconstruction.
@@ -209,11 +226,16 @@ def decomposition(run_dir: str | Path, out: str | Path, *, num_images: int = 4,
     iterations), otherwise only the final step.
     """
     png = _png_path(out)
-    run = _open(run_dir, data, device, "decomposition")
-    x = _first_images(run, num_images, device)["image"]           # x: [N, C, H, W]
+    run = _open(run, data, device, "decomposition")
+    sequence = is_sequence(run.ds)
+    if sequence and all_steps:
+        raise ValueError("a sequence run's steps are its frames: draw them with plot sequence")
+    x = _first_images(run, num_images, device)["image"]           # x: [N, C, H, W] (or [N, F, C, H, W])
     _seed(seed)
     steps = run.system.infer(x, num_iters=num_iters)
     shown = list(range(len(steps))) if all_steps else [len(steps) - 1]
+    if sequence:                                                  # the final step reads frame F
+        x = x[:, len(steps) - 1]                                  # x: [N, C, H, W]
     arrays = {
         "image": _np(x),                                                        # [N, C, H, W]
         "recon": _np(torch.stack([steps[t].recon for t in shown], 1)),          # [N, S, C, H, W]
@@ -225,12 +247,16 @@ def decomposition(run_dir: str | Path, out: str | Path, *, num_images: int = 4,
     data_path = _data_path(png, ".npz")
     np.savez_compressed(data_path, **arrays)
     which = "every refinement step" if all_steps else f"final refinement step ({len(steps)})"
+    if sequence:
+        which += f", frame {len(steps)} of each sequence"
     draw_decomposition(arrays, png, title=f"Decomposition, {which}: {run.title()}")
     return FigureFiles(png, data_path)
 
 
-def draw_decomposition(a: dict[str, np.ndarray], png: Path, title: str) -> None:
-    """Draw the arrays of `decomposition` (one row per image and shown step)."""
+def draw_decomposition(a: dict[str, np.ndarray], png: Path, title: str,
+                       row_labels: Sequence[str] | None = None) -> None:
+    """Draw the arrays of `decomposition` (one row per image and shown step; `row_labels`
+    replace the images' "image i")."""
     N, S, K = a["masks"].shape[:3]
     colors = slot_colors(K)
     cols = 3 + K
@@ -247,7 +273,7 @@ def draw_decomposition(a: dict[str, np.ndarray], png: Path, title: str) -> None:
             for k in range(K):
                 _show(row[3 + k], _over_white(means[k], masks[k]), f"slot {k}" if top else None,
                       border=colors[k])
-            label = f"image {a['image_index'][i]}"
+            label = row_labels[i] if row_labels is not None else f"image {a['image_index'][i]}"
             if S > 1:
                 label += f"\nstep {a['step'][s]}"
             row[0].set_ylabel(label, fontsize=8)
@@ -260,7 +286,7 @@ def draw_decomposition(a: dict[str, np.ndarray], png: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def sequence(run_dir: str | Path, out: str | Path, *, image: int = 0, seed: int = 0,
+def sequence(run: Run | str | Path, out: str | Path, *, image: int = 0, seed: int = 0,
              data: str | Path | None = None, num_iters: int | None = None,
              device: str = "cpu") -> FigureFiles:
     """Frames, reconstructions, segmentations and each slot's mask over time (Figure 12).
@@ -272,7 +298,7 @@ def sequence(run_dir: str | Path, out: str | Path, *, image: int = 0, seed: int 
     ``true_masks`` [F, G, H, W], ``frame`` [F] (1-based), ``image_index``.
     """
     png = _png_path(out)
-    run = _open(run_dir, data, device, "sequence")
+    run = _open(run, data, device, "sequence")
     n = run.ds.sizes["image"]
     if not 0 <= image < n:
         raise ValueError(f"--image {image} is outside the {n} sequences of {run.data}")
@@ -323,7 +349,7 @@ def draw_sequence(a: dict[str, np.ndarray], png: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def mask_logits(run_dir: str | Path, out: str | Path, *, num_images: int = 4, seed: int = 0,
+def mask_logits(run: Run | str | Path, out: str | Path, *, num_images: int = 4, seed: int = 0,
                 data: str | Path | None = None, num_iters: int | None = None,
                 device: str = "cpu") -> FigureFiles:
     """Predicted masks over the image, ground-truth masks and per-slot mask logits.
@@ -335,7 +361,7 @@ def mask_logits(run_dir: str | Path, out: str | Path, *, num_images: int = 4, se
     scale per image (colour bar on the right).
     """
     png = _png_path(out)
-    run = _open(run_dir, data, device, "mask-logits")
+    run = _open(run, data, device, "mask-logits")
     batch = _first_images(run, num_images, device)
     x = batch["image"]                                               # x: [N, C, H, W]
     _seed(seed)
@@ -388,18 +414,20 @@ def draw_mask_logits(a: dict[str, np.ndarray], png: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def traversal(run_dir: str | Path, out: str | Path, *, image: int | None = None,
+def traversal(run: Run | str | Path, out: str | Path, *, image: int | None = None,
               slot: int | None = None, value_range: tuple[float, float] = (-2.0, 2.0),
-              num_values: int = 7, seed: int = 0, data: str | Path | None = None,
-              num_iters: int | None = None, device: str = "cpu") -> FigureFiles:
+              num_values: int = 7, num_dims: int = TRAVERSAL_DIMS, seed: int = 0,
+              data: str | Path | None = None, num_iters: int | None = None,
+              device: str = "cpu") -> FigureFiles:
     """Each latent dimension of one slot swept over a range, the scene re-rendered.
 
     Mirrors the paper's Figures 30 to 32 (and Figure 6, right). The posterior means of the
     final refinement step are kept for every slot but one dimension d of slot ``slot``,
     which takes the values mean_d + v * prior_sd for ``num_values`` offsets v evenly spaced
     over ``value_range``; all slots are decoded and mixed (sum_k pi_k mu_k) into a whole
-    scene. Rows are latent dimensions, sorted by that dimension's KL(q || p) (most
-    informative first), columns the offsets. The left column shows the input, its
+    scene. Rows are the `num_dims` latent dimensions with the most KL(q || p) (the most
+    informative; all of them when `num_dims` is at least n_z), in that order, columns the
+    offsets. The left column shows the input, its
     reconstruction at the posterior mean and the chosen slot's mask.
 
     ``image`` and ``slot`` default to a random choice drawn from ``seed``.
@@ -410,7 +438,9 @@ def traversal(run_dir: str | Path, out: str | Path, *, image: int | None = None,
         raise ValueError(f"--range must go from low to high, got {lo:g} {hi:g}")
     if num_values < 2:
         raise ValueError(f"--num-values must be at least 2, got {num_values}")
-    run = _open(run_dir, data, device, "traversal")
+    if num_dims < 1:
+        raise ValueError(f"--dims must be at least 1, got {num_dims}")
+    run = _open(run, data, device, "traversal")
     system, cfg = run.system, run.cfg
     n_images, K, n_z = run.ds.sizes["image"], cfg.model.num_slots, cfg.model.latent_dim
     rng = np.random.default_rng(seed)
@@ -428,39 +458,42 @@ def traversal(run_dir: str | Path, out: str | Path, *, image: int | None = None,
         mean = last.lam[0, :, :n_z]                                  # mean: [K, n_z]
         kl = kl_divergence(system.guide.posterior(last.lam),
                            system.model.prior(1, K, like=x))[0, slot]  # kl: [n_z]
-        dims = torch.argsort(kl, descending=True, stable=True)       # dims: [n_z]
+        D = min(num_dims, n_z)
+        dims = torch.argsort(kl, descending=True, stable=True)[:D]   # dims: [D]
         sd = cfg.model.prior_var ** 0.5
         offsets = torch.tensor(np.linspace(lo, hi, num_values).round(9), dtype=x.dtype,
                            device=x.device)                          # offsets: [V]
-        values = mean[slot, dims, None] + sd * offsets               # values: [n_z, V]
-        z = mean.expand(n_z, num_values, K, n_z).clone()             # z: [n_z, V, K, n_z]
-        rows = torch.arange(n_z, device=x.device)
+        values = mean[slot, dims, None] + sd * offsets               # values: [D, V]
+        z = mean.expand(D, num_values, K, n_z).clone()               # z: [D, V, K, n_z]
+        rows = torch.arange(D, device=x.device)
         z[rows, :, slot, dims] = values
-        renders = _render(system, z.reshape(n_z * num_values, K, n_z))  # [n_z * V, C, H, W]
+        renders = _render(system, z.reshape(D * num_values, K, n_z))   # [D * V, C, H, W]
         recon, masks = _render(system, mean[None], with_masks=True)     # [1, C, H, W], [1, K, H, W]
     arrays = {
         "image": _np(x[0]),                                          # [C, H, W]
         "image_index": np.array(image), "slot": np.array(slot),
         "posterior_mean": _np(mean),                                 # [K, n_z]
         "kl": _np(kl),                                               # [n_z]
-        "dims": dims.cpu().numpy(),                                  # [n_z]
+        "dims": dims.cpu().numpy(),                                  # [D]
         "offsets": _np(offsets),                                     # [V]
-        "values": _np(values),                                       # [n_z, V]
-        "renders": _np(renders).reshape(n_z, num_values, *x.shape[1:]),  # [n_z, V, C, H, W]
+        "values": _np(values),                                       # [D, V]
+        "renders": _np(renders).reshape(D, num_values, *x.shape[1:]),    # [D, V, C, H, W]
         "recon": _np(recon[0]),                                      # [C, H, W]
         "slot_mask": _np(masks[0, slot]),                            # [H, W]
     }
     data_path = _data_path(png, ".npz")
     np.savez_compressed(data_path, **arrays)
-    draw_traversal(arrays, png, K, title=f"Latent traversal of slot {slot} in image {image}: {run.title()}")
+    shown = f"the {D} of {n_z} latent dimensions with most KL" if D < n_z else f"all {n_z} latent dimensions"
+    draw_traversal(arrays, png, K, title=f"Latent traversal of slot {slot} in image {image}, {shown}: "
+                                         f"{run.title()}")
     return FigureFiles(png, data_path)
 
 
 def _render(system: Iodine, z: torch.Tensor, with_masks: bool = False):
     """Decode z [B, K, n_z] into scenes [B, C, H, W] (and masks [B, K, H, W])."""
     decoded = system.model.decode(z)
-    masks = torch.softmax(decoded.mask_logits, 1)                    # [B, K, H, W]
-    scene = (masks.unsqueeze(2) * decoded.means).sum(1)              # [B, C, H, W]
+    masks = decoded.masks                                            # [B, K, H, W]
+    scene = decoded.reconstruction(masks)                            # [B, C, H, W]
     return (scene, masks) if with_masks else scene
 
 
@@ -493,7 +526,7 @@ def draw_traversal(a: dict[str, np.ndarray], png: Path, num_slots: int, title: s
 # ---------------------------------------------------------------------------------------
 
 
-def projection(run_dir: str | Path, out: str | Path, *, num_images: int = 256, seed: int = 0,
+def projection(run: Run | str | Path, out: str | Path, *, num_images: int = 256, seed: int = 0,
                data: str | Path | None = None, num_iters: int | None = None,
                device: str = "cpu", batch_size: int = 32) -> FigureFiles:
     """Object latents projected on their first two principal components and with t-SNE.
@@ -514,7 +547,7 @@ def projection(run_dir: str | Path, out: str | Path, *, num_images: int = 256, s
     png = _png_path(out)
     if num_images < 1 or batch_size < 1:
         raise ValueError("--num-images and the batch size must be at least 1")
-    run = _open(run_dir, data, device, "projection")
+    run = _open(run, data, device, "projection")
     n_z = run.cfg.model.latent_dim
     n = min(num_images, run.ds.sizes["image"])
     factors = [k for k in run.ds.data_vars if k not in ("image", "mask", "visibility")]
@@ -562,9 +595,10 @@ def projection(run_dir: str | Path, out: str | Path, *, num_images: int = 256, s
         arrays["tsne"] = tsne.fit_transform(arrays["latent"]).astype(np.float32)  # [M, 2]
     data_path = _data_path(png, ".npz")
     np.savez_compressed(data_path, **arrays)
+    spec = DATASETS.get(str(run.ds.attrs.get("dataset", "")))
     draw_projection(arrays, factors, png,
                     title=f"Object latents of {M} objects in {n} images, final refinement step: "
-                          f"{run.title()}")
+                          f"{run.title()}", categorical=spec.categorical if spec else CATEGORICAL)
     return FigureFiles(png, data_path)
 
 
@@ -576,21 +610,22 @@ def _rgb_factor(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return np.clip(rgb, 0, 1), names
 
 
-def _factor_style(name: str, values: np.ndarray) -> str:
+def _factor_style(name: str, values: np.ndarray, categorical: frozenset[str] = CATEGORICAL) -> str:
     """How to colour a factor: ``rgb``, ``categorical`` or ``continuous``."""
     if values.ndim == 2:
         return "rgb"
     integral = np.allclose(values, np.round(values))
     unique = len(np.unique(values))
-    if (name in CATEGORICAL and unique <= 20) or (integral and unique <= 10):
+    if (name in categorical and unique <= 20) or (integral and unique <= 10):
         return "categorical"
     return "continuous"
 
 
-def _scatter_factor(fig, ax, xy: np.ndarray, name: str, values: np.ndarray) -> None:
+def _scatter_factor(fig, ax, xy: np.ndarray, name: str, values: np.ndarray,
+                    categorical: frozenset[str] = CATEGORICAL) -> None:
     if values.ndim == 2 and values.shape[1] != 3:          # e.g. binarized sprites: 1-channel colour
         values = values[:, 0] if values.shape[1] == 1 else values.mean(1)
-    style = _factor_style(name, values)
+    style = _factor_style(name, values, categorical)
     common = {"s": 14, "alpha": 0.85, "edgecolors": "0.25", "linewidths": 0.3}
     if style == "rgb":
         dots, names = _rgb_factor(values)
@@ -622,7 +657,8 @@ def _scatter_factor(fig, ax, xy: np.ndarray, name: str, values: np.ndarray) -> N
         cb.set_label(name, fontsize=7)
 
 
-def draw_projection(a: dict[str, np.ndarray], factors: Sequence[str], png: Path, title: str) -> None:
+def draw_projection(a: dict[str, np.ndarray], factors: Sequence[str], png: Path, title: str,
+                    categorical: frozenset[str] = CATEGORICAL) -> None:
     """Draw the arrays of `projection`: PCA (top row) and t-SNE (bottom row), one column per factor."""
     F = len(factors)
     fig, axes = plt.subplots(2, F, figsize=(3.6 * F + 0.4, 6.8), squeeze=False, layout="constrained")
@@ -631,7 +667,7 @@ def draw_projection(a: dict[str, np.ndarray], factors: Sequence[str], png: Path,
         values = a[f"factor_{name}"]
         for r, (key, method) in enumerate([("pca", "PCA"), ("tsne", "t-SNE")]):
             ax = axes[r, j]
-            _scatter_factor(fig, ax, a[key], name, values)
+            _scatter_factor(fig, ax, a[key], name, values, categorical)
             ax.set_title(f"{method}, coloured by {name}", fontsize=9)
             if key == "pca":
                 ax.set_xlabel(f"PC 1 ({100 * ev[0]:.0f}% of variance)", fontsize=8)
@@ -649,21 +685,10 @@ def draw_projection(a: dict[str, np.ndarray], factors: Sequence[str], png: Path,
 # ---------------------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl (a line cut by a crash is skipped)."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        raise ValueError(f"no {METRICS} in {run_dir}")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
+def _metrics_of(run_dir: str | Path) -> list[dict[str, Any]]:
+    rows = read_metrics(run_dir)
     if not rows:
-        raise ValueError(f"{path} holds no metrics yet")
+        raise ValueError(f"no {METRICS} in {run_dir}, or no metrics logged in it yet")
     return rows
 
 
@@ -705,7 +730,7 @@ def curves(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[
     labels = list(labels) if labels is not None else _labels(run_dirs)
     runs = []
     for label, run_dir in zip(labels, run_dirs):
-        rows = read_metrics(run_dir)
+        rows = _metrics_of(run_dir)
         entry: dict[str, Any] = {"label": label, "run_dir": str(run_dir),
                                  "step": [int(r["step"]) for r in rows]}
         for key in CURVE_KEYS:
@@ -834,3 +859,90 @@ def draw_learning_speed(curves: dict[str, dict[str, list[list[float]]]], keys: S
     fig.suptitle(title, fontsize=10)
     _save(fig, png)
     return FigureFiles(png, data)
+
+
+# ---------------------------------------------------------------------------------------
+# Stored datasets (data show: Figures 13 to 15)
+# ---------------------------------------------------------------------------------------
+
+
+def dataset_grid(ds, out: str | Path, *, num_images: int = 8, start: int = 0, frame: int = 0,
+                 background: int = 1, title: str | None = None) -> Path:
+    """Images beside their ground-truth masks (as the paper's Figures 13 to 15): one row per
+    image; columns: the image, then every mask group white on black (the `background`
+    groups first). Pixels in no group (e.g. Shapes' overlaps) are black in every mask column.
+
+    Args:
+        ds: an opened store (`iodine_pyro.data.open_dataset`).
+        out: the PNG file to write.
+        num_images: rows (at most the dataset's images from ``start``).
+        start: the first image; frame: the frame shown of a sequence dataset.
+    """
+    n_all = ds.sizes["image"]
+    if not 0 <= start < n_all:
+        raise ValueError(f"--start {start} is outside the {n_all} images")
+    stop = min(start + num_images, n_all)
+    image = ds["image"][start:stop].values  # [n, H, W, C] or [n, T, H, W, C] uint8
+    mask = ds["mask"][start:stop].values  # [n, G, H, W] or [n, T, G, H, W] uint8
+    sequence = is_sequence(ds)
+    if sequence:
+        if not 0 <= frame < ds.sizes["frame"]:
+            raise ValueError(f"--frame {frame} is outside the {ds.sizes['frame']} frames")
+        image, mask = image[:, frame], mask[:, frame]  # [n, H, W, C], [n, G, H, W]
+    if (mask > 1).any():
+        raise DatasetError(f"{ds.encoding.get('source', 'dataset')}: mask values are not 0/1")
+    n, G = mask.shape[:2]
+    fig, axes = plt.subplots(n, G + 1, figsize=(1.3 * (G + 1), 1.3 * n + 0.5), squeeze=False,
+                             layout="constrained")
+    for i in range(n):
+        picture = image[i, ..., 0] if image.shape[-1] == 1 else image[i]  # [H, W] or [H, W, 3]
+        _show(axes[i, 0], picture, cmap="gray", vmin=0, vmax=255)
+        for g in range(G):
+            _show(axes[i, g + 1], mask[i, g], cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_ylabel(str(start + i), fontsize=7)
+    for column in range(G + 1):
+        g = column - 1  # mask group of the column
+        label = "image" if column == 0 else (
+            ("background" if background == 1 else f"background {g}") if g < background else f"group {g}")
+        axes[0, column].set_title(label, fontsize=7)
+    frame_note = f", frame {frame}" if sequence else ""
+    fig.suptitle(title or f"{ds.attrs.get('dataset', 'dataset')}: images {start} to {stop - 1}{frame_note} "
+                          f"and ground-truth masks", fontsize=8)
+    return save_figure(fig, out)
+
+
+# ---------------------------------------------------------------------------------------
+# Guide comparison (compare)
+# ---------------------------------------------------------------------------------------
+
+
+def draw_comparison(result: dict[str, Any], png: str | Path) -> Path:
+    """ELBO, FG-ARI and MSE of `iodine_pyro.compare.compare` against the refinement step:
+    guides that refine as lines with their trained T marked (dotted), one-shot guides as
+    dashed horizontal lines, and each run's optimised per-image ELBO as a faint horizontal
+    line in the ELBO panel."""
+    runs = result["runs"]
+    colors = slot_colors(max(len(runs), 1))
+    longest = max(r["steps"] for r in runs.values())
+    panels = [("elbo", "ELBO (nats / image)"), ("fg_ari", "FG-ARI"), ("mse", "MSE")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False,
+                             layout="constrained")
+    for ax, (key, label) in zip(axes[0], panels):
+        for c, (name, r) in zip(colors, runs.items()):
+            values = r[key]
+            if r["steps"] > 1:
+                ax.plot(range(1, r["steps"] + 1), values, "o-", color=c, ms=3, label=name)
+                ax.axvline(r["trained_step"], color=c, ls=":", lw=1)
+            else:
+                ax.axhline(values[0], color=c, ls="--", label=f"{name} ({r['guide']})")
+            if key == "elbo" and r["optimized_elbo"] is not None and not math.isnan(r["optimized_elbo"]):
+                ax.axhline(r["optimized_elbo"], color=c, ls="-", lw=0.8, alpha=0.4)
+        ax.set_xlim(0.5, max(longest, 1) + 0.5)
+        ax.set_xlabel("refinement step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{result['settings']['num_images']} images; dotted: trained T; faint: optimised ELBO",
+                 fontsize=8)
+    return save_figure(fig, png)
+

@@ -22,20 +22,20 @@ We follow the definition in DeepMind's ``multi_object_datasets``
 * FG-ARI ("foreground only") drops the background group(s) from the ground
   truth first, so background pixels are ignored.
 
-Degenerate cases (the denominator is exactly 0):
+Degenerate cases, exactly as the official code decides them:
 
-* both partitions of the scored pixels are a single cluster and there are at
-  least two scored pixels -> 1.0 (as the official ``both_single_cluster``
-  special case);
-* anything else -> NaN: fewer than two scored pixels (e.g. all-zero ground
-  truth), or every scored pixel being its own cluster in both partitions.
-  Average with :func:`summarize` (or another nan-aware mean).
+* "both single cluster" -> 1.0: every pixel of the image, ignored ones included, has the
+  same true group id and the same predicted slot, where a pixel's true id is the argmax of
+  its (remaining) ground-truth vector, 0 for an all-zero vector. The official code makes
+  this test over all pixels, so predictions on ignored pixels can decide it.
+* otherwise, where the formula is 0/0 -> NaN: fewer than two scored pixels, both
+  partitions of the scored pixels a single cluster (e.g. one foreground object, all of
+  it in one slot, with the background predicted in another slot: FG-ARI is NaN there,
+  as officially), or every scored pixel its own cluster on both sides.
 
-The official code evaluates its single-cluster test over *all* pixels,
-ignored ones included; here it only looks at the scored pixels, so that
-predictions on ignored pixels never change the result. Note that a single
-ground-truth object split over several predicted segments is not degenerate:
-the ARI is exactly 0 there (numerator 0, denominator > 0), as officially.
+  Average with :func:`summarize` (or another nan-aware mean): an image whose FG-ARI is
+  undefined does not count. A single ground-truth object split over several predicted
+  segments is not degenerate: the ARI is exactly 0 there (numerator 0, denominator > 0).
 
 All computations are vectorised over the batch with one-hot contingency
 tables (a batched matmul) in float64; results are float64 tensors of shape
@@ -101,12 +101,16 @@ def ari(
     if K == 0:
         raise ValueError("ari: pred_masks has no slots (K == 0)")
     n_drop = _num_dropped_groups(foreground_only, G)
+    if n_drop == G:                                               # no group left to score
+        return torch.full((B,), float("nan"), dtype=torch.float64, device=true_masks.device)
 
     true = true_masks[:, n_drop:].flatten(2).to(torch.float64)  # true: [B, G', N]
     pred = pred_masks.flatten(2)  # pred: [B, K, N]
     if not pred.is_floating_point():
         pred = pred.to(torch.float64)  # argmax is not defined for bool
-    pred_oh = F.one_hot(pred.argmax(dim=1), K).to(torch.float64)  # pred_oh: [B, N, K]
+    pred_ids = pred.argmax(dim=1)  # pred_ids: [B, N]
+    pred_oh = F.one_hot(pred_ids, K).to(torch.float64)  # pred_oh: [B, N, K]
+    true_ids = true.argmax(dim=1)  # true_ids: [B, N]; 0 for all-zero (ignored) pixels, as officially
 
     nij = torch.bmm(true, pred_oh)  # nij: [B, G', K]
     a = nij.sum(dim=2)  # a: [B, G']
@@ -118,12 +122,14 @@ def ari(
     bindex = (b * (b - 1)).sum(dim=1)  # bindex: [B]
     n_pairs = n * (n - 1)  # n_pairs: [B]
 
-    # The denominator vanishes exactly when both partitions are a single
-    # cluster (aindex == bindex == n_pairs) or all singletons (aindex ==
-    # bindex == 0, which includes n < 2). Detect these from exact integer
-    # quantities rather than comparing a rounded float denominator to 0.
-    single = ((a > 0).sum(dim=1) == 1) & ((b > 0).sum(dim=1) == 1) & (n >= 2)  # single: [B]
-    degenerate = single | ((aindex == 0) & (bindex == 0))  # degenerate: [B]
+    # The denominator vanishes exactly when both partitions of the scored pixels are a
+    # single cluster (aindex == bindex == n_pairs) or all singletons (aindex == bindex
+    # == 0, which includes n < 2). Detect these from exact integer quantities rather
+    # than comparing a rounded float denominator to 0.
+    single_scored = ((a > 0).sum(dim=1) == 1) & ((b > 0).sum(dim=1) == 1)  # single_scored: [B]
+    degenerate = single_scored | ((aindex == 0) & (bindex == 0))  # degenerate: [B]
+    # The official special case, over all pixels (ignored ones included).
+    both_single = ((true_ids == true_ids[:, :1]).all(1)) & ((pred_ids == pred_ids[:, :1]).all(1))  # [B]
 
     safe_pairs = torch.where(n_pairs > 0, n_pairs, torch.ones_like(n_pairs))  # safe_pairs: [B]
     expected = aindex * bindex / safe_pairs  # expected: [B]
@@ -132,7 +138,7 @@ def ari(
     value = (rindex - expected) / safe_denom  # value: [B]
 
     nan = torch.full_like(value, float("nan"))
-    return torch.where(single, torch.ones_like(value), torch.where(degenerate, nan, value))
+    return torch.where(both_single, torch.ones_like(value), torch.where(degenerate, nan, value))
 
 
 def summarize(values: torch.Tensor) -> float:

@@ -23,11 +23,13 @@ def conv_stack(in_channels: int, channels: tuple[int, ...], kernel: int, stride:
     return nn.Sequential(*layers)
 
 
-def mlp(in_dim: int, sizes: tuple[int, ...]) -> nn.Sequential:
-    """Linear layers of the given sizes, ELU after each."""
+def mlp(in_dim: int, sizes: tuple[int, ...], linear_last: bool = False) -> nn.Sequential:
+    """Linear layers of the given sizes, ELU after each (but the last, with `linear_last`)."""
     layers, d_in = [], in_dim
-    for d in sizes:
-        layers += [nn.Linear(d_in, d), nn.ELU()]
+    for i, d in enumerate(sizes):
+        layers.append(nn.Linear(d_in, d))
+        if not (linear_last and i == len(sizes) - 1):
+            layers.append(nn.ELU())
         d_in = d
     return nn.Sequential(*layers)
 

@@ -61,12 +61,15 @@ import pyro
 import torch
 import xarray as xr
 from pyro.infer import Predictive
+from tqdm.auto import tqdm
 
-from .iodine import Iodine, StepResult
+from .figures import draw_decomposition
+from .system import Iodine
 
 log = logging.getLogger(__name__)
 
 TRACE_BUDGET = 2 ** 26       # decoded floats held by the model traces of one `Predictive` call
+SAMPLE_CHUNK = 10            # samples drawn per `Predictive` call (the unit of progress)
 
 __all__ = ["draw_samples", "sample_posterior", "write_samples", "to_inference_data",
            "plot_multistability", "version"]
@@ -90,9 +93,9 @@ def rng_devices(x: torch.Tensor) -> list[int]:
 def check_slots(system: Iodine, num_slots: int | None) -> None:
     """The amortized encoder emits exactly the trained K posteriors: refuse another K."""
     K = system.cfg.model.num_slots
-    if system.cfg.guide.kind == "amortized" and num_slots not in (None, K):
-        raise ValueError(f"an amortized guide outputs its trained K={K} slots; "
-                         f"--num-slots {num_slots} needs an iterative run")
+    if not system.guide.can_change_slots and num_slots not in (None, K):
+        raise ValueError(f"the {system.guide.kind} guide outputs its trained K={K} slots; "
+                         f"--num-slots {num_slots} needs a guide that can change K (the iterative guide)")
 
 
 class _Programs:
@@ -116,8 +119,8 @@ class _Programs:
     def model(self, x, weights, num_slots=None):
         B = x.shape[0]
         decoded = self.system.model.model(None, weights, batch_size=B, num_slots=num_slots)[-1]
-        masks = decoded.mask_logits.softmax(1)                            # [B, K, H, W]
-        recon = (masks.unsqueeze(2) * decoded.means).sum(1)               # [B, C, H, W]
+        masks = decoded.masks                                             # [B, K, H, W]
+        recon = decoded.reconstruction(masks)                             # [B, C, H, W]
         pyro.deterministic("masks", masks, event_dim=3)
         pyro.deterministic("reconstruction", recon, event_dim=3)
         if self.keep_means:
@@ -145,7 +148,7 @@ def draw_samples(system: Iodine, x: torch.Tensor, num_samples: int, *, num_iters
     if num_samples < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
     check_slots(system, num_slots)
-    system.check_images(x)
+    system.check_batch(x)
     weights = system.weights(num_iters)
     last = f"t{len(weights) - 1}"
     programs = _Programs(system, keep_means)
@@ -188,7 +191,7 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
                      predictive: bool = False, seed: int = 0,
                      true_masks: torch.Tensor | None = None,
                      image_index: Sequence[int] | None = None, batch_size: int | None = None,
-                     attrs: dict[str, Any] | None = None) -> xr.DataTree:
+                     attrs: dict[str, Any] | None = None, progress: bool = False) -> xr.DataTree:
     """S posterior samples of every slot latent of every image, as an ArviZ-style DataTree.
 
     The posterior is the final refinement step's q(z | lambda_T); each sample re-runs the
@@ -208,6 +211,7 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
         image_index: the images' dataset indices (default 0..N-1), the ``image`` coordinate.
         batch_size: images per guide run (default: all N at once).
         attrs: provenance attributes to add (checkpoint, data, ...).
+        progress: a progress bar with an estimate of the time left.
     Returns:
         a DataTree with groups ``posterior``, ``observed_data`` and, with `predictive`,
         ``posterior_predictive``.
@@ -215,6 +219,8 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
     N = x.shape[0]
     if N < 1:
         raise ValueError("no images to sample")
+    if num_samples < 1:
+        raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     image_index = np.arange(N) if image_index is None else np.asarray(image_index, dtype=np.int64)
@@ -226,12 +232,19 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
     bs = batch_size or N
     log.info("drawing %d posterior samples for %d images, %d at a time", num_samples, N, bs)
     chunks: list[dict[str, torch.Tensor]] = []
+    bar = tqdm(total=N * num_samples, disable=not progress, desc="sample", unit="sample", dynamic_ncols=True)
     with torch.random.fork_rng(devices=rng_devices(x)):
         torch.manual_seed(seed)
         for start in range(0, N, bs):
-            drawn = draw_samples(system, x[start:start + bs], num_samples, num_iters=num_iters,
-                                 num_slots=num_slots, predictive=predictive)
-            chunks.append({k: v.cpu() for k, v in drawn.items()})
+            xb, parts = x[start:start + bs], []
+            for s0 in range(0, num_samples, SAMPLE_CHUNK):     # a few samples at a time: progress
+                n = min(SAMPLE_CHUNK, num_samples - s0)
+                drawn = draw_samples(system, xb, n, num_iters=num_iters, num_slots=num_slots,
+                                     predictive=predictive)
+                parts.append({k: v.cpu() for k, v in drawn.items()})
+                bar.update(n * xb.shape[0])
+            chunks.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})   # samples on axis 0
+    bar.close()
     arrays = {k: torch.cat([c[k] for c in chunks], 1).float().numpy() for k in chunks[0]}  # image axis 1
 
     cfg = system.cfg
@@ -243,11 +256,10 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
         "inference_library": "pyro", "inference_library_version": pyro.__version__,
         "dataset": cfg.dataset, "preset": cfg.preset, "guide": cfg.guide.kind,
         "trained_num_iters": cfg.guide.num_iters, "trained_num_slots": cfg.model.num_slots,
-        "num_iters": (num_iters or cfg.guide.num_iters) if cfg.guide.kind == "iterative" else 0,
+        "num_iters": (num_iters or cfg.guide.num_iters) if system.guide.refines else 0,
         "num_slots": K, "num_samples": num_samples, "seed": seed, "predictive": predictive,
         "site": f"t{len(weights) - 1}/z",
-        "posterior": ("q(z | lambda_T) of the final refinement step; each sample re-runs the refinement"
-                      if cfg.guide.kind == "iterative" else "q(z | encoder(x)), one encoder pass"),
+        "posterior": system.guide.description,
         "config": json.dumps(cfg.to_dict()),
     }
     info.update(attrs or {})
@@ -324,8 +336,6 @@ def plot_multistability(system: Iodine, x: torch.Tensor, path: str | Path, num_s
     Args:
         x: [1, C, H, W] or [C, H, W], one image in [0, 1].
     """
-    from .plotting import plot_decomposition
-
     if x.dim() == 3:
         x = x.unsqueeze(0)                                                # [1, C, H, W]
     if x.shape[0] != 1:
@@ -335,8 +345,11 @@ def plot_multistability(system: Iodine, x: torch.Tensor, path: str | Path, num_s
         s = draw_samples(system, x, num_samples, num_iters=num_iters, num_slots=num_slots,
                          predictive=True, keep_means=True)
     S = num_samples
-    rows = StepResult(lam=torch.cat([s["loc"], s["scale"]], -1)[:, 0], z=s["z"][:, 0],
-                      means=s["means"][:, 0], mask_logits=s["masks"][:, 0].log(),
-                      masks=s["masks"][:, 0], recon=s["reconstruction"][:, 0],
-                      nll=torch.zeros(S), kl=torch.zeros(S))              # masks: [S, K, H, W]
-    return plot_decomposition(x.expand(S, *x.shape[1:]).cpu(), rows, path, num_images=S, title=title)
+    arrays = {"image": x.expand(S, *x.shape[1:]).float().cpu().numpy(),            # [S, C, H, W]
+              "recon": s["reconstruction"][:, 0, None].float().cpu().numpy(),      # [S, 1, C, H, W]
+              "masks": s["masks"][:, 0, None].float().cpu().numpy(),               # [S, 1, K, H, W]
+              "means": s["means"][:, 0, None].float().cpu().numpy(),               # [S, 1, K, C, H, W]
+              "step": np.array([len(system.weights(num_iters))]), "image_index": np.zeros(S, int)}
+    path = Path(path)
+    draw_decomposition(arrays, path, title or "posterior samples", row_labels=[f"sample {i}" for i in range(S)])
+    return path

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,14 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, metrics
+from . import distributed
 from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, load_checkpoint, save_checkpoint,
-                         set_rng_state)
+                         set_rng_state, truncate_metrics)
 from .config import Config, make_config
-from .data import Batches, DatasetError, open_dataset
-from .iodine import Iodine
-from .models.iodine import frame
+from .data import DATASETS, Batches, DatasetError, background_groups, ensure_generated, is_store
+from .evaluate import batch_metrics
+from .run import Run, open_checked, recorded_data
+from .system import Iodine
 
 log = logging.getLogger(__name__)
 
@@ -125,38 +127,6 @@ def train_step(system: Iodine, optimizer: torch.optim.Optimizer, x: torch.Tensor
     return value, float(norm), True, mse
 
 
-@torch.no_grad()
-def batch_metrics(system: Iodine, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """MSE, KL, NLL and (FG-)ARI of the final refinement step on one batch (of sequences:
-    on the frame of the final step)."""
-    steps = system.infer(batch["image"])
-    last, t = steps[-1], len(steps) - 1
-    out = {"mse": metrics.summarize(metrics.mse(frame(batch["image"], t), last.recon)),
-           "kl": float(last.kl.mean()), "nll": float(last.nll.mean())}
-    if "mask" in batch:
-        mask = frame(batch["mask"], t)
-        out["fg_ari"] = metrics.summarize(metrics.ari(mask, last.masks, foreground_only=True))
-        out["ari"] = metrics.summarize(metrics.ari(mask, last.masks))
-    return out
-
-
-def check_images(ds, cfg: Config, where: str) -> None:
-    """The stored images must have the shape the configuration expects."""
-    m = cfg.model
-    H, W, C = ds.sizes["height"], ds.sizes["width"], ds.sizes["channel"]
-    if (C, H, W) != (m.image_channels, *m.image_size):
-        raise DatasetError(f"{where} holds {C}x{H}x{W} images (channels x height x width) but the "
-                           f"{cfg.dataset}/{cfg.preset} configuration expects "
-                           f"{m.image_channels}x{m.image_size[0]}x{m.image_size[1]}")
-
-
-def check_single_images(ds, where: str, command: str) -> None:
-    """`command` needs single images: a sequence store is refused with a one-line reason."""
-    if "frame" in ds["image"].dims:
-        raise DatasetError(f"{where} holds sequences; {command} works on single images "
-                           "(for sequence runs: fit, evaluate and plot sequence)")
-
-
 @dataclass
 class FitResult:
     step: int
@@ -165,6 +135,13 @@ class FitResult:
     last_metrics: dict[str, Any]
     skipped: int = 0       # steps skipped for non-finite loss or gradient
     rank: int = 0          # this process's rank (0 for a single process)
+    resumed_from: int | None = None     # the step the call continued from, or None for a new run
+    system: Iodine | None = None        # the trained system (eval mode)
+    data: dict[str, str | None] | None = None   # the training and held-out sets ("train", "eval")
+
+    def run(self) -> Run:
+        """The trained run as a `Run` (the system just trained, not read back from disk)."""
+        return Run.of_training(self.system, self.step, self.data, self.out)
 
 
 class _StopFlag:
@@ -204,10 +181,6 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return out
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").exists() or (path / ".zattrs").exists()
-
-
 def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Decide what `fit` does with `out`: continue its run (the checkpoint is returned),
     start a new one (None), or refuse. Never writes over another run's results unless
@@ -219,7 +192,7 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) ->
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         for name in ("train", "test"):
-            if _is_store(out / "data" / name):
+            if is_store(out / "data" / name):
                 shutil.rmtree(out / "data" / name)
         return None
     if ckpt_path.exists():
@@ -244,36 +217,38 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) ->
     return None
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged rows past `step` (and a line cut by a crash): a resumed run logs them again."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            keep.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-
-
 def default_datasets(out: Path, dataset: str, num_images: int, seed: int,
                      progress: bool) -> tuple[Path, Path]:
-    """Generate (once) a training set and a held-out set in OUT/data."""
-    from .data import GENERATORS, generate
-
-    if dataset not in GENERATORS:
+    """Generate (once) a training set and a held-out set in OUT/data; a generation cut
+    short is done again."""
+    if dataset not in DATASETS:
         raise DatasetError(f"no generator for {dataset!r}; pass --data with a stored dataset "
-                           f"(generators: {', '.join(sorted(GENERATORS))})")
-    train, test = out / "data" / "train", out / "data" / "test"
-    for path, n, s in [(train, num_images, seed), (test, min(1024, num_images), seed + 10_000)]:
-        if not _is_store(path):
-            generate(dataset, n, path, seed=s, progress=progress, overwrite=True)
-    return train, test
+                           f"(generators: {', '.join(DATASETS)})")
+    data = out / "data"
+    return (ensure_generated(dataset, num_images, data / "train", seed=seed, progress=progress),
+            ensure_generated(dataset, min(1024, num_images), data / "test", seed=seed + 10_000, progress=progress))
+
+
+def _recorded_path(path: str | Path, out: Path) -> str:
+    """How a checkpoint names a dataset: relative to the run directory when it lies inside it
+    (so that the run can be moved, or cloned with its checkpoint), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path(out).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def held_out_for(ds, out: Path, seed: int, progress: bool) -> Path | None:
+    """A held-out set for a run trained on the store `ds`: as many images as it holds (up
+    to 1024) of its dataset, generated in OUT/data/test from another seed; None when its
+    dataset has no generator (then evaluation needs --data)."""
+    name = str(ds.attrs.get("dataset", ""))
+    if name not in DATASETS:
+        log.warning("no generator for %r: the run records no held-out set (evaluate it with --data)", name)
+        return None
+    return ensure_generated(name, min(1024, ds.sizes["image"]), out / "data" / "test", seed=seed + 10_000,
+                            progress=progress)
 
 
 def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: str = "paper",
@@ -283,7 +258,7 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
         progress: bool = True, resume: bool = False, overwrite: bool = False,
         amp: bool | None = None, channels_last: bool | None = None,
         sync_free: bool | None = None, time_limit: float | None = None,
-        time_clock: str = "wall") -> FitResult:
+        time_clock: str = "wall", report: Callable[[str], None] | None = None) -> FitResult:
     """Train (or continue training) the run in `out` up to `steps` total steps.
 
     Args:
@@ -294,7 +269,8 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
         dataset, preset, overrides: the configuration (see `make_config`).
         data: a stored dataset directory; default: generate `num_images` images (and a
             held-out set) in OUT/data.
-        eval_data: held-out images for `evaluate` (recorded in the checkpoint).
+        eval_data: held-out images for `evaluate` (recorded in the checkpoint); default: the
+            generated held-out set, or with `data` one generated like it (`held_out_for`).
         seed: seeds parameters, sampling, generated data and the data order.
         amp: bf16 autocast for the networks (default: on for CUDA, off for CPU).
         channels_last: channels-last conv weights (default: on for CUDA).
@@ -307,6 +283,8 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
         time_clock: what `time_limit` counts: "wall" seconds, or "cpu" seconds of this
             process (thread-seconds: on one thread, the time an idle core would take,
             whatever else the machine runs).
+        report: called with a line for the user (on rank 0): that the run resumes, and from
+            which step.
 
     Each row of metrics.jsonl has ``time`` and ``cpu_time``: the run's training wall and
     process CPU seconds so far, summed over every call that trained it.
@@ -324,24 +302,33 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
 
 def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overrides, data, eval_data,
          num_images, seed, log_every, checkpoint_every, device, progress, resume, overwrite, amp,
-         channels_last, sync_free, time_limit, time_clock) -> FitResult:
+         channels_last, sync_free, time_limit, time_clock, report) -> FitResult:
     device = processes.device
     out = Path(out)
     cfg = make_config(dataset, preset, overrides)
     ckpt = processes.main_first(prepare_run_dir, out, cfg, resume=resume, overwrite=overwrite)
+    generated = None               # {"dataset", "train": [n, seed], "eval": [n, seed]} of data fit made
+    if ckpt is not None and "optimizer" not in ckpt:
+        raise CheckpointError(f"{out / CHECKPOINT} holds a model's weights only (no optimiser or data state): "
+                              f"it cannot be resumed; train into another --out")
     if ckpt is not None:
         cfg = ckpt["config"]
         seed = int(ckpt.get("extra", {}).get("seed", seed))
-        data = data or ckpt["data"]["train"]
-        eval_data = eval_data or ckpt["data"]["eval"]
+        generated = ckpt["data"].get("generated")
+        data = data or processes.main_first(recorded_data, ckpt["data"], "train", out, progress and processes.is_main)
+        eval_data = eval_data or processes.main_first(recorded_data, ckpt["data"], "eval", out,
+                                                      progress and processes.is_main)
     elif data is None:
         data, gen_eval = processes.main_first(default_datasets, out, cfg.dataset, num_images, seed,
                                               progress and processes.is_main)
         eval_data = eval_data or gen_eval
-    ds = open_dataset(data)
-    check_images(ds, cfg, str(data))
+        generated = {"dataset": cfg.dataset, "train": [num_images, seed], "eval": [min(1024, num_images), seed + 10_000]}
+    ds = open_checked(data, cfg, command="fit")
+    if eval_data is None and ckpt is None:             # --data without --eval-data: a held-out set
+        eval_data = processes.main_first(held_out_for, ds, out, seed, progress and processes.is_main)
     if eval_data is not None:
-        check_images(open_dataset(eval_data), cfg, str(eval_data))
+        open_checked(eval_data, cfg, command="fit")
+    background = background_groups(ds.attrs)
     if cfg.train.batch_size > ds.sizes["image"]:
         raise DatasetError(f"--batch-size {cfg.train.batch_size} exceeds the {ds.sizes['image']} "
                            f"images of {data}")
@@ -356,6 +343,7 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
     geco = Geco(cfg.train.geco_goal, cfg.train.geco_rate, cfg.train.geco_ema, device) \
         if cfg.train.geco_goal is not None else None
     step, spent = 0, {"time": 0.0, "cpu_time": 0.0}     # training seconds of earlier calls
+    resumed_from = None
     ckpt_path = out / CHECKPOINT
     if ckpt is not None:
         try:
@@ -368,16 +356,19 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
         if geco is not None and "geco" in ckpt.get("extra", {}):
             geco.load_state_dict(ckpt["extra"]["geco"])
         set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
+        step = resumed_from = int(ckpt["step"])
         if processes.is_main:
             truncate_metrics(out / METRICS, step)
         log.info("resuming %s at step %d", out, step)
+        if report is not None and processes.is_main:
+            report(f"resuming the run in {out} at step {step}" +
+                   (f" (it has reached --steps {steps})" if step >= steps else f", training to step {steps}"))
     trainer = None    # one process with host checks: train_step
     if processes.distributed or speed.deferred:
         trainer = distributed.Trainer(system, optimizer, cfg.train.clip_norm, processes,
                                       deferred=speed.deferred, seed=seed)
-    data_info = {"train": str(Path(data).resolve()),
-                 "eval": str(Path(eval_data).resolve()) if eval_data else None}
+    data_info = {"train": _recorded_path(data, out), "eval": _recorded_path(eval_data, out) if eval_data else None,
+                 "generated": generated}
 
     t_start, c_start = time.time(), time.process_time()
 
@@ -456,7 +447,7 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
                 last = {"step": step, "loss": loss, "grad_norm": gnorm, "skipped": skipped,
                         **{k: round(v, 3) for k, v in clock().items()},
                         **({"beta": float(geco.beta)} if geco is not None else {}),
-                        **(batch_metrics(system, batch) if processes.is_main else {})}
+                        **(batch_metrics(system, batch, background) if processes.is_main else {})}
                 mlog.write(json.dumps(last) + "\n")
                 mlog.flush()
                 bar.set_postfix(loss=f"{loss:.4g}", fg_ari=f"{last.get('fg_ari', math.nan):.3f}")
@@ -466,5 +457,6 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
     bar.close()
     if trainer is not None and trainer.deferred:
         skipped = trainer.settle()[2]
+    system.eval()
     return FitResult(step=step, out=out, stopped=stop, last_metrics=last, skipped=skipped,
-                     rank=processes.rank)
+                     rank=processes.rank, resumed_from=resumed_from, system=system, data=data_info)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from iodine_pyro.cli import app
 from iodine_pyro.data import (
-    GENERATORS,
+    DATASETS,
     DatasetError,
     open_dataset,
     read_examples,
@@ -83,7 +83,7 @@ def assert_one_line(err: BaseException, *needles: str) -> None:
 @pytest.mark.parametrize("name", ["tetrominoes", "multi_dsprites", "multi_dsprites_colored_on_colored",
                                   "multi_dsprites_binarized"])
 def test_generated_images_round_trip_through_the_official_layout(name, tmp_path):
-    chunk = GENERATORS[name].make_chunk(np.random.default_rng(0), 7)
+    chunk = DATASETS[name].make_chunk(np.random.default_rng(0), 7)
     path = write_official(tmp_path / f"{name}.tfrecords", name, split(chunk))
     out = convert(path, name, tmp_path / "store", progress=False, chunk_size=3)
     ds = open_dataset(out)
@@ -260,7 +260,7 @@ def test_wrong_dataset_name_is_a_one_line_error(tmp_path):
 
 @pytest.fixture()
 def tetro_records():
-    return split(GENERATORS["tetrominoes"].make_chunk(np.random.default_rng(5), 3))
+    return split(DATASETS["tetrominoes"].make_chunk(np.random.default_rng(5), 3))
 
 
 def test_bad_mask_values_name_the_record(tmp_path, tetro_records):
@@ -315,7 +315,7 @@ def test_truncated_and_missing_files(tmp_path, tetro_records):
 
 
 def test_convert_info_and_show_commands(tmp_path):
-    chunk = GENERATORS["multi_dsprites"].make_chunk(np.random.default_rng(6), 5)
+    chunk = DATASETS["multi_dsprites"].make_chunk(np.random.default_rng(6), 5)
     path = write_official(tmp_path / "md.tfrecords", "multi_dsprites", split(chunk))
     store = tmp_path / "md"
     result = RUNNER.invoke(app, ["data", "convert", str(path), "--dataset", "multi_dsprites_colored_on_grayscale",
@@ -339,9 +339,9 @@ def test_convert_info_and_show_commands(tmp_path):
 
 
 def test_show_shapes_marks_overlaps_unscored(tmp_path):
-    from iodine_pyro.cli_data import show_grid
+    from iodine_pyro.figures import dataset_grid
     from iodine_pyro.data import generate
 
     store = generate("shapes", 4, tmp_path / "s", workers=1, progress=False)
-    png = show_grid(open_dataset(store), tmp_path / "s.png", num_images=4)
+    png = dataset_grid(open_dataset(store), tmp_path / "s.png", num_images=4)
     assert np.asarray(Image.open(png).convert("L")).std() > 10

@@ -16,7 +16,7 @@ import xarray as xr
 
 from iodine_pyro.data import (
     FORMAT,
-    GENERATORS,
+    DATASETS,
     Batches,
     DatasetError,
     generate,
@@ -345,7 +345,7 @@ def test_generate_refuses_to_overwrite(tmp_path):
 
 
 def test_registry():
-    spec = GENERATORS["tetrominoes"]
+    spec = DATASETS["tetrominoes"]
     assert spec.image_shape == (35, 35, 3) and spec.num_groups == 4
     chunk = spec.make_chunk(np.random.default_rng(0), 3)
     assert chunk["image"].shape == (3, 35, 35, 3) and chunk["mask"].shape == (3, 4, 35, 35)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from iodine_pyro.config import make_config
-from iodine_pyro.data import GENERATORS, generate, open_dataset
+from iodine_pyro.data import DATASETS, generate, open_dataset
 from iodine_pyro.data import dsprites as ds_mod
 from iodine_pyro.data import shapes as sh_mod
 
@@ -40,7 +40,7 @@ def _grid_index(grid: np.ndarray, values: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", list(VARIANT))
 def test_dsprites_follows_its_rules(name):
     (H, W, C), E, (lo, hi) = MY_DATASETS[name]
-    data = GENERATORS[name].make_chunk(np.random.default_rng(0), 300)
+    data = DATASETS[name].make_chunk(np.random.default_rng(0), 300)
     image, mask = data["image"], data["mask"]  # [n, 64, 64, C], [n, E, 64, 64]
     n = len(image)
     assert image.shape == (n, H, W, C) and image.dtype == np.uint8
@@ -177,7 +177,7 @@ def test_shapes_seeded_and_prefix():
 @pytest.mark.parametrize("name", list(MY_DATASETS))
 def test_registered_generator_round_trip(name, tmp_path):
     shape, groups, _ = MY_DATASETS[name]
-    spec = GENERATORS[name]
+    spec = DATASETS[name]
     assert spec.image_shape == shape and spec.num_groups == groups
     out = generate(name, 40, tmp_path / name, seed=3, workers=1, progress=False, chunk_size=16)
     ds = open_dataset(out)

@@ -15,7 +15,7 @@ from iodine_pyro import distributed
 from iodine_pyro.checkpoint import load_checkpoint
 from iodine_pyro.config import make_config
 from iodine_pyro.data import Batches, generate, open_dataset
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.system import Iodine
 from iodine_pyro.train import make_optimizer
 
 from .helpers import TINY_OVERRIDES, TINY_TOML

@@ -75,7 +75,7 @@ def test_decomposition_final_step(run_dir, tmp_path):
 
 def test_decomposition_every_step_through_the_cli(run_dir, tmp_path):
     out = tmp_path / "fig" / "steps.png"
-    proc = run_cli("plot", "decomposition", run_dir, "--out", out, "--steps", "--num-images", 1)
+    proc = run_cli("plot", "decomposition", run_dir, "--out", out, "--all-steps", "--num-images", 1)
     assert proc.returncode == 0, proc.stderr
     assert "steps.png" in proc.stdout
     assert_picture(out, 600, 400)
@@ -210,7 +210,7 @@ def test_unknown_kind_and_missing_run(tmp_path):
     (["traversal", "RUN", "--image", "48"], "--image 48 is out of range"),
     (["traversal", "RUN", "--range", "1", "-1"], "--range"),
     (["decomposition", "RUN", "RUN"], "one run directory, got 2"),
-    (["curves", "RUN", "--steps"], "--steps does not apply"),
+    (["curves", "RUN", "--all-steps"], "--all-steps does not apply"),
     (["ablation", "NOWHERE"], "no ablation runs"),
     (["curves", "NOWHERE"], "no metrics.jsonl"),
     (["decomposition", "RUN", "--num-images", "0"], "--num-images must be at least 1"),

@@ -11,7 +11,7 @@ from torch.distributions import kl_divergence
 from iodine_pyro.checkpoint import load_checkpoint
 from iodine_pyro.config import make_config
 from iodine_pyro.data import generate
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.system import Iodine
 from iodine_pyro.train import Geco, fit, learning_rate
 
 from .helpers import TINY_OVERRIDES, tiny_config

@@ -37,12 +37,17 @@ def label_rows(true_labels, pred_labels):
     return onehot_masks(t, max(t.max(), 0) + 1), onehot_masks(p, p.max() + 1)
 
 
-def reference_ari(true_labels, pred_labels):
+def reference_ari(true_labels, pred_labels, first_group=0):
     """Pair-counting ARI of one image with explicit loops and exact fractions.
 
-    true_labels: flat ints, -1 = ignored pixel; pred_labels: flat ints.
-    Degenerate 0/0 -> 1.0 if both partitions are one cluster over >= 2 pixels, else NaN.
+    true_labels: flat ints, -1 = ignored pixel; pred_labels: flat ints; first_group: the
+    label of the first remaining ground-truth group (an ignored pixel's id, officially).
+    The official special case first: every pixel (ignored ones as `first_group`) in one
+    true group and one predicted slot -> 1.0; then a 0/0 formula -> NaN.
     """
+    ids = {t if t >= 0 else first_group for t in true_labels}
+    if len(ids) == 1 and len(set(pred_labels)) == 1:
+        return 1.0
     pix = [(t, p) for t, p in zip(true_labels, pred_labels) if t >= 0]
     pairs = same_true = same_pred = same_both = 0
     for (t1, p1), (t2, p2) in itertools.combinations(pix, 2):
@@ -55,8 +60,7 @@ def reference_ari(true_labels, pred_labels):
     expected = Fraction(same_true * same_pred, pairs)
     denom = Fraction(same_true + same_pred, 2) - expected
     if denom == 0:
-        single = len({t for t, _ in pix}) == 1 and len({p for _, p in pix}) == 1
-        return 1.0 if single else math.nan
+        return math.nan
     return float((same_both - expected) / denom)
 
 
@@ -110,7 +114,8 @@ def test_matches_pair_counting_reference(problem, fg):
     ref_labels = np.where(labels < n_drop, -1, labels)
     pred_labels = logits.argmax(1).numpy()
     expected = torch.tensor(
-        [reference_ari(t.ravel(), p.ravel()) for t, p in zip(ref_labels, pred_labels)], dtype=torch.float64
+        [reference_ari(t.ravel(), p.ravel(), n_drop) if n_drop < G else math.nan   # no group left: NaN
+         for t, p in zip(ref_labels, pred_labels)], dtype=torch.float64
     )
     assert_same(ari(masks, logits, foreground_only=fg if isinstance(fg, bool) else n_drop), expected)
 
@@ -128,8 +133,10 @@ def test_invariant_to_slot_permutation(problem, seed, fg):
 
 
 @PROPERTY
-@given(problems(), st.integers(0, 2**32 - 1))
+@given(problems(allow_unlabelled=False), st.integers(0, 2**32 - 1))
 def test_invariant_to_true_group_permutation(problem, seed):
+    # (With ignored pixels the official single-cluster test counts them as group 0, so a
+    # permutation can change a degenerate image's value: see test_official_single_cluster_rule.)
     labels, G, logits = problem
     masks = onehot_masks(labels, G)
     perm = torch.as_tensor(np.random.default_rng(seed).permutation(G))
@@ -146,10 +153,12 @@ def test_perfect_segmentation_is_one(problem, seed, extra_slots):
     # Unlabelled pixels may be predicted anywhere: put them in random slots.
     noise = torch.as_tensor(np.random.default_rng(seed + 1).normal(size=pred.shape))
     pred = pred + (masks.sum(1, keepdim=True) == 0) * argmax_onehot(noise)
-    # 1 unless no cluster has >= 2 pixels (then the official formula is 0/0 -> NaN).
-    sizes = masks.sum(dim=(2, 3)).amax(dim=1)
-    expected = torch.where(sizes >= 2, 1.0, math.nan).double()
-    assert_same(ari(masks, pred), expected)
+    # With at least two true groups present: 1, unless no group has >= 2 pixels (then the
+    # formula is 0/0 -> NaN). (One group: a degenerate case, see the edge cases below.)
+    sizes = masks.sum(dim=(2, 3))                                   # [B, G]
+    several = (sizes > 0).sum(1) >= 2
+    expected = torch.where(sizes.amax(1) >= 2, 1.0, math.nan).double()
+    assert_same(ari(masks, pred)[several], expected[several])
 
 
 @PROPERTY
@@ -158,9 +167,10 @@ def test_prediction_vs_itself(problem):
     _, _, logits = problem
     self_masks = argmax_onehot(logits)
     sizes = self_masks.sum(dim=(2, 3))  # [B, K]
-    # 1 with >= 2 clusters (and with one cluster, the official special case),
+    # One cluster: 1 (the official special case, even for a single pixel); several: 1,
     # unless every pixel is its own cluster: then the formula is 0/0 -> NaN.
-    expected = torch.where(sizes.amax(1) >= 2, 1.0, math.nan).double()
+    one = (sizes > 0).sum(1) == 1
+    expected = torch.where(one | (sizes.amax(1) >= 2), 1.0, math.nan).double()
     assert_same(ari(self_masks, logits), expected)
 
 
@@ -198,7 +208,10 @@ def test_fg_ari_ignores_background_predictions(problem, seed):
     background = torch.as_tensor(labels == 0).unsqueeze(1)  # [B, 1, H, W]
     noise = torch.as_tensor(np.random.default_rng(seed).normal(size=logits.shape))
     changed = torch.where(background, noise, logits)
-    assert_same(ari(masks, changed, foreground_only=True), ari(masks, logits, foreground_only=True))
+    # With two foreground groups present; with one, the official single-cluster test looks
+    # at every pixel's prediction (test_official_single_cluster_rule).
+    several = (masks[:, 1:].sum(dim=(2, 3)) > 0).sum(1) >= 2
+    assert_same(ari(masks, changed, foreground_only=True)[several], ari(masks, logits, foreground_only=True)[several])
 
 
 @PROPERTY
@@ -217,9 +230,22 @@ def test_foreground_only_int_drops_leading_groups(problem):
 def test_both_single_cluster_is_one():
     t, p = label_rows([0, 0, 0, 0], [2, 2, 2, 2])
     assert ari(t, p).item() == 1.0
-    # FG-ARI: one object, all of it in one slot; background predicted elsewhere.
-    t, p = label_rows([0, 0, 1, 1, 1], [0, 1, 3, 3, 3])
+    # FG-ARI: one object and every pixel, background included, in one slot
+    t, p = label_rows([0, 0, 1, 1, 1], [3, 3, 3, 3, 3])
     assert ari(t, p, foreground_only=True).item() == 1.0
+
+
+def test_official_single_cluster_rule():
+    """DeepMind's special case looks at every pixel: one foreground object all in one
+    slot, with the background in another slot, is 0/0 there -> NaN (not 1)."""
+    t, p = label_rows([0, 0, 1, 1, 1], [0, 1, 3, 3, 3])
+    assert math.isnan(ari(t, p, foreground_only=True).item())
+    # an ignored pixel counts as group 0 in that test: a single scored pixel whose
+    # group is the first one, everything predicted alike -> 1
+    t, p = label_rows([-1, 0, -1], [0, 0, 0])
+    assert ari(t, p).item() == 1.0
+    t, p = label_rows([-1, 1, -1], [0, 0, 0])                        # its group is not the first
+    assert math.isnan(ari(t, p).item())
 
 
 def test_single_object_split_is_zero():
@@ -236,7 +262,7 @@ def test_single_object_split_is_zero():
     "true_labels, pred_labels",
     [
         ([-1, -1, -1], [0, 1, 0]),  # all-zero true masks
-        ([-1, 0, -1], [0, 0, 0]),  # a single scored pixel
+        ([-1, 0, -1], [0, 1, 0]),  # a single scored pixel
         ([0, 1, 2], [2, 0, 1]),  # all singletons on both sides: 0/0
     ],
 )

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from iodine_pyro.config import make_config
-from iodine_pyro.guides import leave_one_out
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.guides.inputs import leave_one_out
+from iodine_pyro.system import Iodine
 from iodine_pyro.models import PixelMixture, mixture_terms
 
 from .helpers import tiny_config

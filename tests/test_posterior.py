@@ -10,8 +10,7 @@ import pytest
 import torch
 import xarray as xr
 
-from iodine_pyro.data import load_images, open_dataset
-from iodine_pyro.evaluate import default_data, load_run
+from iodine_pyro.run import Run
 from iodine_pyro.posterior import (plot_multistability, sample_posterior, to_inference_data,
                                    write_samples)
 
@@ -30,13 +29,12 @@ def runs(tiny_runs):
 
 @pytest.fixture(scope="module")
 def batch(runs):
-    _, ckpt = load_run(runs["iterative"])
-    return load_images(open_dataset(default_data(ckpt)), 0, 5)
+    return Run.open(runs["iterative"]).images(0, 5)[0]
 
 
 @pytest.fixture(scope="module")
 def tree(runs, batch):
-    system, _ = load_run(runs["iterative"])
+    system = Run.open(runs["iterative"]).system
     return sample_posterior(system, batch["image"], 7, predictive=True, true_masks=batch["mask"],
                             image_index=np.arange(10, 15), batch_size=3, attrs={"checkpoint": "ckpt"})
 
@@ -85,7 +83,7 @@ def test_samples_are_draws_of_their_own_final_posterior(tree):
 
 
 def test_same_seed_same_samples_other_seed_others(runs, batch):
-    system, _ = load_run(runs["iterative"])
+    system = Run.open(runs["iterative"]).system
     x = batch["image"][:2]
     state = torch.get_rng_state()
     a = sample_posterior(system, x, 3, seed=1)["posterior"]["z"].values
@@ -97,7 +95,7 @@ def test_same_seed_same_samples_other_seed_others(runs, batch):
 
 
 def test_amortized_guide_has_one_posterior_per_image(runs, batch):
-    system, _ = load_run(runs["amortized"])
+    system = Run.open(runs["amortized"]).system
     tree = sample_posterior(system, batch["image"][:3], 200)
     assert "posterior_predictive" not in tree.children
     post = tree["posterior"].ds
@@ -108,11 +106,11 @@ def test_amortized_guide_has_one_posterior_per_image(runs, batch):
 
 
 def test_another_number_of_slots_and_steps(runs, batch):
-    system, _ = load_run(runs["iterative"])
+    system = Run.open(runs["iterative"]).system
     tree = sample_posterior(system, batch["image"][:2], 2, num_slots=6, num_iters=5, predictive=True)
     assert tree["posterior"].sizes["slot"] == 6 and tree["posterior_predictive"].sizes["slot"] == 6
     assert tree.attrs["site"] == "t4/z" and tree.attrs["num_iters"] == 5
-    amortized, _ = load_run(runs["amortized"])
+    amortized = Run.open(runs["amortized"]).system
     with pytest.raises(ValueError, match="K=4"):
         sample_posterior(amortized, batch["image"][:2], 2, num_slots=6)
     with pytest.raises(ValueError, match="at least 1"):
@@ -122,7 +120,7 @@ def test_another_number_of_slots_and_steps(runs, batch):
 def test_predictive_replay_in_chunks_gives_the_same_masks(runs, batch, monkeypatch):
     import iodine_pyro.posterior as posterior
 
-    system, _ = load_run(runs["iterative"])
+    system = Run.open(runs["iterative"]).system
     torch.manual_seed(0)
     whole = posterior.draw_samples(system, batch["image"][:2], 3, predictive=True)
     monkeypatch.setattr(posterior, "TRACE_BUDGET", 1)              # one sample per Predictive call
@@ -135,7 +133,7 @@ def test_predictive_replay_in_chunks_gives_the_same_masks(runs, batch, monkeypat
 
 def test_deepmind_preset_samples_its_last_pass():
     """The `deepmind` preset scores T + 1 decoder passes: the posterior is site t{T}/z."""
-    from iodine_pyro.iodine import Iodine
+    from iodine_pyro.system import Iodine
     from tests.helpers import tiny_config
 
     system = Iodine(tiny_config("deepmind")).eval()
@@ -164,7 +162,7 @@ def test_netcdf_round_trip_and_arviz(tree, tmp_path):
 
 
 def test_multistability_figure(runs, batch, tmp_path):
-    system, _ = load_run(runs["iterative"])
+    system = Run.open(runs["iterative"]).system
     path = plot_multistability(system, batch["image"][0], tmp_path / "ms.png", 3)
     import matplotlib.image as mpimg
 
@@ -185,7 +183,7 @@ def test_sample_command(runs, tmp_path):
     assert back["observed_data"]["true_masks"].shape == (3, 4, 35, 35)
     attrs = back["posterior"].attrs
     assert attrs["checkpoint"] == str(runs["iterative"].resolve()) and attrs["step"] == 3
-    assert attrs["data"].endswith("data") and attrs["seed"] == 0
+    assert attrs["data"].endswith("data/test") and attrs["seed"] == 0   # the held-out set fit made
 
 
 def test_multistability_command(runs, tmp_path, monkeypatch, capsys):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from iodine_pyro.config import PRESET_FIELDS, PRESETS, make_config
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.system import Iodine
 from iodine_pyro.models import PixelMixture
 from iodine_pyro.train import learning_rate, make_optimizer
 
@@ -134,3 +134,16 @@ def test_every_preset_field_differs_somewhere():
         values = {repr(getattr(getattr(make_config(ds, p), section), name))
                   for ds in ("tetrominoes", "clevr6") for p in PRESETS}
         assert len(values) > 1, key
+
+
+@pytest.mark.parametrize("dataset, preset, layers", [
+    ("clevr6", "paper", ["Linear 256", "ELU", "Linear 256"]),        # appendix C: 256 ELU, 256 linear
+    ("clevr6", "deepmind", ["Linear 256", "ELU", "Linear 256"]),     # released: [256, 256], last linear
+    ("tetrominoes", "paper", ["Linear 128", "ELU"]),
+    ("tetrominoes", "deepmind", ["Linear 128"]),                     # released: linear
+])
+def test_refinement_mlp_after_pooling(dataset, preset, layers):
+    cfg = make_config(dataset, preset, {"model.image_size": (16, 16)})
+    mlp = Iodine(cfg).guide.net.mlp
+    got = [f"Linear {m.out_features}" if isinstance(m, nn.Linear) else type(m).__name__ for m in mlp]
+    assert got == layers

@@ -8,6 +8,7 @@ sequences and the store round trip.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 
 from iodine_pyro.config import ARCHITECTURES, make_config
 from iodine_pyro.data import (
-    GENERATORS,
+    DATASETS,
     Batches,
     DatasetError,
     clevr,
@@ -26,6 +27,10 @@ from iodine_pyro.data import (
     open_dataset,
 )
 
+# `pytest.importorskip("mujoco")` imports MuJoCo before the package would: choose its
+# headless OpenGL platform first, as iodine_pyro.data.objects_room does.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
 # ---------------------------------------------------------------------------------------
 # without the renderers
 # ---------------------------------------------------------------------------------------
@@ -34,7 +39,7 @@ from iodine_pyro.data import (
 def test_registry_and_architectures():
     for name, shape, groups in [("clevr6", (128, 128, 3), 11), ("clevr", (128, 128, 3), 11),
                                 ("objects_room", (64, 64, 3), 7), ("objects_room_sequences", (64, 64, 3), 7)]:
-        assert GENERATORS[name].image_shape == shape and GENERATORS[name].num_groups == groups
+        assert DATASETS[name].image_shape == shape and DATASETS[name].num_groups == groups
         assert name in ARCHITECTURES
     cfg = make_config("objects_room")
     assert cfg.model.image_size == (64, 64) and cfg.model.num_slots == 7 and cfg.guide.lstm == 128
@@ -123,6 +128,49 @@ def test_sequences(flights):
     across = np.mean([np.abs(frames[a] - frames[b]).mean() for a, b in [(0, 1), (1, 2), (0, 2)]])
     assert consecutive < 0.5 * across
     assert (np.abs(frames[:, 1:] - frames[:, :-1]).mean(axis=(2, 3, 4)) > 0).mean() > 0.9  # the camera moves
+
+
+def test_objects_room_fg_ari_drops_its_four_background_groups_everywhere(tmp_path, monkeypatch):
+    """evaluate, compare and the training log score FG-ARI alike: without sky, floor and
+    both wall halves (the dataset's 4 background groups), never just group 0."""
+    pytest.importorskip("mujoco")
+    import json
+
+    import torch
+
+    import iodine_pyro.train as train
+    from iodine_pyro.compare import compare
+    from iodine_pyro.evaluate import batch_metrics, evaluate
+    from iodine_pyro.metrics import ari, summarize
+    from iodine_pyro.run import Run
+
+    logged_with = []
+
+    def recording(system, batch, background):
+        logged_with.append(background)
+        return batch_metrics(system, batch, background)
+
+    monkeypatch.setattr(train, "batch_metrics", recording)
+
+    data = generate("objects_room", 8, tmp_path / "room", seed=2, workers=1, progress=False)
+    tiny = {"model.image_size": (64, 64), "model.latent_dim": 4, "model.decoder_channels": (8,),
+            "model.decoder_kernel": 3, "guide.num_iters": 2, "guide.conv_channels": (8,), "guide.conv_kernel": 3,
+            "guide.mlp": (8,), "guide.lstm": 8, "train.batch_size": 8}
+    result = train.fit(out=tmp_path / "run", steps=1, dataset="objects_room", overrides=tiny, data=data, eval_data=data,
+                 log_every=1, progress=False, amp=False)
+    run = Run.open(result.out)
+    batch, _ = run.images(0, 8)
+    torch.manual_seed(0)
+    last = run.system.infer(batch["image"])[-1]
+    by_hand = {drop: summarize(ari(batch["mask"], last.masks, foreground_only=drop)) for drop in (1, 4)}
+    assert by_hand[1] != by_hand[4]                      # the choice matters on these images
+    assert logged_with == [4]                            # the training log
+    assert "fg_ari" in json.loads((result.out / "metrics.jsonl").read_text().splitlines()[-1])
+    evaluated = evaluate(run, num_images=8, batch_size=8, progress=False)
+    compared = compare([run], num_images=8, batch_size=8, iw_samples=1, gap_steps=0, progress=False)
+    assert evaluated["background_groups"] == compared["settings"]["background_groups"] == 4
+    assert evaluated["fg_ari"][-1] == pytest.approx(by_hand[4])
+    assert compared["runs"][run.name]["fg_ari"][-1] == pytest.approx(by_hand[4])
 
 
 def test_sequence_store(tmp_path):

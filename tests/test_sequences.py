@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from iodine_pyro.cli import app
-from iodine_pyro.models.iodine import frame_weights
+from iodine_pyro.models.generative import frame_weights
 from iodine_pyro.data import Batches, DatasetError, generate, load_images, open_dataset
 from iodine_pyro.data.dsprites import make_sequence_chunk, sprite_mask
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.system import Iodine
 from iodine_pyro.metrics import slot_stability
 
 from .helpers import TINY_TOML, tiny_config
@@ -298,8 +298,19 @@ def test_plot_sequence(sequence_run, tmp_path, one_thread):
     assert (tmp_path / "seq.png").stat().st_size > 0
 
 
+def test_decomposition_of_a_sequence_run_shows_the_final_frame(sequence_run, tmp_path):
+    res = CliRunner().invoke(app, ["plot", "decomposition", str(sequence_run), "--out", str(tmp_path / "d.png"),
+                                   "--num-images", "2"])
+    assert res.exit_code == 0, res.output
+    a = np.load(tmp_path / "d.npz")
+    assert a["image"].shape == (2, 3, 64, 64) and a["step"].tolist() == [3]
+    res = CliRunner().invoke(app, ["plot", "decomposition", str(sequence_run), "--out", str(tmp_path / "e.png"),
+                                   "--all-steps"])
+    assert isinstance(res.exception, ValueError) and "plot sequence" in str(res.exception)
+
+
 @pytest.mark.parametrize("command, options", [
-    (["plot", "decomposition"], ["--out", "out.png"]), (["plot", "mask-logits"], ["--out", "out.png"]),
+    (["plot", "mask-logits"], ["--out", "out.png"]),
     (["plot", "traversal"], ["--out", "out.png"]), (["plot", "projection"], ["--out", "out.png"]),
     (["sample"], ["--num-images", "2", "--num-samples", "2", "--out", "post.nc"]),
     (["compare"], ["--num-images", "2"]),

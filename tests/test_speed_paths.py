@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from iodine_pyro import distributed
 from iodine_pyro.checkpoint import load_checkpoint
 from iodine_pyro.data import generate
-from iodine_pyro.iodine import Iodine
+from iodine_pyro.system import Iodine
 from iodine_pyro.train import TrainingError, fit, make_optimizer, train_step
 
 from .helpers import TINY_OVERRIDES, tiny_config

@@ -1,9 +1,11 @@
 """Datasets for IODINE: procedural generators, the on-disk zarr format, and batches.
 
-* :func:`generate` writes a registered procedural dataset (:data:`GENERATORS`) to a chunked,
-  compressed zarr store; :func:`open_dataset` opens one lazily and validates it.
-* :class:`Batches` streams shuffled, resumable training batches; :func:`load_images` reads a
-  contiguous range for evaluation.
+* :data:`DATASETS` (:mod:`iodine_pyro.data.registry`) describes every generated dataset
+  (:class:`DatasetSpec`: shape, mask groups, background groups, sequences, factors);
+  :func:`generate` writes one to a chunked, compressed zarr store.
+* :func:`open_dataset` opens a store lazily and validates it (format, and the shape of
+  the dataset it names); :class:`Batches` streams shuffled, resumable training batches;
+  :func:`load_images` reads a contiguous range for evaluation.
 * :func:`read_examples` reads DeepMind's official TFRecord files without TensorFlow;
   :func:`convert_tfrecords` (:mod:`iodine_pyro.data.convert`) turns one into a store.
 
@@ -11,34 +13,56 @@ Every file-level failure raises :class:`DatasetError` (a ``ValueError``) with a 
 message naming the path.
 """
 
+from pathlib import Path
+
+import xarray as xr
+
+from .convert import convert as convert_tfrecords
 from .errors import DatasetError
+from .generate import ensure as ensure_generated
+from .generate import generate
+from .registry import DATASETS, background_groups, check_matches_spec, dataset_spec
+from .spec import DatasetSpec
 from .store import (
     CHUNK_SIZE,
     FORMAT,
     FORMAT_VERSION,
-    GENERATORS,
     Batches,
-    GeneratorSpec,
-    generate,
+    is_sequence,
+    is_store,
     load_images,
-    open_dataset,
+    object_counts,
+    open_store,
     write_chunks,
 )
 from .tfrecord import read_examples
-from .convert import convert as convert_tfrecords
 
 __all__ = [
-    "DatasetError",
-    "GENERATORS",
-    "GeneratorSpec",
-    "generate",
-    "open_dataset",
-    "Batches",
-    "load_images",
-    "read_examples",
-    "convert_tfrecords",
-    "write_chunks",
     "CHUNK_SIZE",
+    "DATASETS",
     "FORMAT",
     "FORMAT_VERSION",
+    "Batches",
+    "DatasetError",
+    "DatasetSpec",
+    "background_groups",
+    "convert_tfrecords",
+    "dataset_spec",
+    "ensure_generated",
+    "generate",
+    "is_sequence",
+    "is_store",
+    "load_images",
+    "object_counts",
+    "open_dataset",
+    "read_examples",
+    "write_chunks",
 ]
+
+
+def open_dataset(path: str | Path) -> xr.Dataset:
+    """Open a store lazily and validate it: its format (`open_store`) and, for a dataset
+    generated here, the image shape and mask groups of its description."""
+    ds = open_store(path)
+    check_matches_spec(ds, str(path))
+    return ds

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DatasetError
+from .spec import DatasetSpec
 
 __all__ = [
     "IMAGE_SIZE",
@@ -437,3 +438,18 @@ def make_clevr6_chunk(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]
 def make_clevr_chunk(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """``n`` full CLEVR images (3 to 10 objects): see :func:`render_chunk`."""
     return render_chunk(rng, n, CLEVR_OBJECTS)
+
+
+_CATEGORICAL = frozenset({"shape", "color", "material", "size"})
+SPECS = (
+    DatasetSpec(
+        name="clevr6", image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_groups=NUM_GROUPS, make_chunk=make_clevr6_chunk,
+        description="iodine_pyro.data.clevr: CLEVR scenes of 3-6 objects, the paper's 192x192 crop "
+                    "at 128x128, rendered with Mitsuba 3",
+        factor_dims={"pixel_coords": ("coord",)}, categorical=_CATEGORICAL),
+    DatasetSpec(
+        name="clevr", image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_groups=NUM_GROUPS, make_chunk=make_clevr_chunk,
+        description="iodine_pyro.data.clevr: CLEVR scenes of 3-10 objects, the paper's 192x192 crop "
+                    "at 128x128, rendered with Mitsuba 3",
+        factor_dims={"pixel_coords": ("coord",)}, categorical=_CATEGORICAL),
+)

@@ -75,7 +75,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +82,7 @@ from tqdm.auto import tqdm
 
 from . import tfrecord
 from .errors import DatasetError
-from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, _prepare_output, write_chunks
+from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, prepare_output, write_chunks
 
 __all__ = [
     "Layout",
@@ -94,7 +93,6 @@ __all__ = [
     "convert",
     "decode_record",
     "clevr_crop_resize",
-    "background_groups",
     "encode_example",
     "bytes_feature",
     "write_tfrecords",
@@ -196,14 +194,6 @@ def layout_of(name: str) -> Layout:
         raise ValueError(f"unknown dataset {name!r} for conversion; choose from "
                          f"{', '.join(sorted(LAYOUTS) + sorted(ALIASES))}")
     return layout
-
-
-def background_groups(dataset: str, attrs: dict[str, Any] | None = None) -> int:
-    """Leading mask groups that are background: the store's ``background_groups``
-    attribute, else 4 for Objects Room sets and 1 for every other dataset."""
-    if attrs and "background_groups" in attrs:
-        return int(attrs["background_groups"])
-    return 4 if dataset.startswith("objects_room") else 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,7 +369,7 @@ def convert(path: str | Path, name: str, out: str | Path, *, max_objects: int | 
     min_objects = layout.min_objects if min_objects is None else min_objects
     if name == "clevr" and max_objects == 6:
         name = "clevr6"
-    _prepare_output(out, overwrite)
+    prepare_output(out, overwrite)
     attrs = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -54,9 +54,12 @@ velocity, for sequential IODINE (the paper's appendix A.1).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+
+from .spec import DatasetSpec
 
 __all__ = [
     "IMAGE_SIZE",
@@ -330,3 +333,28 @@ def make_sequence_chunk(rng: np.random.Generator, n: int, frames: int = NUM_FRAM
         "visibility": per_group(np.ones((n, S)), background=1.0),  # [n, E]
         "frame_visibility": mask.any(axis=(3, 4)).transpose(0, 2, 1).astype(np.float32),  # [n, E, F]
     }
+
+
+def _spec(name: str, variant: str, description: str, **kw) -> DatasetSpec:
+    v = VARIANTS[variant]
+    return DatasetSpec(name=name, image_shape=(IMAGE_SIZE, IMAGE_SIZE, v.channels), num_groups=v.num_groups,
+                       make_chunk=functools.partial(make_chunk, variant=variant), description=description, **kw)
+
+
+SPECS = (
+    _spec("multi_dsprites", "colored_on_grayscale",
+          "iodine_pyro.data.dsprites: 2-5 saturated dSprites on a grey background, 64x64, "
+          "as multi_object_datasets' multi_dsprites colored_on_grayscale"),
+    _spec("multi_dsprites_colored_on_colored", "colored_on_colored",
+          "iodine_pyro.data.dsprites: 1-4 random-RGB dSprites on a random-RGB background, "
+          "64x64, as multi_object_datasets' multi_dsprites colored_on_colored"),
+    _spec("multi_dsprites_binarized", "binarized",
+          "iodine_pyro.data.dsprites: 2-3 white dSprites on black, 64x64x1, "
+          "as multi_object_datasets' multi_dsprites binarized", factor_dims={"color": ("gray",)}),
+    DatasetSpec(
+        name="multi_dsprites_sequences", image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+        num_groups=VARIANTS["colored_on_grayscale"].num_groups, make_chunk=make_sequence_chunk,
+        description="iodine_pyro.data.dsprites: 16-frame sequences of 2-5 saturated dSprites on grey, "
+                    "each moving at its own constant velocity, 64x64",
+        frames=NUM_FRAMES, factor_dims={"color": ("rgb",), "frame_visibility": ("frame",)}),
+)

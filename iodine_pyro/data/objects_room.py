@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DatasetError
+from .spec import DatasetSpec
 
 __all__ = [
     "IMAGE_SIZE",
@@ -377,3 +378,18 @@ def make_sequence_chunk(rng: np.random.Generator, n: int) -> dict[str, np.ndarra
         DatasetError: when MuJoCo is not installed or cannot render headless.
     """
     return _render_scenes(rng, n, frames=NUM_FRAMES)
+
+
+SPECS = (
+    DatasetSpec(
+        name="objects_room", image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_groups=NUM_GROUPS,
+        make_chunk=make_chunk, background_groups=NUM_BACKGROUND,
+        description="iodine_pyro.data.objects_room: a cubic room (sky, floor, two wall halves) "
+                    "with 3 objects, 1-3 in view, 64x64, rendered with MuJoCo"),
+    DatasetSpec(
+        name="objects_room_sequences", image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), num_groups=NUM_GROUPS,
+        make_chunk=make_sequence_chunk, background_groups=NUM_BACKGROUND, frames=NUM_FRAMES,
+        description="iodine_pyro.data.objects_room: 16-frame camera flights through Objects Room "
+                    "scenes, 64x64, rendered with MuJoCo",
+        factor_dims={"color": ("rgb",), "frame_visibility": ("frame",)}),
+)

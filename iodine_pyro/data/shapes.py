@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .spec import DatasetSpec
+
 __all__ = ["IMAGE_SIZE", "NUM_SHAPES", "NUM_GROUPS", "SQUARE", "TRIANGLE_UP", "TRIANGLE_DOWN",
            "TEMPLATES", "make_chunk"]
 
@@ -111,3 +113,10 @@ def make_chunk(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
         "shape": per_group(kind + 1),  # [n, 4]
         "visibility": np.ones((n, NUM_GROUPS), dtype=np.float32),  # [n, 4]
     }
+
+
+SPEC = DatasetSpec(
+    name="shapes", image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1), num_groups=NUM_GROUPS, make_chunk=make_chunk,
+    description="iodine_pyro.data.shapes: 3 outlined squares and triangles, 28x28 binary, "
+                "overlaps unscored (Reichert & Serre 2013)",
+    categorical=frozenset({"shape"}))

@@ -1,4 +1,4 @@
-"""The on-disk dataset format: generation, lazy opening, and batches for training.
+"""The on-disk dataset format: writing, lazy opening and validation, and batches for training.
 
 Every dataset (generated here, or converted from official files) is one zarr store (a
 directory) written with xarray, chunked by 256 images along ``image`` and zstd-compressed
@@ -28,16 +28,10 @@ instead of one image at a time, since each random image access would decompress 
 
 from __future__ import annotations
 
-import collections
-import functools
 import logging
 import math
-import multiprocessing
-import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,23 +39,20 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
-from tqdm.auto import tqdm
 
-from . import dsprites, shapes, tetrominoes
-from . import clevr, objects_room  # import Mitsuba / MuJoCo only when a chunk is generated
 from .errors import DatasetError
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "CHUNK_SIZE",
-    "GeneratorSpec",
-    "GENERATORS",
-    "generate",
+    "is_sequence",
+    "is_store",
     "write_chunks",
-    "open_dataset",
+    "open_store",
     "Batches",
     "load_images",
+    "object_counts",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,116 +69,6 @@ MASK_DIMS = ("image", "group", "height", "width")
 # after "image".
 SEQUENCE_IMAGE_DIMS = ("image", "frame", "height", "width", "channel")
 SEQUENCE_MASK_DIMS = ("image", "frame", "group", "height", "width")
-
-
-# ---------------------------------------------------------------------------------------
-# Generators
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GeneratorSpec:
-    """A procedural dataset.
-
-    Args:
-        image_shape: (height, width, channels) of one image.
-        num_groups: mask groups per image, background (group 0) included.
-        make_chunk: ``make_chunk(rng, n)`` -> dict of numpy arrays with a leading axis of
-            length n: ``image`` [n, H, W, C] uint8, ``mask`` [n, G, H, W] uint8 0/1, and
-            per-group factors [n, G] or [n, G, k].
-        description: a short description, stored as the ``generator`` attribute.
-        factor_dims: names of the trailing dims of factors with more than 2 dims.
-    """
-
-    image_shape: tuple[int, int, int]
-    num_groups: int
-    make_chunk: Callable[[np.random.Generator, int], dict[str, np.ndarray]]
-    description: str
-    factor_dims: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"color": ("rgb",)})
-
-
-GENERATORS: dict[str, GeneratorSpec] = {
-    "tetrominoes": GeneratorSpec(
-        image_shape=(tetrominoes.IMAGE_SIZE, tetrominoes.IMAGE_SIZE, 3),
-        num_groups=tetrominoes.NUM_GROUPS,
-        make_chunk=tetrominoes.make_chunk,
-        description="iodine_pyro.data.tetrominoes: 3 non-overlapping bevelled tetrominoes, "
-        "35x35, as DeepMind's multi_object_datasets",
-    ),
-    "multi_dsprites": GeneratorSpec(
-        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 3),
-        num_groups=dsprites.VARIANTS["colored_on_grayscale"].num_groups,
-        make_chunk=functools.partial(dsprites.make_chunk, variant="colored_on_grayscale"),
-        description="iodine_pyro.data.dsprites: 2-5 saturated dSprites on a grey background, 64x64, "
-        "as multi_object_datasets' multi_dsprites colored_on_grayscale",
-    ),
-    "multi_dsprites_colored_on_colored": GeneratorSpec(
-        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 3),
-        num_groups=dsprites.VARIANTS["colored_on_colored"].num_groups,
-        make_chunk=functools.partial(dsprites.make_chunk, variant="colored_on_colored"),
-        description="iodine_pyro.data.dsprites: 1-4 random-RGB dSprites on a random-RGB background, "
-        "64x64, as multi_object_datasets' multi_dsprites colored_on_colored",
-    ),
-    "multi_dsprites_binarized": GeneratorSpec(
-        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 1),
-        num_groups=dsprites.VARIANTS["binarized"].num_groups,
-        make_chunk=functools.partial(dsprites.make_chunk, variant="binarized"),
-        description="iodine_pyro.data.dsprites: 2-3 white dSprites on black, 64x64x1, "
-        "as multi_object_datasets' multi_dsprites binarized",
-        factor_dims={"color": ("gray",)},
-    ),
-    "shapes": GeneratorSpec(
-        image_shape=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 1),
-        num_groups=shapes.NUM_GROUPS,
-        make_chunk=shapes.make_chunk,
-        description="iodine_pyro.data.shapes: 3 outlined squares and triangles, 28x28 binary, "
-        "overlaps unscored (Reichert & Serre 2013)",
-    ),
-    "objects_room": GeneratorSpec(
-        image_shape=(objects_room.IMAGE_SIZE, objects_room.IMAGE_SIZE, 3),
-        num_groups=objects_room.NUM_GROUPS,
-        make_chunk=objects_room.make_chunk,
-        description="iodine_pyro.data.objects_room: a cubic room (sky, floor, two wall halves) "
-        "with 3 objects, 1-3 in view, 64x64, rendered with MuJoCo",
-    ),
-    "multi_dsprites_sequences": GeneratorSpec(
-        image_shape=(dsprites.IMAGE_SIZE, dsprites.IMAGE_SIZE, 3),
-        num_groups=dsprites.VARIANTS["colored_on_grayscale"].num_groups,
-        make_chunk=dsprites.make_sequence_chunk,
-        description="iodine_pyro.data.dsprites: 16-frame sequences of 2-5 saturated dSprites on grey, "
-        "each moving at its own constant velocity, 64x64",
-        factor_dims={"color": ("rgb",), "frame_visibility": ("frame",)},
-    ),
-    "objects_room_sequences": GeneratorSpec(
-        image_shape=(objects_room.IMAGE_SIZE, objects_room.IMAGE_SIZE, 3),
-        num_groups=objects_room.NUM_GROUPS,
-        make_chunk=objects_room.make_sequence_chunk,
-        description="iodine_pyro.data.objects_room: 16-frame camera flights through Objects Room "
-        "scenes, 64x64, rendered with MuJoCo",
-        factor_dims={"color": ("rgb",), "frame_visibility": ("frame",)},
-    ),
-    "clevr6": GeneratorSpec(
-        image_shape=(clevr.IMAGE_SIZE, clevr.IMAGE_SIZE, 3),
-        num_groups=clevr.NUM_GROUPS,
-        make_chunk=clevr.make_clevr6_chunk,
-        description="iodine_pyro.data.clevr: CLEVR scenes of 3-6 objects, the paper's 192x192 crop "
-        "at 128x128, rendered with Mitsuba 3",
-        factor_dims={"pixel_coords": ("coord",)},
-    ),
-    "clevr": GeneratorSpec(
-        image_shape=(clevr.IMAGE_SIZE, clevr.IMAGE_SIZE, 3),
-        num_groups=clevr.NUM_GROUPS,
-        make_chunk=clevr.make_clevr_chunk,
-        description="iodine_pyro.data.clevr: CLEVR scenes of 3-10 objects, the paper's 192x192 crop "
-        "at 128x128, rendered with Mitsuba 3",
-        factor_dims={"pixel_coords": ("coord",)},
-    ),
-}
-
-
-def _generate_chunk(name: str, seed: np.random.SeedSequence, n: int) -> dict[str, np.ndarray]:
-    """One chunk of a registered generator (runs in a worker process)."""
-    return GENERATORS[name].make_chunk(np.random.default_rng(seed), n)
 
 
 def _to_xarray(arrays: dict[str, np.ndarray], factor_dims: dict[str, tuple[str, ...]]) -> xr.Dataset:
@@ -227,11 +108,18 @@ def _encoding(ds: xr.Dataset, chunk_size: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def _is_store(path: Path) -> bool:
+def is_store(path: str | Path) -> bool:
+    """Whether `path` is a (possibly incomplete) dataset store: a zarr group's marker file."""
+    path = Path(path)
     return (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def is_sequence(ds: xr.Dataset) -> bool:
+    """Whether a store holds sequences ([image, frame, ...]) rather than single images."""
+    return "frame" in ds["image"].dims
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse to clobber existing data; remove an old store when ``overwrite``."""
     if out.is_file():
         raise DatasetError(f"{out} is a file, not a dataset directory")
@@ -239,96 +127,10 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise DatasetError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    if not _is_store(out):
+    if not is_store(out):
         raise DatasetError(f"{out} is not empty and not a dataset store; refusing to delete it")
     log.info("removing existing store %s", out)
     shutil.rmtree(out)
-
-
-class _InProcess(Executor):
-    """A serial executor: workers=1 runs without spawning processes."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
-
-
-def _process_pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes forked from a clean server process, not from this one: a fork of a
-    process that holds an OpenGL context (the Objects Room renderer), a Mitsuba variant or
-    torch's thread pools can deadlock in the child."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(workers, mp_context=context)
-
-
-def _ordered_results(executor: Executor, tasks: list[tuple], window: int) -> Iterator[dict[str, np.ndarray]]:
-    """Run ``_generate_chunk`` over tasks in order, at most ``window`` chunks in flight."""
-    pending: collections.deque[Future] = collections.deque()
-    for task in tasks:
-        pending.append(executor.submit(_generate_chunk, *task))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def generate(
-    name: str,
-    num_images: int,
-    out: str | Path,
-    *,
-    seed: int = 0,
-    workers: int | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-    chunk_size: int = CHUNK_SIZE,
-) -> Path:
-    """Generate ``num_images`` images of dataset ``name`` into a new store at ``out``.
-
-    Chunk i is drawn from ``SeedSequence(seed).spawn(...)[i]``, so the data depend only on
-    ``seed`` and ``chunk_size``, not on ``workers``; for Tetrominoes a smaller set is a
-    prefix of a larger one. Chunks are appended to the store as they arrive; memory stays bounded.
-
-    Args:
-        name: a key of :data:`GENERATORS`.
-        num_images: number of images (at least 1).
-        out: the store directory; must not exist or be empty unless ``overwrite``.
-        seed: the dataset's seed.
-        workers: processes (default ``min(cpu_count, 4)``); 1 runs in this process.
-        progress: show a tqdm progress bar.
-        overwrite: replace an existing store at ``out``.
-        chunk_size: images per chunk (also the generation unit).
-
-    Returns:
-        the store's path.
-    """
-    if name not in GENERATORS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(sorted(GENERATORS))}")
-    if num_images < 1 or chunk_size < 1:
-        raise ValueError("num_images and chunk_size must be at least 1")
-    spec = GENERATORS[name]
-    out = Path(out)
-    _prepare_output(out, overwrite)
-    workers = workers or min(os.cpu_count() or 1, 4)
-    num_chunks = math.ceil(num_images / chunk_size)
-    seeds = np.random.SeedSequence(seed).spawn(num_chunks)
-    tasks = [(name, s, min(chunk_size, num_images - i * chunk_size)) for i, s in enumerate(seeds)]
-    attrs = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dataset": name,
-        "seed": int(seed),
-        "generator": spec.description,
-        "num_images": int(num_images),
-    }
-    executor: Executor = _InProcess() if workers == 1 else _process_pool(min(workers, num_chunks))
-    with executor, tqdm(total=num_images, disable=not progress, desc=f"generate {name}", unit="img") as bar:
-        chunks = _ordered_results(executor, tasks, window=2 * workers)
-        write_chunks(out, chunks, attrs, factor_dims=spec.factor_dims, chunk_size=chunk_size, bar=bar)
-    log.info("wrote %d %s images to %s", num_images, name, out)
-    return out
 
 
 def write_chunks(out: str | Path, chunks: Iterable[dict[str, np.ndarray]], attrs: dict[str, Any], *,
@@ -389,7 +191,7 @@ def _check_attrs(ds: xr.Dataset, path: Path) -> None:
 
 
 def _check_variables(ds: xr.Dataset, path: Path) -> None:
-    sequence = "image" in ds.data_vars and "frame" in ds["image"].dims
+    sequence = "image" in ds.data_vars and is_sequence(ds)
     for name, dims in (("image", SEQUENCE_IMAGE_DIMS if sequence else IMAGE_DIMS),
                        ("mask", SEQUENCE_MASK_DIMS if sequence else MASK_DIMS)):
         if name not in ds.data_vars:
@@ -413,14 +215,6 @@ def _check_sizes(ds: xr.Dataset, path: Path) -> None:
         raise DatasetError(f"{path} is incomplete: writing stopped after {n} images")
     if n == 0 or n != expected:
         raise DatasetError(f"{path} is incomplete: {n} of {expected} images")
-    spec = GENERATORS.get(ds.attrs.get("dataset", ""))
-    if spec is not None:
-        shape = (ds.sizes["height"], ds.sizes["width"], ds.sizes["channel"])
-        # A converted official file keeps its own number of groups (e.g. CLEVR6: 11).
-        groups_differ = ds.sizes["group"] != spec.num_groups and "converted_from" not in ds.attrs
-        if shape != spec.image_shape or groups_differ:
-            raise DatasetError(f"{path}: images {shape} with {ds.sizes['group']} groups do not match "
-                               f"{ds.attrs['dataset']} ({spec.image_shape}, {spec.num_groups} groups)")
 
 
 def _check_chunks(path: Path) -> None:
@@ -435,8 +229,8 @@ def _check_chunks(path: Path) -> None:
             raise DatasetError(f"{path} is truncated: {name!r} has {present} of {total} chunks")
 
 
-def open_dataset(path: str | Path) -> xr.Dataset:
-    """Open a stored dataset lazily (nothing is read until indexed) and validate it.
+def open_store(path: str | Path) -> xr.Dataset:
+    """Open a stored dataset lazily (nothing is read until indexed) and validate its format.
 
     Raises:
         DatasetError: with a one-line message naming ``path`` when it is missing, not this
@@ -533,7 +327,7 @@ class Batches:
     float32 0/1 (sequences: [B, F, C, H, W] and [B, F, G, H, W]).
 
     Args:
-        ds: a dataset from :func:`open_dataset` (or a path to one).
+        ds: an opened store (or a path to one).
         batch_size: images per batch.
         seed: seed of the order.
         shuffle: shuffle chunks and images; otherwise images come in stored order.
@@ -543,7 +337,7 @@ class Batches:
 
     def __init__(self, ds: xr.Dataset | str | Path, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = True, buffer_chunks: int = 4):
-        self.ds = ds if isinstance(ds, xr.Dataset) else open_dataset(ds)
+        self.ds = ds if isinstance(ds, xr.Dataset) else open_store(ds)
         self.num_images = self.ds.sizes["image"]
         if batch_size < 1 or buffer_chunks < 1:
             raise ValueError("batch_size and buffer_chunks must be at least 1")
@@ -664,3 +458,25 @@ def _take(pending: list[Arrays], n: int) -> tuple[Arrays, list[Arrays]]:
             need = 0
     batch = {k: np.concatenate([t[k] for t in taken]) if len(taken) > 1 else taken[0][k] for k in taken[0]}
     return batch, rest
+
+
+def object_counts(ds: xr.Dataset, background: int = 1, chunk: int = CHUNK_SIZE) -> tuple[np.ndarray | None, np.ndarray]:
+    """Objects per image of a store: by ``visibility > 0`` of the groups past the
+    `background` ones (None without a visibility factor), and by non-empty masks of those
+    groups (in any frame of a sequence), read chunk by chunk.
+
+    Returns:
+        (by_visibility [N] or None, by_mask [N]) int arrays.
+    """
+    n = ds.sizes["image"]
+    by_visibility = None
+    if "visibility" in ds and ds["visibility"].dims == ("image", "group"):
+        by_visibility = (ds["visibility"].values[:, background:] > 0).sum(1)  # [N]
+    by_mask = np.zeros(n, dtype=np.int64)  # [N]
+    group_axis = ds["mask"].dims.index("group")
+    for start in range(0, n, chunk):
+        mask = ds["mask"][start:start + chunk].values  # [n, G, H, W] or [n, T, G, H, W]
+        pixels = mask.sum(tuple(a for a in range(1, mask.ndim) if a != group_axis), dtype=np.int64)  # [n, G]
+        by_mask[start:start + chunk] = (pixels[:, background:] > 0).sum(1)
+    return by_visibility, by_mask
+

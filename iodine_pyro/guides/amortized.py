@@ -18,27 +18,55 @@ from pyro.contrib.autoname import scope
 from torch.distributions import Normal
 
 from ..models.decoders import coordinate_grid
-from ..models.iodine import Decoded, IodineModel, autocast, step_scale
-from .iodine import Step
-from .refinement import AmortizedEncoder, posterior_scale
+from ..models.generative import Decoded, IodineModel, autocast, step_scale
+from ..nets import conv_stack, mlp
+from .base import Guide, Step
+from .refinement import posterior_scale
 
 if TYPE_CHECKING:
     from ..config import Config
 
 
-class AmortizedGuide(nn.Module):
+class AmortizedEncoder(nn.Module):
+    """One-shot encoder of the amortized VAE baseline: image -> K slot posteriors.
+
+    The refinement network's conv stack and MLP (same widths, `conv_stack` and `mlp`)
+    read the image and the coordinates; after pooling, a linear head emits K * 2 n_z
+    parameters.
+    """
+
+    def __init__(self, in_channels: int, num_slots: int, out_dim: int,
+                 conv_channels: tuple[int, ...], kernel: int, stride: int, mlp_sizes: tuple[int, ...],
+                 mlp_linear_last: bool = False):
+        super().__init__()
+        self.num_slots, self.out_dim = num_slots, out_dim
+        self.convs = conv_stack(in_channels, conv_channels, kernel, stride)
+        self.mlp = mlp(conv_channels[-1], mlp_sizes, mlp_linear_last)
+        self.head = nn.Linear(mlp_sizes[-1] if mlp_sizes else conv_channels[-1], num_slots * out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(self.convs(x).mean((2, 3)))                # [B, d]
+        return self.head(h).view(x.shape[0], self.num_slots, self.out_dim)  # [B, K, 2 n_z]
+
+
+class AmortizedGuide(Guide):
     """q(z | x) = N(encoder(x)), the encoder built from the refinement network's widths."""
 
-    amp_dtype: torch.dtype | None = None   # autocast dtype of the encoder (Iodine.use_fast_paths)
+    kind = "amortized"
+    description = "q(z | encoder(x)), one encoder pass"
 
     def __init__(self, model: IodineModel, cfg: Config):
-        super().__init__()
-        self.__dict__["model"] = model            # a reference, not a child module
+        super().__init__(model, cfg)
         g, m = cfg.guide, cfg.model
         self.cfg, self.n_z = g, m.latent_dim
         self.encoder = AmortizedEncoder(m.image_channels + 2, m.num_slots, 2 * m.latent_dim,
-                                        g.conv_channels, g.conv_kernel, g.conv_stride, g.mlp)
-        self.default_weights = [1.0]
+                                        g.conv_channels, g.conv_kernel, g.conv_stride, g.mlp, g.mlp_linear_last)
+
+    def weights(self, num_iters: int | None = None, sequence: bool = False) -> list[float]:
+        """One decoder pass of weight 1, whatever `num_iters`."""
+        if sequence:
+            raise ValueError("sequences need a guide that reads them one frame per step (the iterative guide)")
+        return [1.0]
 
     def posterior(self, lam: torch.Tensor) -> Normal:
         loc, s = lam.split(self.n_z, -1)                        # [B, K, n_z] each

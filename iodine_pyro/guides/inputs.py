@@ -11,16 +11,19 @@ A row's `compute` receives a `Context` and returns
 * a vector input as [B, K, c].
 
 Adding an input is one function and one row here (and its name in a preset).
+
+The configuration validates input names against this table, and the command line imports
+the configuration at start-up: so this module imports no torch at its top; the few
+functions that need torch's namespace import it when they run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import torch
-
-from ..models.decoders import coordinate_grid, cosine_grid
+if TYPE_CHECKING:
+    import torch
 
 # Which gradient of the step's -ELBO an input needs (`Context.grads` keys).
 GRAD_LAMBDA, GRAD_MEANS, GRAD_MASK_LOGITS = "lam", "means", "mask_logits"
@@ -74,10 +77,12 @@ def _leave_one_out(c: Context) -> torch.Tensor:
 
 
 def _coordinates(c: Context) -> torch.Tensor:
+    from ..models.decoders import coordinate_grid   # torch on use (see the module docstring)
     return coordinate_grid(*c.x.shape[-2:], c.x.device, c.x.dtype)[None, None]   # [1, 1, 2, H, W]
 
 
 def _cos_coordinates(c: Context) -> torch.Tensor:
+    from ..models.decoders import cosine_grid       # torch on use (see the module docstring)
     return cosine_grid(*c.x.shape[-2:], c.x.device, c.x.dtype)[None, None]      # [1, 1, 8, H, W]
 
 
@@ -140,11 +145,11 @@ def leave_one_out(mask_logits: torch.Tensor, comp: torch.Tensor) -> torch.Tensor
     """
     B, K, H, W = comp.shape
     if K == 1:
-        return torch.zeros_like(comp)
-    drop = torch.eye(K, dtype=torch.bool, device=comp.device)[None, :, :, None, None]  # [1, K, K, 1, 1]
+        return comp.new_zeros(comp.shape)
+    drop = comp.new_ones(K).diag().bool()[None, :, :, None, None]   # [1, K, K, 1, 1]
 
     def lse_without(v):                                        # v: [B, K, H, W]
         vv = v.unsqueeze(1).expand(B, K, K, H, W).masked_fill(drop, float("-inf"))
-        return torch.logsumexp(vv, 2)                           # [B, K, H, W]
+        return vv.logsumexp(2)                                  # [B, K, H, W]
 
     return lse_without(mask_logits + comp) - lse_without(mask_logits)

@@ -1,4 +1,5 @@
-"""The refinement network f_phi and the input normalisation of IODINE's guide."""
+"""The refinement network f_phi, the input normalisation of IODINE's guide, and the
+posterior's scale parameterisation."""
 
 from __future__ import annotations
 
@@ -41,16 +42,17 @@ class RefinementNetwork(nn.Module):
         vector_dim: size of the concatenated vector inputs (lambda, grad lambda).
         out_dim: 2 * n_z (the update of lambda).
         conv_channels, kernel, stride: the conv stack (ELU after every conv).
-        mlp: hidden sizes after pooling (ELU).
+        mlp: hidden sizes after pooling (ELU after each; none after the last with
+            `mlp_linear_last`).
         lstm: LSTM hidden size, or None for none (Tetrominoes).
     """
 
     def __init__(self, spatial_channels: int, vector_dim: int, out_dim: int,
                  conv_channels: tuple[int, ...], kernel: int, stride: int,
-                 mlp: tuple[int, ...], lstm: int | None):
+                 mlp: tuple[int, ...], lstm: int | None, mlp_linear_last: bool = False):
         super().__init__()
         self.convs = conv_stack(spatial_channels, conv_channels, kernel, stride)
-        self.mlp = make_mlp(conv_channels[-1], mlp)
+        self.mlp = make_mlp(conv_channels[-1], mlp, mlp_linear_last)
         d_in = (mlp[-1] if mlp else conv_channels[-1]) + vector_dim
         self.lstm = nn.LSTMCell(d_in, lstm) if lstm else None
         self.head = nn.Linear(lstm or d_in, out_dim)
@@ -68,26 +70,6 @@ class RefinementNetwork(nn.Module):
             state = self.lstm(h, state)                         # ([N, L], [N, L])
             h = state[0]
         return self.head(h), state                              # [N, 2 n_z]
-
-
-class AmortizedEncoder(nn.Module):
-    """One-shot encoder of the amortized VAE baseline: image -> K slot posteriors.
-
-    The conv stack of the refinement network (same widths) reads the image and the
-    coordinates, is pooled, and an MLP emits K * 2 n_z parameters.
-    """
-
-    def __init__(self, in_channels: int, num_slots: int, out_dim: int,
-                 conv_channels: tuple[int, ...], kernel: int, stride: int, mlp: tuple[int, ...]):
-        super().__init__()
-        self.num_slots, self.out_dim = num_slots, out_dim
-        self.convs = conv_stack(in_channels, conv_channels, kernel, stride)
-        self.mlp = make_mlp(conv_channels[-1], mlp)
-        self.head = nn.Linear(mlp[-1] if mlp else conv_channels[-1], num_slots * out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mlp(self.convs(x).mean((2, 3)))                # [B, d]
-        return self.head(h).view(x.shape[0], self.num_slots, self.out_dim)  # [B, K, 2 n_z]
 
 
 def posterior_scale(s: torch.Tensor, kind: str) -> torch.Tensor:

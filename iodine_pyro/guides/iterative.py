@@ -31,7 +31,7 @@ activations are recomputed in the backward pass instead of stored (appendix A.2)
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import pyro
 import pyro.distributions as dist
@@ -41,7 +41,9 @@ from pyro.contrib.autoname import scope
 from torch.distributions import kl_divergence
 from torch.distributions.utils import _standard_normal
 
-from ..models.iodine import Decoded, IodineModel, autocast, frame, step_scale, step_weights
+from ..models.generative import Decoded, IodineModel, autocast, frame, frame_weights, loss_weights, step_scale
+from . import ITERATIVE
+from .base import Guide, Step
 from .inputs import INPUTS, Context, leave_one_out
 from .recompute import recompute
 from .refinement import InputNorm, RefinementNetwork, posterior_scale
@@ -50,14 +52,6 @@ if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = ["IterativeGuide", "NoisyNormal", "Step", "leave_one_out"]
-
-
-class Step(NamedTuple):
-    """What one refinement step saw: its posterior parameters, sample and decoding."""
-
-    lam: torch.Tensor          # [B, K, 2 n_z]
-    z: torch.Tensor            # [B, K, n_z]
-    decoded: Decoded           # means [B, K, C, H, W], mask_logits [B, K, H, W]
 
 
 class NoisyNormal(dist.Normal):
@@ -87,7 +81,7 @@ def initial_scale_param(kind: str, prior_var: float) -> float:
     return math.log(math.expm1(target))
 
 
-class IterativeGuide(nn.Module):
+class IterativeGuide(Guide):
     """q(z | x) refined for T steps by a learned network reading the ELBO's gradients.
 
     Args:
@@ -96,11 +90,14 @@ class IterativeGuide(nn.Module):
         cfg: the full `Config`; uses ``cfg.guide`` and the model's shapes.
     """
 
-    amp_dtype: torch.dtype | None = None   # autocast dtype of f_phi (Iodine.use_fast_paths)
+    kind = ITERATIVE
+    description = "q(z | lambda_T) of the final refinement step; each sample re-runs the refinement"
+    refines = True
+    can_change_slots = True
+    reads_sequences = True
 
     def __init__(self, model: IodineModel, cfg: Config):
-        super().__init__()
-        self.__dict__["model"] = model            # a reference, not a child module
+        super().__init__(model, cfg)
         g, m = cfg.guide, cfg.model
         self.cfg, self.n_z = g, m.latent_dim
         rows = [INPUTS[n] for n in g.active_inputs()]
@@ -116,8 +113,13 @@ class IterativeGuide(nn.Module):
             spatial_channels=sum(size[r.name] for r in self.spatial_inputs),
             vector_dim=sum(size[r.name] for r in self.vector_inputs), out_dim=2 * self.n_z,
             conv_channels=g.conv_channels, kernel=g.conv_kernel, stride=g.conv_stride,
-            mlp=g.mlp, lstm=g.lstm)
-        self.default_weights = step_weights("iterative", g.loss_weights, g.num_iters)
+            mlp=g.mlp, lstm=g.lstm, mlp_linear_last=g.mlp_linear_last)
+
+    def weights(self, num_iters: int | None = None, sequence: bool = False) -> list[float]:
+        """``guide.loss_weights`` over `num_iters` steps (default T): `loss_weights`, or
+        for a `sequence` of that many frames `frame_weights`."""
+        n = num_iters or self.cfg.num_iters
+        return frame_weights(self.cfg.loss_weights, n) if sequence else loss_weights(self.cfg.loss_weights, n)
 
     @property
     def input_names(self) -> list[str]:
@@ -137,7 +139,7 @@ class IterativeGuide(nn.Module):
         the latent sites as the model's do (the KL's weight)."""
         pyro.module("guide", self)
         model, training = self.model, torch.is_grad_enabled()
-        weights = weights or self.default_weights
+        weights = weights or self.weights()
         B, K = x.shape[0], num_slots or model.cfg.num_slots
         model.forget()
         lam = self.lambda0.expand(B, K, 2 * self.n_z)           # lam: [B, K, 2 n_z]

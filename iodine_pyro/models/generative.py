@@ -100,11 +100,6 @@ def frame(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
     return x[:, t] if x is not None and x.dim() == 5 else x
 
 
-def step_weights(guide_kind: str, loss_kind: str, num_iters: int) -> list[float]:
-    """The loss weight of every decoder pass of a guide (one pass for the amortized guide)."""
-    return [1.0] if guide_kind == "amortized" else loss_weights(loss_kind, num_iters)
-
-
 class IodineModel(nn.Module):
     """p(x, z): prior over K slot latents, decoder, per-pixel mixture likelihood.
 

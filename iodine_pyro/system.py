@@ -17,8 +17,9 @@ import torch.nn as nn
 from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from .guides.iodine import IterativeGuide, Step
-from .models.iodine import IodineModel, frame, frame_weights, step_weights
+from .guides import build_guide
+from .guides.base import Guide, Step
+from .models.generative import IodineModel, frame
 from .nets import initialise
 
 if TYPE_CHECKING:
@@ -49,29 +50,24 @@ class Iodine(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = IodineModel(cfg.model)
-        if cfg.guide.kind == "iterative":
-            self.guide = IterativeGuide(self.model, cfg)
-        else:
-            from .guides.amortized import AmortizedGuide
-            self.guide = AmortizedGuide(self.model, cfg)
+        self.guide: Guide = build_guide(self.model, cfg)
         self.elbo = TraceMeanField_ELBO()
         self.model.recompute = cfg.guide.recompute
         initialise(self, cfg.train.init)
 
     def weights(self, num_iters: int | None = None, sequence: bool = False) -> list[float]:
-        """The per-decoder-pass loss weights for `num_iters` refinement iterations (default T);
-        for a `sequence`, `num_iters` counts frames, one decoder pass each (`frame_weights`)."""
-        g = self.cfg.guide
-        if sequence:
-            return frame_weights(g.loss_weights, num_iters or g.num_iters)
-        return step_weights(g.kind, g.loss_weights, num_iters or g.num_iters)
+        """The per-decoder-pass loss weights of the guide for `num_iters` refinement
+        iterations (default T); for a `sequence`, `num_iters` counts frames, one decoder
+        pass each."""
+        return self.guide.weights(num_iters, sequence)
 
     def clip(self, x: torch.Tensor, num_iters: int | None = None) -> tuple[torch.Tensor, list[float]]:
         """(x, weights) for images; for sequences the first frames, one per weight."""
         if x.dim() != 5:
             return x, self.weights(num_iters)
-        if self.cfg.guide.kind != "iterative":
-            raise ValueError("sequences need the iterative guide (one refinement step per frame)")
+        if not self.guide.reads_sequences:
+            raise ValueError(f"sequences need a guide that reads one frame per step (the iterative "
+                             f"guide); the {self.guide.kind} guide does not")
         weights = self.weights(num_iters, sequence=True)
         if x.shape[1] < len(weights):
             raise ValueError(f"{len(weights)} frames needed ({self.cfg.guide.loss_weights} weights for "
@@ -79,7 +75,7 @@ class Iodine(nn.Module):
                              f"{x.shape[1]}; pass fewer --num-iters")
         return x[:, :len(weights)], weights
 
-    def check_images(self, x: torch.Tensor) -> None:
+    def check_batch(self, x: torch.Tensor) -> None:
         """Raise ValueError (one line) unless x is a finite [B, C, H, W] batch (or a batch of
         sequences [B, F, C, H, W]) in [0, 1] of the configured channels and size."""
         m = self.cfg.model
@@ -100,7 +96,7 @@ class Iodine(nn.Module):
              kl_scale: float = 1.0) -> torch.Tensor:
         """sum_t w_t L_t with L_t the per-image mean negative ELBO of step t (analytic KL).
 
-        `check=False` skips `check_images` (its value checks wait for the device);
+        `check=False` skips `check_batch` (its value checks wait for the device);
         `kl_scale` weighs the KL terms (beta; 1 is the ELBO)."""
         return self.objective(x, num_iters, check, kl_scale)[0]
 
@@ -110,7 +106,7 @@ class Iodine(nn.Module):
 
         The MSE comes from the decoder pass the loss scored: it costs no extra pass."""
         if check:
-            self.check_images(x)
+            self.check_batch(x)
         x, weights = self.clip(x, num_iters)
         scored = []
 
@@ -150,7 +146,7 @@ class Iodine(nn.Module):
         On sequences [B, F, C, H, W] step t is frame t and is summarised against it.
         The guide keeps no activations of earlier steps.
         """
-        self.check_images(x)
+        self.check_batch(x)
         x, weights = self.clip(x, num_iters)
         steps: list[Step] = self.guide(x, weights, num_slots=num_slots)
         self.model.forget()

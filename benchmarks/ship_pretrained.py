@@ -1,0 +1,68 @@
+"""Ship a trained run as the package's pretrained model, with its figures and figures' data.
+
+    python benchmarks/ship_pretrained.py --run weights/tetrominoes \\
+        --official ../shared/data/tetrominoes_mini.tfrecords
+
+1. evaluates the run on its held-out set (``--num-images``, last refinement step) and, with
+   ``--official``, on DeepMind's official Tetrominoes file after `data convert`;
+2. writes its parameters and configuration (no optimiser state) to
+   ``iodine_pyro/pretrained/<name>.pt`` and the evaluation to ``<name>.json`` beside it;
+3. draws its decomposition and training curves into ``docs/img/`` (PNG and the data behind).
+
+``iodine-pyro evaluate pretrained:<name>`` (and sample, compare, plot) then use the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from iodine_pyro import figures
+from iodine_pyro.checkpoint import load_checkpoint, save_weights
+from iodine_pyro.data import convert_tfrecords
+from iodine_pyro.evaluate import evaluate
+from iodine_pyro.run import PRETRAINED_DIR, Run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="the run directory to ship")
+    p.add_argument("--name", default="tetrominoes")
+    p.add_argument("--num-images", type=int, default=512, help="held-out images to evaluate")
+    p.add_argument("--official", default=None, help="DeepMind's official Tetrominoes file (optional)")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Run.open(a.run)
+    held_out = evaluate(run, num_images=a.num_images, batch_size=64, progress=True)
+    summary = {"name": a.name, "dataset": run.cfg.dataset, "preset": run.cfg.preset, "step": run.step,
+               "train_minutes": round(load_checkpoint(Path(a.run))["extra"].get("spent", {}).get("time", 0) / 60, 1),
+               "held_out": {"data": held_out["data"], "num_images": held_out["num_images"],
+                            **{k: held_out[k][-1] for k in ("fg_ari", "ari", "mse", "kl")}}}
+    if a.official:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = convert_tfrecords(a.official, run.cfg.dataset, Path(tmp) / "official", progress=False)
+            official = evaluate(run, num_images=10**6, batch_size=64, data=store, progress=False)
+        summary["official"] = {"file": Path(a.official).name, "num_images": official["num_images"],
+                               **{k: official[k][-1] for k in ("fg_ari", "ari", "mse", "kl")}}
+    PRETRAINED_DIR.mkdir(parents=True, exist_ok=True)
+    save_weights(PRETRAINED_DIR / f"{a.name}.pt", load_checkpoint(Path(a.run)),
+                 extra={"evaluation": summary})
+    (PRETRAINED_DIR / f"{a.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    img = ROOT / "docs" / "img"
+    shipped = Run.open(f"pretrained:{a.name}")
+    figures.decomposition(shipped, img / f"pretrained_{a.name}_decomposition.png", num_images=4)
+    figures.curves([Path(a.run)], img / f"pretrained_{a.name}_curves.png", labels=[f"pretrained:{a.name}"],
+                   smooth=4)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The ``iodine-pyro`` command line: a thin layer over the package's functions.
+
+One module per command group (`train`: fit, ablate; `evaluate`; `posterior`: sample,
+compare; `plot`; `data`), the options they share in `options`. `main` turns every error a
+user can cause into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from . import data, evaluate, plot, posterior, train
+from .options import OptionError, UserError
+
+try:                        # typer >= 0.2x runs on its own copy of click
+    from typer._click.exceptions import UsageError
+except ImportError:         # older typer: click itself
+    from click.exceptions import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"max_content_width": 120},
+                  help="IODINE (Greff et al., 2019) as a Pyro program: train, evaluate, sample, plot.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Generate and inspect datasets.")
+app.add_typer(data_app, name="data")
+
+train.register(app)
+evaluate.register(app)
+posterior.register(app)
+plot.register(app)
+data.register(data_app)
+
+__all__ = ["UserError", "app", "main"]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: usage errors and known errors print one line and exit with status 2,
+    never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    rank0 = int(os.environ.get("RANK", "0")) == 0        # under torchrun, rank 0 speaks for all
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="iodine-pyro")
+    except UsageError as e:                              # bad option, missing argument, bad value
+        if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:
+            typer.echo(e.ctx.get_help())                 # a bare command: its help
+        elif rank0:
+            where = f"; see {e.ctx.command_path} --help" if e.ctx is not None else ""
+            message = e.message if isinstance(e, OptionError) else e.format_message()
+            typer.echo(f"error: {_one_line(message).rstrip('.')}{where}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    except (UserError, ValueError, OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _users_to_fix(e):
+            raise
+        if rank0:
+            typer.echo(f"error: {_one_line(e)}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _users_to_fix(e: RuntimeError) -> bool:
+    """Runtime errors that are the user's to fix: training stopped by numerical faults, and
+    requests larger than memory."""
+    from ..train import TrainingError   # only once an error has happened
+
+    text = str(e)
+    return isinstance(e, TrainingError) or "out of memory" in text.lower() or "DefaultCPUAllocator" in text

@@ -1,0 +1,113 @@
+"""Commands under `iodine-pyro data`: generate, inspect, convert and show datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .options import Quiet, at_least, choice, dataset_names
+
+
+def _conversion_names() -> list[str]:
+    from ..data.convert import ALIASES, LAYOUTS
+    return [*LAYOUTS, *ALIASES]
+
+
+def _histogram(counts) -> str:
+    import numpy as np
+
+    hist = np.bincount(counts.astype(int))
+    return ", ".join(f"{i}: {c}" for i, c in enumerate(hist) if c)
+
+
+def generate(
+    name: Annotated[str, typer.Argument(help="Dataset to generate: " + ", ".join(dataset_names()) + ".",
+                                        callback=choice("NAME", dataset_names, "dataset"))],
+    num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Number of images.")] = ...,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = ...,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    workers: Annotated[Optional[int], typer.Option(callback=at_least("--workers", 1), help="Processes (default: up to 4).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at OUT.")] = False,
+    quiet: Quiet = False,
+):
+    """Generate a dataset procedurally into the on-disk format (a generation cut short is
+    done again by the same command)."""
+    from ..data import ensure_generated, generate as run_generate
+
+    if overwrite:
+        path = run_generate(name, num_images, out, seed=seed, workers=workers, overwrite=True, progress=not quiet)
+    else:
+        path = ensure_generated(name, num_images, out, seed=seed, workers=workers, progress=not quiet)
+    typer.echo(f"wrote {num_images} {name} images to {path}")
+
+
+def info(path: Annotated[Path, typer.Argument(help="Dataset directory.")]):
+    """Counts, shapes and the object-count histogram of a stored dataset."""
+    from ..data import background_groups, object_counts, open_dataset
+
+    ds = open_dataset(path)
+    dataset = ds.attrs.get("dataset", "?")
+    frames = f" x {ds.sizes['frame']} frames" if "frame" in ds.sizes else ""
+    typer.echo(f"{path}: {dataset}, {ds.sizes['image']} images{frames} of "
+               f"{ds.sizes['height']}x{ds.sizes['width']}x{ds.sizes['channel']}, {ds.sizes['group']} mask groups")
+    if "converted_from" in ds.attrs:
+        typer.echo(f"converted from {ds.attrs['converted_from']}")
+    background = background_groups(ds.attrs)
+    by_visibility, by_mask = object_counts(ds, background)
+    skipped = f" (groups {background}.. ; the first {background} are background)" if background > 1 else ""
+    if by_visibility is not None:
+        typer.echo(f"objects per image (visibility){skipped}: {_histogram(by_visibility)}")
+        if (by_mask != by_visibility).any():
+            typer.echo(f"objects with visible pixels per image: {_histogram(by_mask)}")
+    else:
+        typer.echo(f"objects per image (non-empty masks){skipped}: {_histogram(by_mask)}")
+    typer.echo("variables: " + ", ".join(f"{k} {tuple(v.dims)}" for k, v in ds.data_vars.items()))
+
+
+def convert(
+    file: Annotated[Path, typer.Argument(help="An official .tfrecords file.")],
+    dataset: Annotated[str, typer.Option(
+        help="Its dataset (layout): " + ", ".join(_conversion_names()) + ".",
+        callback=choice("--dataset", _conversion_names, "dataset"))] = ...,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = ...,
+    max_objects: Annotated[Optional[int], typer.Option(
+        callback=at_least("--max-objects", 0), help="Keep images with at most N objects (clevr with 6 is stored as clevr6).")] = None,
+    min_objects: Annotated[Optional[int], typer.Option(callback=at_least("--min-objects", 0), help="Keep images with at least N objects.")] = None,
+    num_images: Annotated[Optional[int], typer.Option(callback=at_least("--num-images", 1), help="Stop after N images.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at OUT.")] = False,
+    quiet: Quiet = False,
+):
+    """Convert an official DeepMind multi-object TFRecord file into the on-disk format."""
+    from ..data import open_dataset
+    from ..data.convert import convert as run_convert
+
+    path = run_convert(file, dataset, out, max_objects=max_objects, min_objects=min_objects,
+                       max_images=num_images, overwrite=overwrite, progress=not quiet)
+    ds = open_dataset(path)
+    typer.echo(f"wrote {ds.sizes['image']} {ds.attrs['dataset']} images to {path}")
+
+
+def show(
+    path: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("grid.png"),
+    num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Images (rows).")] = 8,
+    start: Annotated[int, typer.Option(callback=at_least("--start", 0), help="First image.")] = 0,
+    frame: Annotated[int, typer.Option(callback=at_least("--frame", 0), help="Frame shown of a sequence dataset.")] = 0,
+):
+    """Draw a grid of images beside their ground-truth masks (like the paper's Figures 13-15)."""
+    from ..data import background_groups, open_dataset
+    from ..figures import dataset_grid
+
+    ds = open_dataset(path)
+    written = dataset_grid(ds, out, num_images=num_images, start=start, frame=frame,
+                           background=background_groups(ds.attrs))
+    typer.echo(f"wrote {written}")
+
+
+def register(data_app: typer.Typer) -> None:
+    data_app.command("generate")(generate)
+    data_app.command("info")(info)
+    data_app.command("convert")(convert)
+    data_app.command("show")(show)

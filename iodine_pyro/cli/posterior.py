@@ -1,0 +1,113 @@
+"""Commands `sample` and `compare` (posterior samples, guide comparison)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .options import AsJson, BatchSize, Data, Device, NumIters, NumSlots, RunRef, Seed, UserError, at_least, positive
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def sample(
+    run: RunRef,
+    num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Images to sample for (the first N of the dataset).")] = 16,
+    num_samples: Annotated[int, typer.Option(callback=at_least("--num-samples", 1), help="Posterior samples per image (each re-runs the refinement).")] = 100,
+    out: Annotated[Optional[Path], typer.Option(
+        help="netCDF file (default RUN/posterior.nc); with --multistability a picture "
+             "(default RUN/multistability.png).")] = None,
+    predictive: Annotated[bool, typer.Option("--predictive", help="Also sample posterior-predictive images and masks.")] = False,
+    multistability: Annotated[bool, typer.Option(
+        "--multistability", help="Draw one image's decompositions from different initial samples.")] = False,
+    image: Annotated[int, typer.Option(callback=at_least("--image", 0), help="With --multistability: the dataset index of the image.")] = 0,
+    data: Data = None,
+    num_iters: NumIters = None,
+    num_slots: NumSlots = None,
+    batch_size: BatchSize = 32,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Posterior samples of every slot latent as an ArviZ-native netCDF file (groups
+    posterior, posterior_predictive, observed_data; dims chain and draw): az.from_netcdf
+    reads it."""
+    from ..posterior import plot_multistability, sample_posterior, write_samples
+    from ..run import Run
+
+    if multistability and out is not None and out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--multistability writes a picture; give --out a name ending in "
+                        f"{', '.join(IMAGE_SUFFIXES)}, not {out.name}")
+    opened = Run.open(run, device)
+    if multistability:
+        batch, where = opened.images(image, image + 1, data, command="sample")
+        out = out or opened.output("multistability.png")
+        plot_multistability(opened.system, batch["image"], out, num_samples, num_iters=num_iters,
+                            num_slots=num_slots, seed=seed,
+                            title=f"image {image} of {where}: one row per posterior sample "
+                                  f"({opened.cfg.guide.kind} guide, step {opened.step})")
+        typer.echo(f"wrote {num_samples} decompositions of image {image} to {out}")
+        return
+    batch, where = opened.images(0, num_images, data, command="sample")
+    tree = sample_posterior(
+        opened.system, batch["image"], num_samples, num_iters=num_iters, num_slots=num_slots,
+        predictive=predictive, seed=seed, true_masks=batch.get("mask"), batch_size=batch_size,
+        attrs={"checkpoint": opened.ref, "step": opened.step, "data": where}, progress=not quiet)
+    out = out or opened.output("posterior.nc")
+    write_samples(tree, out)
+    groups = ", ".join(node.name for node in tree.children.values())
+    typer.echo(f"wrote {num_samples} samples for {tree['posterior'].sizes['image']} images ({groups}) to {out}")
+
+
+def compare(
+    runs: Annotated[list[str], typer.Argument(
+        metavar="RUN...", help="Runs to compare: directories, checkpoint files or shipped models.")],
+    num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Images (scenes) to evaluate, the same for every run.")] = 64,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset (default: the first run's held-out set).")] = None,
+    num_iters: NumIters = None,
+    num_slots: NumSlots = None,
+    iw_samples: Annotated[int, typer.Option(callback=at_least("--iw-samples", 1), help="Samples of every ELBO and importance-weighted estimate.")] = 16,
+    gap_steps: Annotated[int, typer.Option(callback=at_least("--gap-steps", 0), help="Adam steps of the per-image posterior (amortization gap).")] = 200,
+    gap_lr: Annotated[float, typer.Option(help="Learning rate of the per-image posterior.",
+                                          callback=positive("--gap-lr"))] = 0.01,
+    merge_scenes: Annotated[int, typer.Option(
+        callback=at_least("--merge-scenes", 1), help="Merge the objects of M stored images into each scene "
+                    "(more objects than training; uniform backgrounds only).")] = 1,
+    batch_size: Annotated[int, typer.Option(callback=at_least("--batch-size", 1), help="Images per batch.")] = 16,
+    seed: Seed = 0,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Directory for compare.json, compare.md and compare.png (default: compare/ beside the first run).")] = None,
+    device: Device = "cpu",
+    as_json: AsJson = False,
+):
+    """ELBO, importance-weighted log p(x), amortization gap, FG-ARI, MSE and KL per guide,
+    at every refinement step."""
+    from ..compare import compare as run_compare
+    from ..compare import markdown_table, write_report
+    from ..run import Run
+
+    opened = [Run.open(r, device) for r in runs]        # every checkpoint read once, before any work
+    result = run_compare(opened, num_images=num_images, num_iters=num_iters, num_slots=num_slots,
+                         iw_samples=iw_samples, gap_steps=gap_steps, gap_lr=gap_lr, seed=seed,
+                         data=data, batch_size=batch_size, merge=merge_scenes, device=device,
+                         progress=not as_json)
+    first = opened[0]
+    out = out or (first.home.resolve().parent / "compare" if first.home is not None else Path("compare"))
+    paths = write_report(result, out)
+    if as_json:
+        typer.echo(json.dumps(result))
+        log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+        return
+    typer.echo(markdown_table(result), nl=False)
+    typer.echo(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(sample)
+    app.command()(compare)

@@ -1,0 +1,68 @@
+"""What every guide of the IODINE model is: the contract the rest of the package relies on.
+
+A guide is an `nn.Module` and a Pyro guide program. Built as ``cls(model, cfg)`` with the
+`IodineModel` it serves (held by reference: the model owns the decoder and its memo), it
+
+* samples one latent site per decoder pass, ``t{t}/z`` with batch shape [B, K, n_z], in a
+  plate ``images`` of size B, scaled by `step_scale` (the model's own sites match);
+* hands each decoding of its samples to the model (`IodineModel.remember`), so that the
+  model's `decode` of the same sample tensor costs nothing;
+* returns one `Step` per decoder pass: the posterior parameters, the sample, its decoding.
+
+Its class attributes say what it can do, and commands ask them instead of its name:
+`refines` (its number of steps is chosen at run time, beyond the trained T),
+`can_change_slots` (it runs with another K than it was trained with), `reads_sequences`
+(it takes [B, F, C, H, W] sequences, one step per frame).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from ..models.generative import Decoded, IodineModel
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+class Step(NamedTuple):
+    """What one step of a guide saw: its posterior parameters, sample and decoding."""
+
+    lam: torch.Tensor          # [B, K, 2 n_z]
+    z: torch.Tensor            # [B, K, n_z]
+    decoded: Decoded           # means [B, K, C, H, W], mask_logits [B, K, H, W]
+
+
+class Guide(nn.Module):
+    """Base class of the guides: the contract (see the module docstring).
+
+    Subclasses set `kind` and the capability flags, and implement `weights`, `posterior`
+    and `forward`.
+    """
+
+    kind: ClassVar[str] = ""
+    description: ClassVar[str] = ""          # what its posterior is, in a line (posterior files)
+    refines: ClassVar[bool] = False
+    can_change_slots: ClassVar[bool] = False
+    reads_sequences: ClassVar[bool] = False
+    amp_dtype: torch.dtype | None = None     # autocast dtype of the guide's networks (Iodine.use_fast_paths)
+
+    def __init__(self, model: IodineModel, cfg: "Config"):
+        super().__init__()
+        self.__dict__["model"] = model        # a reference, not a child module
+
+    def weights(self, num_iters: int | None = None, sequence: bool = False) -> list[float]:
+        """The loss weight of each of the guide's decoder passes (`num_iters` refinement
+        steps, or frames of a `sequence`; default: as trained)."""
+        raise NotImplementedError
+
+    def posterior(self, lam: torch.Tensor) -> torch.distributions.Normal:
+        """q(z | lambda) with batch shape [B, K, n_z]."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, weights: list[float] | None = None, batch_size: int | None = None,
+                num_slots: int | None = None, kl_scale: float = 1.0) -> list[Step]:
+        raise NotImplementedError

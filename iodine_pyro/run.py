@@ -1,0 +1,198 @@
+"""A trained run: the one place where a command opens a run, its data and its images.
+
+    run = Run.open("runs/tet")                       # a run directory or checkpoint file
+    run = Run.open("pretrained:tetrominoes")         # weights shipped with the package
+    run.system, run.cfg, run.step, run.name          # the trained `Iodine` (eval mode), ...
+    run.metrics()                                    # the rows of its metrics.jsonl
+    ds, where = run.dataset(need="images", command="sample")   # its held-out set, checked
+    batch, where = run.images(0, 16, command="sample")         # images [0, 16) of it
+
+`fit` (its pictures, from the system it has just trained), `evaluate`, `sample`,
+`compare`, `plot` and `ablate` all open runs and their data here: the checkpoint is read
+once per command and its configuration validated; the held-out set is the one recorded in
+the checkpoint, or `data` when a command is given one; a shipped model's held-out set is
+generated once into the cache (``$IODINE_PYRO_CACHE``, default ``~/.cache/iodine-pyro``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xarray as xr
+
+from .checkpoint import CheckpointError, load_checkpoint, read_metrics
+from .config import Config
+from .data import DatasetError, background_groups, ensure_generated, is_sequence, is_store, load_images, open_dataset
+from .system import Iodine
+
+__all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset", "open_checked", "recorded_data"]
+
+PRETRAINED_PREFIX = "pretrained:"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# name -> (checkpoint file in PRETRAINED_DIR, images of its generated held-out set, their seed)
+PRETRAINED = {"tetrominoes": ("tetrominoes.pt", 1024, 10_000)}
+IMAGES, SEQUENCES = "images", "sequences"
+
+
+def cache_dir() -> Path:
+    """Where generated held-out sets of shipped models are kept."""
+    return Path(os.environ.get("IODINE_PYRO_CACHE") or Path.home() / ".cache" / "iodine-pyro")
+
+
+def check_dataset(ds: xr.Dataset, cfg: Config, where: str, need: str | None = None,
+                  command: str = "this command") -> None:
+    """A store fits a configuration: its images have the configured channels and size,
+    and (with `need`) it holds single ``images`` or ``sequences`` as the command needs."""
+    m = cfg.model
+    H, W, C = ds.sizes["height"], ds.sizes["width"], ds.sizes["channel"]
+    if (C, H, W) != (m.image_channels, *m.image_size):
+        raise DatasetError(f"{where} holds {C}x{H}x{W} images (channels x height x width) but the "
+                           f"{cfg.dataset}/{cfg.preset} configuration expects "
+                           f"{m.image_channels}x{m.image_size[0]}x{m.image_size[1]}")
+    if need == IMAGES and is_sequence(ds):
+        raise DatasetError(f"{where} holds sequences; {command} works on single images "
+                           "(for sequence runs: fit, evaluate and plot sequence)")
+    if need == SEQUENCES and not is_sequence(ds):
+        raise DatasetError(f"{where} holds single images, not sequences; {command} needs a sequence run")
+
+
+def recorded_data(data: dict[str, Any], which: str, out: Path, progress: bool) -> str | None:
+    """The ``train`` or ``eval`` set a checkpoint records, as a path: relative ones lie in the
+    run directory; data that fit generated is generated again, exactly, when it is gone
+    (a run directory copied without its data, a checkpoint committed without it)."""
+    value = data.get(which)
+    if not value:
+        return None
+    path = Path(value) if Path(value).is_absolute() else Path(out) / value
+    made = data.get("generated")
+    if not is_store(path) and made and which in made:
+        n, seed = made[which]
+        ensure_generated(made["dataset"], int(n), path, seed=int(seed), progress=progress)
+    return str(path)
+
+
+def open_checked(path: str | Path, cfg: Config, need: str | None = None,
+                 command: str = "this command") -> xr.Dataset:
+    """Open the store at `path` and check that it fits `cfg` (`check_dataset`)."""
+    ds = open_dataset(path)
+    check_dataset(ds, cfg, str(path), need, command)
+    return ds
+
+
+@dataclass
+class Run:
+    """A trained system with what it was trained on.
+
+    Attributes:
+        system: the `Iodine` (eval mode unless the caller trains it).
+        ckpt: the checkpoint's contents (``config``, ``step``, ``data``, ...).
+        name: a short name (the run directory's, or ``pretrained-<name>``).
+        home: the run directory (None for a shipped model): default place of outputs.
+        ref: what the run was opened from: ``pretrained:NAME``, or the resolved path.
+    """
+
+    system: Iodine
+    ckpt: dict[str, Any]
+    name: str
+    home: Path | None
+    ref: str
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, ref: str | Path, device: str | torch.device = "cpu") -> "Run":
+        """A run directory, a checkpoint file, or ``pretrained:NAME`` (see `PRETRAINED`)."""
+        text = str(ref)
+        if text.startswith(PRETRAINED_PREFIX):
+            name = text[len(PRETRAINED_PREFIX):]
+            if name not in PRETRAINED:
+                raise CheckpointError(f"no shipped model {name!r}; shipped: "
+                                      f"{', '.join(PRETRAINED_PREFIX + n for n in PRETRAINED)}")
+            path, run_name, home = PRETRAINED_DIR / PRETRAINED[name][0], f"pretrained-{name}", None
+        else:
+            path = Path(ref)
+            home = path if path.is_dir() or path.suffix != ".pt" else path.parent
+            run_name = home.resolve().name or "run"
+            text = str(path.resolve())
+        ckpt = load_checkpoint(path, map_location=device)
+        system = Iodine(ckpt["config"]).to(device)
+        try:
+            system.load_state_dict(ckpt["system"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path} does not fit its configuration: "
+                                  f"{str(e).splitlines()[0]}") from None
+        system.eval()
+        return cls(system, ckpt, run_name, home, text)
+
+    @classmethod
+    def of_training(cls, system: Iodine, step: int, data: dict[str, str | None], home: Path) -> "Run":
+        """The run `fit` has just trained, without reading its checkpoint back."""
+        ckpt = {"config": system.cfg, "step": step, "data": data}
+        return cls(system, ckpt, home.resolve().name, home, str(home))
+
+    # -- what it is ----------------------------------------------------------------------
+    @property
+    def cfg(self) -> Config:
+        return self.ckpt["config"]
+
+    @property
+    def step(self) -> int:
+        return int(self.ckpt["step"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.system.parameters()).device
+
+    def title(self) -> str:
+        return f"{self.cfg.dataset} run {self.name}, training step {self.step}"
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows of the run's metrics.jsonl ([] for a shipped model or before logging)."""
+        return read_metrics(self.home) if self.home is not None else []
+
+    def output(self, name: str) -> Path:
+        """The default path of an output file: in the run directory, or for a shipped model
+        in a folder named after it in the working directory."""
+        return (self.home if self.home is not None else Path(self.name)) / name
+
+    # -- its data ------------------------------------------------------------------------
+    def data_path(self, data: str | Path | None = None) -> str:
+        """`data`, else the held-out set recorded with the run, else (a shipped model) its
+        generated held-out set."""
+        if data:
+            return str(data)
+        recorded = recorded_data(self.ckpt.get("data") or {}, "eval", self.home or Path("."), progress=False)
+        if recorded:
+            return recorded
+        name = self.ref[len(PRETRAINED_PREFIX):] if self.ref.startswith(PRETRAINED_PREFIX) else None
+        if name is None:
+            raise DatasetError(f"{self.ref} records no held-out set; pass --data")
+        _, n, seed = PRETRAINED[name]
+        path = cache_dir() / "heldout" / f"{self.cfg.dataset}-{n}-seed{seed}"
+        return str(ensure_generated(self.cfg.dataset, n, path, seed=seed, progress=False))
+
+    def dataset(self, data: str | Path | None = None, need: str | None = IMAGES,
+                command: str = "this command") -> tuple[xr.Dataset, str]:
+        """The opened store of `data_path(data)`, checked against the run's configuration
+        (and for single ``images`` or ``sequences`` when `need` says)."""
+        where = self.data_path(data)
+        return open_checked(where, self.cfg, need, command), where
+
+    def images(self, start: int, stop: int, data: str | Path | None = None, need: str | None = IMAGES,
+               command: str = "this command") -> tuple[dict[str, torch.Tensor], str]:
+        """Images [start, stop) of the run's held-out set (or `data`), clipped to its size, on
+        the run's device; ``mask`` too when the store has masks."""
+        ds, where = self.dataset(data, need, command)
+        n = ds.sizes["image"]
+        if start >= n:
+            raise DatasetError(f"image {start} is outside {where}, which holds {n} images")
+        batch = load_images(ds, start, min(stop, n))
+        return {k: v.to(self.device) for k, v in batch.items()}, where
+
+    @staticmethod
+    def background_groups(ds: xr.Dataset) -> int:
+        """Leading mask groups of `ds` that FG-ARI drops (the dataset's description)."""
+        return background_groups(ds.attrs)
