@@ -205,6 +205,13 @@ def _save(fig, png: Path) -> None:
     save_figure(fig, png, dpi=DPI)
 
 
+def _final(system: Iodine, steps: int | None = None) -> str:
+    """What the last step of a guide is, for titles: a refinement step, or one encoder pass."""
+    if not system.guide.refines:
+        return f"the {system.guide.kind} guide's one-shot posterior"
+    return "final refinement step" + (f" ({steps})" if steps else "")
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
@@ -246,7 +253,7 @@ def decomposition(run: Run | str | Path, out: str | Path, *, num_images: int = 4
     }
     data_path = _data_path(png, ".npz")
     np.savez_compressed(data_path, **arrays)
-    which = "every refinement step" if all_steps else f"final refinement step ({len(steps)})"
+    which = "every refinement step" if all_steps else _final(run.system, len(steps))
     if sequence:
         which += f", frame {len(steps)} of each sequence"
     draw_decomposition(arrays, png, title=f"Decomposition, {which}: {run.title()}")
@@ -375,7 +382,7 @@ def mask_logits(run: Run | str | Path, out: str | Path, *, num_images: int = 4, 
     }
     data_path = _data_path(png, ".npz")
     np.savez_compressed(data_path, **arrays)
-    draw_mask_logits(arrays, png, title=f"Masks and mask logits, final refinement step: {run.title()}")
+    draw_mask_logits(arrays, png, title=f"Masks and mask logits, {_final(run.system)}: {run.title()}")
     return FigureFiles(png, data_path)
 
 
@@ -597,7 +604,7 @@ def projection(run: Run | str | Path, out: str | Path, *, num_images: int = 256,
     np.savez_compressed(data_path, **arrays)
     spec = DATASETS.get(str(run.ds.attrs.get("dataset", "")))
     draw_projection(arrays, factors, png,
-                    title=f"Object latents of {M} objects in {n} images, final refinement step: "
+                    title=f"Object latents of {M} objects in {n} images, {_final(run.system)}: "
                           f"{run.title()}", categorical=spec.categorical if spec else CATEGORICAL)
     return FigureFiles(png, data_path)
 

@@ -24,25 +24,28 @@ does internally) and the posterior predictive comes from its final site:
 The file
 --------
 `sample_posterior` returns an `xarray.DataTree`; `write_samples` stores it as netCDF-4 with
-one group per ArviZ group (`xarray.open_datatree`, `arviz.from_datatree`, `arviz.from_netcdf`):
+one group per ArviZ group, in ArviZ's own layout: ``arviz.from_netcdf(path)`` reads it and
+``az.summary``, ``az.plot_posterior``, ``az.plot_trace`` and ``az.plot_ppc`` work on it as
+they are (``xarray.open_datatree`` reads it too).
 
-=======================  =========================================  ===============================
-group / variable         dims                                       meaning
-=======================  =========================================  ===============================
-posterior/z              (sample, image, slot, latent)              z ~ q(z | lambda_T)
-posterior/loc, scale     (sample, image, slot, latent)              that sample's lambda_T
-posterior_predictive/x   (sample, image, channel, height, width)    x_rep ~ p(x | z)
-.../masks                (sample, image, slot, height, width)       mixing weights pi(z)
-.../reconstruction       (sample, image, channel, height, width)    sum_k pi_k mu_k(z)
-observed_data/x          (image, channel, height, width)            the images, [0, 1]
-observed_data/true_masks (image, group, height, width)              ground truth, when known
-=======================  =========================================  ===============================
+========================  ==================================================  ==========================
+group / variable          dims                                                meaning
+========================  ==================================================  ==========================
+posterior/z               (chain, draw, image, slot, latent)                  z ~ q(z | lambda_T)
+posterior/loc, scale      (chain, draw, image, slot, latent)                  that draw's lambda_T
+posterior_predictive/x    (chain, draw, image, channel, height, width)        x_rep ~ p(x | z)
+.../masks                 (chain, draw, image, slot, height, width)           mixing weights pi(z)
+.../reconstruction        (chain, draw, image, channel, height, width)        sum_k pi_k mu_k(z)
+observed_data/x           (image, channel, height, width)                     the images, [0, 1]
+observed_data/true_masks  (image, group, height, width)                       ground truth, when known
+========================  ==================================================  ==========================
 
-``image`` holds dataset indices; images are channel-first, as the model sees them. The
+There is one chain (every draw is an independent run of the refinement, not a Markov
+chain); ``draw`` counts the samples. Every dimension has coordinate values; ``image``
+holds dataset indices; images are channel-first, as the model sees them. The
 posterior_predictive group is present only with ``predictive=True``. Every group and the
 root carry the provenance attributes (checkpoint, step, dataset, preset, guide, num_iters,
-num_slots, data, seed, created_by). ArviZ's statistics expect (chain, draw) dims:
-`to_inference_data` renames ``sample`` to ``draw`` and adds one chain.
+num_slots, data, seed, created_by).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ log = logging.getLogger(__name__)
 TRACE_BUDGET = 2 ** 26       # decoded floats held by the model traces of one `Predictive` call
 SAMPLE_CHUNK = 10            # samples drawn per `Predictive` call (the unit of progress)
 
-__all__ = ["draw_samples", "sample_posterior", "write_samples", "to_inference_data",
+__all__ = ["draw_samples", "sample_posterior", "write_samples",
            "plot_multistability", "version"]
 
 
@@ -266,9 +269,10 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
     info = {k: _attr_value(v) for k, v in info.items() if v is not None}
 
     S, C, H, W = num_samples, x.shape[1], x.shape[2], x.shape[3]
-    coords = {"sample": np.arange(S), "image": image_index, "slot": np.arange(K),
-              "latent": np.arange(arrays["z"].shape[3])}
-    zdims = ("sample", "image", "slot", "latent")
+    arrays = {k: v[None] for k, v in arrays.items()}                   # one chain: [1, S, ...]
+    coords = {"chain": np.arange(1), "draw": np.arange(S), "image": image_index, "slot": np.arange(K),
+              "latent": np.arange(arrays["z"].shape[-1])}
+    zdims = ("chain", "draw", "image", "slot", "latent")
     posterior = xr.Dataset({k: (zdims, arrays[k]) for k in ("z", "loc", "scale")}, coords=coords, attrs=info)
     posterior["z"].attrs["description"] = "z ~ q(z | lambda_T), one refinement path per sample"
     posterior["loc"].attrs["description"] = "mean of that sample's final posterior q(z | lambda_T)"
@@ -278,13 +282,14 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
                           coords=obs_coords, attrs=info)
     observed["x"].attrs["description"] = "observed images in [0, 1], channel-first"
     if true_masks is not None:
+        observed = observed.assign_coords(group=np.arange(true_masks.shape[1]))
         observed["true_masks"] = (("image", "group", "height", "width"), true_masks.detach().cpu().float().numpy())
         observed["true_masks"].attrs["description"] = "ground-truth masks; group 0 is the background"
     groups = {"/": xr.Dataset(attrs=info), "posterior": posterior, "observed_data": observed}
     if predictive:
-        img = ("sample", "image", "channel", "height", "width")
+        img = ("chain", "draw", "image", "channel", "height", "width")
         pp = xr.Dataset({"x": (img, arrays["x"]),
-                         "masks": (("sample", "image", "slot", "height", "width"), arrays["masks"]),
+                         "masks": (("chain", "draw", "image", "slot", "height", "width"), arrays["masks"]),
                          "reconstruction": (img, arrays["reconstruction"])},
                         coords={**coords, **obs_coords}, attrs=info).drop_vars("latent")
         pp["x"].attrs["description"] = f"x ~ p(x | z), site t{len(weights) - 1}/x of the model"
@@ -313,17 +318,6 @@ def write_samples(tree: xr.DataTree, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
-
-
-def to_inference_data(tree: xr.DataTree):
-    """An `arviz.InferenceData` with ``sample`` renamed ``draw`` and one ``chain``, which
-    ArviZ's statistics (``az.summary``, ``az.ess``) expect."""
-    import arviz as az
-
-    def conventional(ds: xr.Dataset) -> xr.Dataset:
-        return ds.rename(sample="draw").expand_dims(chain=1) if "sample" in ds.dims else ds
-
-    return az.from_datatree(tree.map_over_datasets(conventional))
 
 
 def plot_multistability(system: Iodine, x: torch.Tensor, path: str | Path, num_samples: int = 6, *,

@@ -11,7 +11,7 @@ import torch
 import xarray as xr
 
 from iodine_pyro.run import Run
-from iodine_pyro.posterior import (plot_multistability, sample_posterior, to_inference_data,
+from iodine_pyro.posterior import (plot_multistability, sample_posterior,
                                    write_samples)
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -53,19 +53,21 @@ def cli_inprocess(monkeypatch, capsys, *args):
 def test_groups_dims_and_coordinates(tree):
     assert set(tree.children) == {"posterior", "posterior_predictive", "observed_data"}
     post, pp, obs = tree["posterior"].ds, tree["posterior_predictive"].ds, tree["observed_data"].ds
-    assert post["z"].dims == ("sample", "image", "slot", "latent")
-    assert post["z"].shape == (7, 5, 4, 4)                     # tiny Tetrominoes: K = 4, n_z = 4
+    assert post["z"].dims == ("chain", "draw", "image", "slot", "latent")
+    assert post["z"].shape == (1, 7, 5, 4, 4)                  # tiny Tetrominoes: K = 4, n_z = 4
     assert list(post["image"].values) == [10, 11, 12, 13, 14]
     assert post["loc"].shape == post["scale"].shape == post["z"].shape
-    assert pp["x"].dims == ("sample", "image", "channel", "height", "width")
-    assert pp["x"].shape == (7, 5, 3, 35, 35)
-    assert pp["masks"].dims == ("sample", "image", "slot", "height", "width")
+    assert pp["x"].dims == ("chain", "draw", "image", "channel", "height", "width")
+    assert pp["x"].shape == (1, 7, 5, 3, 35, 35)
+    assert pp["masks"].dims == ("chain", "draw", "image", "slot", "height", "width")
     np.testing.assert_allclose(pp["masks"].sum("slot").values, 1.0, atol=1e-5)
     assert obs["x"].dims == ("image", "channel", "height", "width")
     assert obs["true_masks"].dims == ("image", "group", "height", "width")
     for ds in (post, pp, obs):
         for name, var in ds.data_vars.items():
             assert np.isfinite(var.values).all(), name
+        assert set(ds.dims) <= set(ds.coords), set(ds.dims) - set(ds.coords)   # every dim has values
+    assert list(obs["group"].values) == [0, 1, 2, 3]
     attrs = tree["posterior"].attrs
     assert attrs["guide"] == "iterative" and attrs["dataset"] == "tetrominoes" and attrs["preset"] == "paper"
     assert attrs["num_iters"] == 3 and attrs["num_slots"] == 4 and attrs["site"] == "t2/z"
@@ -78,8 +80,8 @@ def test_samples_are_draws_of_their_own_final_posterior(tree):
     assert (scale > 0).all()
     eps = (z - loc) / scale                                    # each z ~ N(loc, scale) of its own path
     assert abs(eps.mean()) < 0.25 and 0.75 < eps.std() < 1.25
-    assert z.std(0).min() > 0                                  # samples vary across the sample dim
-    assert loc.std(0).max() > 0                                # and so do the refinement paths
+    assert z.std(1).min() > 0                                  # samples vary across the draw dim
+    assert loc.std(1).max() > 0                                # and so do the refinement paths
 
 
 def test_same_seed_same_samples_other_seed_others(runs, batch):
@@ -100,9 +102,9 @@ def test_amortized_guide_has_one_posterior_per_image(runs, batch):
     assert "posterior_predictive" not in tree.children
     post = tree["posterior"].ds
     assert post.attrs["guide"] == "amortized" and post.attrs["site"] == "t0/z"
-    np.testing.assert_allclose(post["loc"].std("sample").values, 0, atol=1e-6)   # no refinement path
-    se = post["scale"].isel(sample=0).values / np.sqrt(200)
-    assert np.all(np.abs(post["z"].mean("sample").values - post["loc"].isel(sample=0).values) < 5 * se)
+    np.testing.assert_allclose(post["loc"].std("draw").values, 0, atol=1e-6)   # no refinement path
+    se = post["scale"].isel(chain=0, draw=0).values / np.sqrt(200)
+    assert np.all(np.abs(post["z"].mean(("chain", "draw")).values - post["loc"].isel(chain=0, draw=0).values) < 5 * se)
 
 
 def test_another_number_of_slots_and_steps(runs, batch):
@@ -139,26 +141,37 @@ def test_deepmind_preset_samples_its_last_pass():
     system = Iodine(tiny_config("deepmind")).eval()
     tree = sample_posterior(system, torch.rand(2, 3, 12, 12), 2, predictive=True)
     assert tree.attrs["site"] == "t3/z" and tree.attrs["num_iters"] == 3
-    assert tree["posterior"]["z"].shape == (2, 2, 3, 4)
-    assert tree["posterior_predictive"]["x"].shape == (2, 2, 3, 12, 12)
+    assert tree["posterior"]["z"].shape == (1, 2, 2, 3, 4)
+    assert tree["posterior_predictive"]["x"].shape == (1, 2, 2, 3, 12, 12)
 
 
 def test_netcdf_round_trip_and_arviz(tree, tmp_path):
     import arviz as az
+    import matplotlib
 
+    matplotlib.use("Agg")
     path = write_samples(tree, tmp_path / "sub" / "post.nc")
     back = xr.open_datatree(path)
     assert set(back.children) == {"posterior", "posterior_predictive", "observed_data"}
     np.testing.assert_array_equal(back["posterior"]["z"].values, tree["posterior"]["z"].values)
     assert back["posterior"].attrs["site"] == "t2/z" and back.attrs["guide"] == "iterative"
+    # ArviZ reads the file as it is: statistics and plots, no project code in between
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        idata = az.from_datatree(back)
+        idata = az.from_netcdf(path)
         assert set(idata.groups()) == {"posterior", "posterior_predictive", "observed_data"}
-        assert idata.posterior["z"].dims == ("sample", "image", "slot", "latent")
-        assert set(az.from_netcdf(path).groups()) == set(idata.groups())
-        stats = az.summary(to_inference_data(back), var_names=["z"], kind="stats")
-    assert len(stats) == 5 * 4 * 4
+        assert idata.posterior["z"].dims == ("chain", "draw", "image", "slot", "latent")
+        stats = az.summary(idata, var_names=["z"], kind="stats")
+        assert len(stats) == 5 * 4 * 4 and np.isfinite(stats["mean"]).all()
+        one = {"image": 10, "slot": 0, "latent": [0, 1]}
+        axes = az.plot_posterior(idata, var_names=["z"], coords=one)
+        assert np.asarray(axes).size == 2
+        axes = az.plot_trace(idata, var_names=["z"], coords=one)
+        assert np.asarray(axes).shape == (1, 2)                 # z: its density and its trace
+        small = az.from_netcdf(path).isel(image=[0], channel=[0], height=slice(0, 8), width=slice(0, 8))
+        assert az.plot_ppc(small, var_names=["x"], num_pp_samples=5) is not None
+    import matplotlib.pyplot as plt
+    plt.close("all")
 
 
 def test_multistability_figure(runs, batch, tmp_path):
@@ -178,8 +191,8 @@ def test_sample_command(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout
     back = xr.open_datatree(out)
-    assert back["posterior"]["z"].shape == (4, 3, 4, 4)
-    assert back["posterior_predictive"]["x"].shape == (4, 3, 3, 35, 35)
+    assert back["posterior"]["z"].shape == (1, 4, 3, 4, 4)
+    assert back["posterior_predictive"]["x"].shape == (1, 4, 3, 3, 35, 35)
     assert back["observed_data"]["true_masks"].shape == (3, 4, 35, 35)
     attrs = back["posterior"].attrs
     assert attrs["checkpoint"] == str(runs["iterative"].resolve()) and attrs["step"] == 3

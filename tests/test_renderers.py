@@ -57,7 +57,7 @@ def test_importing_the_package_does_not_import_renderers():
                                           ("mujoco", objects_room.make_chunk)])
 def test_missing_renderer_says_how_to_install(monkeypatch, module, make):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
-    with pytest.raises(DatasetError, match=r"pip install iodine-pyro\[render\]"):
+    with pytest.raises(DatasetError, match=r'pip install -e "\.\[render\]"'):
         make(np.random.default_rng(0), 1)
 
 

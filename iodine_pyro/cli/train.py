@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -158,16 +159,23 @@ def ablate_command(
         if not names:
             raise UserError("--inputs names no refinement input")
 
+    spent: list[float] = []                 # wall seconds of the runs trained in this call
+    started = [0.0]
+
     def report(run: AblationRun) -> None:
         head = f"[{run.index + 1}/{run.total}] {run.name}"
         if run.status == "start":
+            started[0] = time.time()
             typer.echo(f"{head}: training to step {steps}" + (f" from step {run.step}" if run.step else ""))
         elif run.status == "skipped":
             typer.echo(f"{head}: already at step {run.step}, skipped")
         else:
+            spent.append(time.time() - started[0])
             how = "stopped by signal at" if run.status == "stopped" else "trained to"
             last = summary(run.last_metrics)
-            typer.echo(f"{head}: {how} step {run.step}" + (f": {last}" if last else ""))
+            left = run.total - run.index - 1
+            eta = f"; about {left * sum(spent) / len(spent) / 60:.0f} min left for {left} more" if left else ""
+            typer.echo(f"{head}: {how} step {run.step}" + (f": {last}" if last else "") + eta)
 
     results = run_ablate(dataset, steps, out, names, seed, preset=preset, num_images=num_images,
                          batch_size=batch_size, log_every=log_every, checkpoint_every=checkpoint_every,

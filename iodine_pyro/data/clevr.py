@@ -3,7 +3,7 @@
 Rendered with Mitsuba 3 (PyPI ``mitsuba``, variant ``scalar_rgb``, which runs as installed)
 and denoised with Intel Open Image Denoise (PyPI ``pyoidn``); both are imported only when
 a chunk is generated and come with the optional ``render`` extra
-(``pip install iodine-pyro[render]``).
+(``pip install -e ".[render]"`` in a clone).
 
 The scene follows the CLEVR generator (facebookresearch/clevr-dataset-gen) and its
 ``base_scene.blend``:
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DatasetError
-from .spec import DatasetSpec
+from .spec import RENDER_HINT, DatasetSpec
 
 __all__ = [
     "IMAGE_SIZE",
@@ -120,7 +120,7 @@ def _mitsuba():
     try:
         import mitsuba as mi
     except ImportError as err:
-        raise DatasetError("CLEVR needs Mitsuba 3: pip install iodine-pyro[render]") from err
+        raise DatasetError(f"CLEVR needs Mitsuba 3: {RENDER_HINT}") from err
     mi.set_variant("scalar_rgb")
     return mi
 
@@ -129,7 +129,7 @@ def _denoiser():
     try:
         import pyoidn
     except ImportError as err:
-        raise DatasetError("CLEVR needs Open Image Denoise (pyoidn): pip install iodine-pyro[render]") from err
+        raise DatasetError(f"CLEVR needs Open Image Denoise (pyoidn): {RENDER_HINT}") from err
     return pyoidn
 
 

@@ -310,10 +310,14 @@ def _records(path: Path, name: str, layout: Layout, min_objects: int | None, max
     """Decoded records that pass the object-count filter, at most ``max_images``."""
     if max_images is not None and max_images < 1:
         return
-    kept = 0
-    for index, record in enumerate(tfrecord.read_examples(path, layout.compression)):
+    kept, done = 0, [0]
+
+    def advance(position: int) -> None:                   # bytes of the file read so far
+        bar.update(position - done[0])
+        done[0] = position
+
+    for index, record in enumerate(tfrecord.read_examples(path, layout.compression, on_record=advance)):
         arrays = decode_record(record, name, where=_where(path, index))
-        bar.update(1)
         count = _object_count(arrays, layout)
         if (min_objects is not None and count < min_objects) or (max_objects is not None and count > max_objects):
             continue
@@ -350,7 +354,7 @@ def convert(path: str | Path, name: str, out: str | Path, *, max_objects: int | 
             stored as ``clevr6``.
         max_images: stop after this many kept images.
         overwrite: replace an existing store at ``out``.
-        progress: show a tqdm progress bar of records read.
+        progress: show a progress bar of the file read, with an estimate of the time left.
         chunk_size: images per chunk.
 
     Returns:
@@ -383,7 +387,8 @@ def convert(path: str | Path, name: str, out: str | Path, *, max_objects: int | 
     if max_objects is not None:
         attrs["max_objects"] = int(max_objects)
     try:
-        with tqdm(disable=not progress, desc=f"convert {path.name}", unit="record") as bar:
+        with tqdm(total=path.stat().st_size, disable=not progress, desc=f"convert {path.name}", unit="B",
+                  unit_scale=True, dynamic_ncols=True) as bar:
             records = _records(path, name, layout, min_objects, max_objects, max_images, bar)
             total = write_chunks(out, _chunks(records, chunk_size), attrs, factor_dims=layout.factor_dims,
                                  chunk_size=chunk_size)

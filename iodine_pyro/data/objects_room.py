@@ -3,7 +3,7 @@
 Rendered with MuJoCo (PyPI ``mujoco``, the engine the original was made with) headless
 through EGL (``MUJOCO_GL=egl``, the default set here) or OSMesa (``MUJOCO_GL=osmesa``).
 MuJoCo is imported only when a chunk is generated; it is part of the optional ``render``
-extra (``pip install iodine-pyro[render]``).
+extra (``pip install -e ".[render]"`` in a clone).
 
 The scene, following the paper's appendix B.5 (the original generator is not public):
 
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DatasetError
-from .spec import DatasetSpec
+from .spec import RENDER_HINT, DatasetSpec
 
 __all__ = [
     "IMAGE_SIZE",
@@ -103,7 +103,7 @@ def _mujoco():
         import mujoco
     except ImportError as err:
         if getattr(err, "name", None) == "mujoco":
-            raise DatasetError("Objects Room needs MuJoCo: pip install iodine-pyro[render]") from err
+            raise DatasetError(f"Objects Room needs MuJoCo: {RENDER_HINT}") from err
         raise DatasetError(_gl_hint(err)) from err
     except Exception as err:  # MuJoCo loads its OpenGL backend on import
         raise DatasetError(_gl_hint(err)) from err

@@ -28,7 +28,7 @@ import gzip
 import io
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -134,7 +134,8 @@ class _ZlibReader(io.RawIOBase):
         return out
 
 
-def _open(path: Path, compression: str | None) -> BinaryIO:
+def _open(path: Path, compression: str | None) -> tuple[BinaryIO, BinaryIO]:
+    """(the record stream, the file under it)."""
     kind = (compression or "").upper()
     if kind not in ("", "NONE", "GZIP", "ZLIB"):
         raise ValueError(f"unknown TFRecord compression {compression!r} (GZIP, ZLIB or None)")
@@ -143,10 +144,10 @@ def _open(path: Path, compression: str | None) -> BinaryIO:
     except OSError as err:
         raise DatasetError(f"cannot open TFRecord file {path}: {err}") from err
     if kind == "GZIP":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if kind == "ZLIB":
-        return _ZlibReader(raw)
-    return raw
+        return _ZlibReader(raw), raw
+    return raw, raw
 
 
 def _read_exact(stream: BinaryIO, size: int) -> bytes:
@@ -162,11 +163,15 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
 
 
 def read_records(
-    path: str | Path, compression: str | None = "GZIP", *, verify: bool = True
+    path: str | Path, compression: str | None = "GZIP", *, verify: bool = True,
+    on_record: Callable[[int], None] | None = None,
 ) -> Iterator[bytes]:
-    """Yield the raw payload of each record of a TFRecord file, checking both CRCs."""
+    """Yield the raw payload of each record of a TFRecord file, checking both CRCs.
+
+    `on_record(position)` is called after each record with the bytes of the file read so far
+    (compressed bytes for a compressed file: a measure of progress)."""
     path = Path(path)
-    stream = _open(path, compression)
+    stream, raw = _open(path, compression)
     index = 0
     try:
         with stream:
@@ -187,6 +192,8 @@ def read_records(
                 (data_crc,) = struct.unpack("<I", body[length:])
                 if verify and masked_crc32c(data) != data_crc:
                     raise DatasetError(f"corrupted TFRecord file {path}: bad data CRC in record {index}")
+                if on_record is not None:
+                    on_record(raw.tell())
                 yield data
                 index += 1
     except (EOFError, OSError, zlib.error) as err:
@@ -332,7 +339,8 @@ def parse_example(data: bytes | memoryview) -> dict[str, Feature]:
     return features
 
 
-def read_examples(path: str | Path, compression: str | None = "GZIP") -> Iterator[dict[str, Feature]]:
+def read_examples(path: str | Path, compression: str | None = "GZIP",
+                  on_record: Callable[[int], None] | None = None) -> Iterator[dict[str, Feature]]:
     """Yield each ``tf.train.Example`` of a TFRecord file as ``{feature name: values}``.
 
     Args:
@@ -340,7 +348,7 @@ def read_examples(path: str | Path, compression: str | None = "GZIP") -> Iterato
         compression: ``"GZIP"`` (the official multi-object datasets), ``"ZLIB"`` or
             ``None``/``""`` for an uncompressed file.
     """
-    for index, record in enumerate(read_records(path, compression)):
+    for index, record in enumerate(read_records(path, compression, on_record=on_record)):
         try:
             yield parse_example(record)
         except (_ProtoError, UnicodeDecodeError) as err:
