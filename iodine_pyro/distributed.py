@@ -402,6 +402,8 @@ def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
     On CPU each process gets cpu_count / nproc threads unless OMP_NUM_THREADS is set. The
     processes print for themselves (rank 0 alone prints results and errors).
     """
+    # the launcher's machinery (elastic agents, rendezvous) only when launching: importing it
+    # for every fit would slow the command line's start
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

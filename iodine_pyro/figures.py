@@ -546,6 +546,8 @@ def projection(run: Run | str | Path, out: str | Path, *, num_images: int = 256,
     maximising the summed IoU of its mask with the final step's soft slot masks (Hungarian
     assignment); the object's latent is that slot's posterior mean.
     """
+    # scikit-learn and SciPy for this figure only: importing them with the toolkit would add a
+    # second to every command that draws (fit's pictures among them)
     from scipy.optimize import linear_sum_assignment
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE

@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import datetime
 import json
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as pkg_version
 import logging
 import os
 import tempfile
@@ -80,9 +82,6 @@ __all__ = ["draw_samples", "sample_posterior", "write_samples",
 
 def version() -> str:
     """"iodine-pyro <version>" of the installed package."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as pkg_version
-
     try:
         return f"iodine-pyro {pkg_version('iodine-pyro')}"
     except PackageNotFoundError:

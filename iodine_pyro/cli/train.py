@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -126,8 +127,40 @@ def fit(
     skipped = f" ({result.skipped} non-finite steps skipped)" if result.skipped else ""
     last = summary(rows[-1]) if rows else ""
     typer.echo(f"{how} step {result.step}{': ' + last if last else ''}{skipped}; run in {out}")
-    typer.echo(f"pictures: {out / 'decomposition.png'} (held-out images split into slots), "
-               f"{out / 'curves.png'}" if rows else f"picture: {out / 'decomposition.png'}")
+    for line in closing_lines(run, out, bool(rows), device):
+        typer.echo(line)
+
+
+def closing_lines(run, out: Path, curves: bool, device: str) -> list[str]:
+    """What the pictures show: the held-out FG-ARI of the final step (64 images), and where
+    segmentation is heading (how long it takes, and the shipped model) when it is not there yet."""
+    from ..data import is_sequence
+    from ..evaluate import evaluate
+    from ..run import PRETRAINED, PRETRAINED_DIR, PRETRAINED_PREFIX
+
+    lines = [f"pictures: {out / 'decomposition.png'} (4 held-out images split into slots, one column per slot)"
+             + (f", {out / 'curves.png'} (training curves)" if curves else "")]
+    try:
+        ds, _ = run.dataset(need=None)
+    except ValueError:                              # no held-out set recorded: nothing to score
+        return lines
+    if is_sequence(ds):
+        return lines
+    fg_ari = evaluate(run, num_images=64, batch_size=32, device=device, progress=False)["fg_ari"][-1]
+    lines.append(f"held-out FG-ARI at the final refinement step: {fg_ari:.2f} (64 images; "
+                 f"iodine-pyro evaluate {out} for every metric and step)")
+    name = run.cfg.dataset
+    if name in PRETRAINED and not fg_ari >= 0.8:
+        shipped = PRETRAINED_DIR / f"{name}.json"
+        known = ""
+        if shipped.is_file():
+            info = json.loads(shipped.read_text())
+            known = f" (held-out FG-ARI {info['held_out']['fg_ari']:.2f} after {info['train_minutes'] / 60:.1f} h)"
+        state = "have begun to separate objects" if fg_ari >= 0.15 else "do not separate objects yet"
+        lines.append(f"the slots {state}; sharp segmentation takes longer: about 2 hours "
+                     f"on a 2-core CPU with --preset fast (docs/learning.md). The shipped model{known}: "
+                     f"iodine-pyro plot decomposition {PRETRAINED_PREFIX}{name} --out shipped.png")
+    return lines
 
 
 def ablate_command(

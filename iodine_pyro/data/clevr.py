@@ -117,7 +117,7 @@ MAX_RETRIES = 50
 
 def _mitsuba():
     """Import Mitsuba (scalar_rgb variant), or explain how to install it."""
-    try:
+    try:                      # the optional render extra, imported only to render
         import mitsuba as mi
     except ImportError as err:
         raise DatasetError(f"CLEVR needs Mitsuba 3: {RENDER_HINT}") from err
@@ -126,7 +126,7 @@ def _mitsuba():
 
 
 def _denoiser():
-    try:
+    try:                      # the optional render extra, imported only to render
         import pyoidn
     except ImportError as err:
         raise DatasetError(f"CLEVR needs Open Image Denoise (pyoidn): {RENDER_HINT}") from err

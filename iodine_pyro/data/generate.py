@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import DatasetError
 from .registry import DATASETS, dataset_spec
-from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, is_store, prepare_output, write_chunks
+from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, is_store, open_store, prepare_output, write_chunks
 
 __all__ = ["ensure", "generate"]
 
@@ -122,12 +122,10 @@ def ensure(name: str, num_images: int, out: str | Path, *, seed: int = 0, progre
     """A complete store of `num_images` images of dataset `name` from `seed` at `out`:
     the one there when it is that, generated afresh when there is none or an incomplete one
     (a generation cut short), refused (DatasetError) when it holds other data."""
-    from . import open_dataset
-
     out = Path(out)
     if is_store(out):
         try:
-            ds = open_dataset(out)
+            ds = open_store(out)
         except DatasetError:            # incomplete or damaged: generate it again
             ds = None
         if ds is not None:

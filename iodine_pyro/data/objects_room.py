@@ -99,7 +99,7 @@ _VISIBLE_GROUP, _HIDDEN_GROUP = 0, 3  # MuJoCo geom groups shown / hidden by def
 def _mujoco():
     """Import MuJoCo with a headless OpenGL backend, or explain how to install it."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    try:
+    try:                      # the optional render extra, imported only to render (and after MUJOCO_GL)
         import mujoco
     except ImportError as err:
         if getattr(err, "name", None) == "mujoco":

@@ -38,7 +38,7 @@ import torch.nn as nn
 from pyro.contrib.autoname import scope
 
 from .decoders import DeconvDecoder, SpatialBroadcastDecoder
-from .likelihood import PixelMixture, mixture_terms
+from .likelihood import PixelMixture, mixture_terms, reconstruction
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -55,8 +55,7 @@ class Decoded(NamedTuple):
 
     def reconstruction(self, masks: torch.Tensor | None = None) -> torch.Tensor:
         """sum_k pi_k mu_k: [B, C, H, W] (`masks` when the caller has them already)."""
-        masks = self.masks if masks is None else masks
-        return (masks.unsqueeze(2) * self.means).sum(1)
+        return reconstruction(self.means, self.masks if masks is None else masks)
 
 
 def loss_weights(kind: str, num_iters: int) -> list[float]:

@@ -38,6 +38,12 @@ def component_log_prob(x: torch.Tensor, means: torch.Tensor, pixel: str, scale: 
     return lp.sum(2)                                           # [B, K, H, W]
 
 
+def reconstruction(means: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The mixture's mean image sum_k pi_k mu_k: means [B, K, C, H, W], masks [B, K, H, W]
+    -> [B, C, H, W]."""
+    return (masks.unsqueeze(2) * means).sum(1)
+
+
 class MixtureTerms(NamedTuple):
     log_px: torch.Tensor      # [B, H, W]     log p(x_hw | z)
     comp: torch.Tensor        # [B, K, H, W]  log p(x_hw | mu_k) (channels summed)
@@ -120,5 +126,4 @@ class PixelMixture(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        masks = self.mask_logits.softmax(1).unsqueeze(2)       # [B, K, 1, H, W]
-        return (masks * self.means).sum(1)                     # [B, C, H, W]
+        return reconstruction(self.means, self.mask_logits.softmax(1))   # [B, C, H, W]
