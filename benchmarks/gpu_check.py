@@ -25,20 +25,19 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_throughput import QUICK, decoder_flops, peak_mib  # noqa: E402
+from bench_throughput import QUICK, measure  # noqa: E402
 
 from iodine_pyro.config import make_config  # noqa: E402
-from iodine_pyro.system import Iodine  # noqa: E402
 
 # Rated dense peak TFLOP/s (bf16, float32 without TF32) of devices the check may meet.
 RATED_TFLOPS = {"H200": (989.0, 66.9), "H100": (989.0, 66.9), "A100": (312.0, 19.5),
@@ -89,50 +88,20 @@ def sync(device: torch.device) -> None:
 
 
 def throughput(dataset: str, bf16: bool, device: torch.device, tiny: bool, reps: int) -> dict:
+    """`bench_throughput.measure` of one configuration at batch 32 (tiny: 2), and the decoder
+    convolutions' share of the device's peak."""
     over = {"train.batch_size": 2 if tiny else 32, **(QUICK if tiny else {})}
     if tiny and dataset == "clevr6":
         over["model.image_size"] = (32, 32)
     cfg = make_config(dataset, "paper", over)
-    torch.manual_seed(0)
-    cuda = device.type == "cuda"
-    system = Iodine(cfg).to(device).use_fast_paths(torch.bfloat16 if bf16 else None, channels_last=cuda)
-    opt = torch.optim.Adam(system.parameters(), lr=cfg.train.lr, fused=True if cuda else None)
-    B, K = cfg.train.batch_size, cfg.model.num_slots
-    x = torch.rand(B, cfg.model.image_channels, *cfg.model.image_size, device=device)
-    z = torch.randn(B * K, cfg.model.latent_dim, device=device)
-
-    def train():
-        opt.zero_grad(set_to_none=True)
-        system.loss(x, check=False).backward()
-        torch.nn.utils.clip_grad_norm_(system.parameters(), cfg.train.clip_norm)
-        opt.step()
-        system.model.forget()
-
-    def decoder():
-        from iodine_pyro.models.generative import autocast
-        with autocast(z, system.model.amp_dtype):
-            out = system.model.decoder(z)
-        out.float().sum().backward()
-
-    phases = {"train": train, "eval": lambda: system.infer(x), "dec": decoder}
-    times = {k: [] for k in phases}
-    for i in range(1 + reps):
-        for name, fn in phases.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if i >= 1:
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    settings = SimpleNamespace(amp=bf16, channels_last=device.type == "cuda", no_plain=True, warmup=1, reps=reps)
+    r = measure(cfg, settings, device)
     peak, source = peak_tflops(device, bf16)
-    dec_tflops = 3.0 * decoder_flops(system, z) / med["dec"] / 1e12           # forward + 2x backward
-    return {"dataset": dataset, "precision": "bf16" if bf16 else "fp32", "batch": B, "K": K,
-            "T": cfg.guide.num_iters, "size": cfg.model.image_size[0],
-            "train_img_s": B / med["train"], "eval_img_s": B / med["eval"],
-            "train_peak_mib": peak_mib(train, device), "eval_peak_mib": peak_mib(phases["eval"], device),
-            "decoder_tflops": dec_tflops, "peak_tflops": peak, "peak_source": source,
-            "decoder_fraction_of_peak": dec_tflops / peak}
+    return {"dataset": dataset, "precision": "bf16" if bf16 else "fp32", "batch": cfg.train.batch_size,
+            "K": cfg.model.num_slots, "T": cfg.guide.num_iters, "size": cfg.model.image_size[0],
+            "train_img_s": r["train_ips"], "eval_img_s": r["eval_ips"], "train_peak_mib": r["train_mib"],
+            "eval_peak_mib": r["eval_mib"], "decoder_tflops": r["dec_gflops"] / 1e3, "peak_tflops": peak,
+            "peak_source": source, "decoder_fraction_of_peak": r["dec_gflops"] / 1e3 / peak}
 
 
 def quality(out: Path, device: str, seconds: float, tiny: bool, eval_images: int) -> list[dict]:

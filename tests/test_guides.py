@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 from pyro.contrib.autoname import scope
-from torch.distributions import Normal
 
 from iodine_pyro.config import make_config
 from iodine_pyro.evaluate import evaluate
@@ -30,15 +29,10 @@ class MeanFieldGuide(Guide):
 
     def __init__(self, model, cfg):
         super().__init__(model, cfg)
-        self.n_z = cfg.model.latent_dim
         self.lam = nn.Parameter(torch.zeros(cfg.model.num_slots, 2 * self.n_z))
 
     def weights(self, num_iters=None, sequence=False):
         return [1.0]
-
-    def posterior(self, lam):
-        loc, s = lam.split(self.n_z, -1)
-        return Normal(loc, nn.functional.softplus(s) + 1e-4)
 
     def forward(self, x, weights=None, batch_size=None, num_slots=None, kl_scale=1.0):
         pyro.module("guide", self)
@@ -47,11 +41,7 @@ class MeanFieldGuide(Guide):
         q = self.posterior(lam)
         with pyro.plate("images", B), scope(prefix="t0"), step_scale(1.0, B, kl_scale):
             z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
-        decoded = self.model.decode(z)
-        if not torch.is_grad_enabled():
-            decoded = type(decoded)(decoded.means.detach(), decoded.mask_logits.detach())
-        self.model.remember(z, decoded)
-        return [Step(lam, z, decoded)]
+        return [Step(lam, z, self.hand_over(z, self.model.decode(z), torch.is_grad_enabled()))]
 
 
 @pytest.fixture(scope="module")

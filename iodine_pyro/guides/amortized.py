@@ -15,13 +15,11 @@ import pyro
 import torch
 import torch.nn as nn
 from pyro.contrib.autoname import scope
-from torch.distributions import Normal
 
 from ..models.decoders import coordinate_grid
-from ..models.generative import Decoded, IodineModel, autocast, step_scale
+from ..models.generative import IodineModel, autocast, step_scale
 from ..nets import conv_stack, mlp
 from .base import Guide, Step
-from .refinement import posterior_scale
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -58,7 +56,6 @@ class AmortizedGuide(Guide):
     def __init__(self, model: IodineModel, cfg: Config):
         super().__init__(model, cfg)
         g, m = cfg.guide, cfg.model
-        self.cfg, self.n_z = g, m.latent_dim
         self.encoder = AmortizedEncoder(m.image_channels + 2, m.num_slots, 2 * m.latent_dim,
                                         g.conv_channels, g.conv_kernel, g.conv_stride, g.mlp, g.mlp_linear_last)
 
@@ -67,10 +64,6 @@ class AmortizedGuide(Guide):
         if sequence:
             raise ValueError("sequences need a guide that reads them one frame per step (the iterative guide)")
         return [1.0]
-
-    def posterior(self, lam: torch.Tensor) -> Normal:
-        loc, s = lam.split(self.n_z, -1)                        # [B, K, n_z] each
-        return Normal(loc, posterior_scale(s, self.cfg.posterior_scale))
 
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
                 batch_size: int | None = None, num_slots: int | None = None,
@@ -89,8 +82,4 @@ class AmortizedGuide(Guide):
         q = self.posterior(lam)
         with pyro.plate("images", B), scope(prefix="t0"), step_scale(1.0, B, kl_scale):
             z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
-        decoded = model.decode(z)
-        if not training:
-            decoded = Decoded(decoded.means.detach(), decoded.mask_logits.detach())
-        model.remember(z, decoded)
-        return [Step(lam, z, decoded)]
+        return [Step(lam, z, self.hand_over(z, model.decode(z), training))]

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.distributions import Normal
 
 from ..models.generative import Decoded, IodineModel
+from .refinement import posterior_scale
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -39,8 +41,8 @@ class Step(NamedTuple):
 class Guide(nn.Module):
     """Base class of the guides: the contract (see the module docstring).
 
-    Subclasses set `kind` and the capability flags, and implement `weights`, `posterior`
-    and `forward`.
+    Subclasses set `kind` and the capability flags, and implement `weights` and `forward`
+    (and `posterior` when theirs is not a diagonal Normal of ``guide.posterior_scale``).
     """
 
     kind: ClassVar[str] = ""
@@ -50,18 +52,30 @@ class Guide(nn.Module):
     reads_sequences: ClassVar[bool] = False
     amp_dtype: torch.dtype | None = None     # autocast dtype of the guide's networks (Iodine.use_fast_paths)
 
+    normal: ClassVar[type] = Normal          # the posterior's distribution class
+
     def __init__(self, model: IodineModel, cfg: "Config"):
         super().__init__()
         self.__dict__["model"] = model        # a reference, not a child module
+        self.cfg, self.n_z = cfg.guide, cfg.model.latent_dim
 
     def weights(self, num_iters: int | None = None, sequence: bool = False) -> list[float]:
         """The loss weight of each of the guide's decoder passes (`num_iters` refinement
         steps, or frames of a `sequence`; default: as trained)."""
         raise NotImplementedError
 
-    def posterior(self, lam: torch.Tensor) -> torch.distributions.Normal:
-        """q(z | lambda) with batch shape [B, K, n_z]."""
-        raise NotImplementedError
+    def posterior(self, lam: torch.Tensor) -> Normal:
+        """q(z | lambda) with batch shape [B, K, n_z]: lambda = (mean, scale parameter s)."""
+        loc, s = lam.split(self.n_z, -1)                        # [B, K, n_z] each
+        return self.normal(loc, posterior_scale(s, self.cfg.posterior_scale))
+
+    def hand_over(self, z: torch.Tensor, decoded: Decoded, training: bool) -> Decoded:
+        """Give the model the decoding of sample `z` (its `decode(z)` then costs nothing);
+        at inference, detached, so that no step keeps another's graph."""
+        if not training:
+            decoded = Decoded(decoded.means.detach(), decoded.mask_logits.detach())
+        self.model.remember(z, decoded)
+        return decoded
 
     def forward(self, x: torch.Tensor, weights: list[float] | None = None, batch_size: int | None = None,
                 num_slots: int | None = None, kl_scale: float = 1.0) -> list[Step]:

@@ -46,7 +46,7 @@ from . import ITERATIVE
 from .base import Guide, Step
 from .inputs import INPUTS, Context, leave_one_out
 from .recompute import recompute
-from .refinement import InputNorm, RefinementNetwork, posterior_scale
+from .refinement import InputNorm, RefinementNetwork
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -91,6 +91,7 @@ class IterativeGuide(Guide):
     """
 
     kind = ITERATIVE
+    normal = NoisyNormal
     description = "q(z | lambda_T) of the final refinement step; each sample re-runs the refinement"
     refines = True
     can_change_slots = True
@@ -99,7 +100,6 @@ class IterativeGuide(Guide):
     def __init__(self, model: IodineModel, cfg: Config):
         super().__init__(model, cfg)
         g, m = cfg.guide, cfg.model
-        self.cfg, self.n_z = g, m.latent_dim
         rows = [INPUTS[n] for n in g.active_inputs()]
         self.spatial_inputs = [r for r in rows if r.spatial]    # concatenated in this order
         self.vector_inputs = [r for r in rows if not r.spatial]
@@ -126,11 +126,6 @@ class IterativeGuide(Guide):
         """The refinement inputs in use: image-sized ones in order, then the vectors."""
         return [r.name for r in self.spatial_inputs + self.vector_inputs]
 
-    def posterior(self, lam: torch.Tensor) -> NoisyNormal:
-        """q(z | lambda) with batch shape [B, K, n_z]."""
-        loc, s = lam.split(self.n_z, -1)                        # [B, K, n_z] each
-        return NoisyNormal(loc, posterior_scale(s, self.cfg.posterior_scale))
-
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
                 batch_size: int | None = None, num_slots: int | None = None,
                 kl_scale: float = 1.0) -> list[Step]:
@@ -155,10 +150,9 @@ class IterativeGuide(Guide):
                         z = pyro.sample("z", q.to_event(2))     # [B, K, n_z]
                     decoded, delta, state = self.step(frame(x, t), lam, z, q.noise, state, last, training)
                 if not training:
-                    decoded = Decoded(decoded.means.detach(), decoded.mask_logits.detach())
                     state = tuple(s.detach() for s in state) if state is not None else None
                     delta = delta.detach() if not last else None
-                model.remember(z, decoded)
+                decoded = self.hand_over(z, decoded, training)
                 steps.append(Step(lam if training else lam.detach(), z if training else z.detach(), decoded))
                 if not last:
                     lam = lam + delta.view(B, K, -1)            # [B, K, 2 n_z]
