@@ -42,9 +42,13 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     run = Run.open(a.run)
     held_out = evaluate(run, num_images=a.num_images, batch_size=64, progress=True)
+    ckpt = load_checkpoint(Path(a.run))
+    generated = (ckpt["data"].get("generated") or {}).get("eval")     # [images, seed] when fit made it
     summary = {"name": a.name, "dataset": run.cfg.dataset, "preset": run.cfg.preset, "step": run.step,
-               "train_minutes": round(load_checkpoint(Path(a.run))["extra"].get("spent", {}).get("time", 0) / 60, 1),
-               "held_out": {"data": held_out["data"], "num_images": held_out["num_images"],
+               "train_minutes": round(ckpt["extra"].get("spent", {}).get("time", 0) / 60, 1),
+               "held_out": {"data": (f"generated: {generated[0]} images, seed {generated[1]}" if generated
+                                     else Path(held_out["data"]).name),
+                            "num_images": held_out["num_images"],
                             **{k: held_out[k][-1] for k in ("fg_ari", "ari", "mse", "kl")}}}
     if a.official:
         with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +57,7 @@ def main() -> None:
         summary["official"] = {"file": Path(a.official).name, "num_images": official["num_images"],
                                **{k: official[k][-1] for k in ("fg_ari", "ari", "mse", "kl")}}
     PRETRAINED_DIR.mkdir(parents=True, exist_ok=True)
-    save_weights(PRETRAINED_DIR / f"{a.name}.pt", load_checkpoint(Path(a.run)),
+    save_weights(PRETRAINED_DIR / f"{a.name}.pt", ckpt,
                  extra={"evaluation": summary})
     (PRETRAINED_DIR / f"{a.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     img = ROOT / "docs" / "img"

@@ -6,16 +6,16 @@ A run directory holds ``checkpoint.pt`` (everything needed to continue exactly),
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Config
+from .io import check_target, write_bytes, write_text
 
 FORMAT = "iodine-pyro-checkpoint"
 FORMAT_VERSION = 1
@@ -28,20 +28,13 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save, whole or not at all (`iodine_pyro.io`): the bytes are made in memory,
+    then written to a temporary file in the same directory, fsynced and renamed over
+    `path`. A full disk or a read-only directory gives a `WriteError` naming `path` (torch
+    would report a failed zip write) and leaves the previous file intact."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,8 +68,26 @@ def save_weights(path: Path, ckpt: dict[str, Any], extra: dict | None = None) ->
                  "step": int(ckpt["step"]), "extra": extra or {}}, path)
 
 
+def _load_failure(path: Path, err: Exception) -> CheckpointError:
+    """A one-line reason a file could not be unpickled (never torch's advice to load it
+    with ``weights_only=False``, which would run whatever code the file holds)."""
+    text = str(err)
+    if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+        return CheckpointError(f"{path} holds Python objects that a checkpoint never holds (not an iodine-pyro "
+                               f"checkpoint, or altered); it is not loaded")
+    if isinstance(err, OSError):
+        return CheckpointError(f"cannot read checkpoint {path}: {err.strerror or type(err).__name__}")
+    reason = " ".join(text.split()) or type(err).__name__
+    if "zip" in reason.lower() or "central directory" in reason.lower():
+        reason = "truncated, or not a checkpoint file"
+    return CheckpointError(f"cannot read checkpoint {path}: {reason[:160]}")
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate a checkpoint file; raise `CheckpointError` naming it otherwise."""
+    """Load and validate a checkpoint file; raise `CheckpointError` naming it otherwise.
+
+    Only tensors and plain values are unpickled (``weights_only``), and the stored
+    configuration passes `iodine_pyro.config.validate` like any other, as does the step."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
@@ -85,21 +96,59 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, foreign objects
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        raise _load_failure(path, e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an iodine-pyro checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('format_version')}, "
+        raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('format_version')!r}, "
                               f"this version reads {FORMAT_VERSION}")
-    missing = {"config", "system", "step"} - set(ckpt)
+    missing = [k for k in ("config", "system", "step") if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     try:
         ckpt["config"] = Config.from_dict(ckpt["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an invalid configuration: {e}") from None
+    step = ckpt["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**62:
+        raise CheckpointError(f"checkpoint {path} has an invalid step {step!r} (a count of steps >= 0)")
+    system = ckpt["system"]
+    if not isinstance(system, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in system.items()):
+        raise CheckpointError(f"checkpoint {path} has no parameters (its 'system' is not a table of tensors)")
+    if not isinstance(ckpt.get("extra", {}), dict):
+        raise CheckpointError(f"checkpoint {path} has an invalid 'extra' entry")
     return ckpt
+
+
+def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
+    """What `fit` needs to continue a run is in the checkpoint and of the right kind:
+    optimiser state, RNG states, data position and data, each named when it is not."""
+    if "optimizer" not in ckpt:
+        raise CheckpointError(f"{path} holds a model's weights only (no optimiser or data state): "
+                              f"it cannot be resumed; train into another --out")
+    missing = [k for k in ("rng", "data_state", "data") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it cannot be resumed")
+    opt, rng, state, data = ckpt["optimizer"], ckpt["rng"], ckpt["data_state"], ckpt["data"]
+    if not isinstance(opt, dict) or not {"state", "param_groups"} <= set(opt):
+        raise CheckpointError(f"checkpoint {path} has an invalid optimiser state")
+    if not isinstance(rng, dict) or not torch.is_tensor(rng.get("torch")) or rng["torch"].dtype != torch.uint8 \
+            or not isinstance(rng.get("python"), tuple):
+        raise CheckpointError(f"checkpoint {path} has invalid random-number-generator states")
+    if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
+            for k in ("epoch", "position")):
+        raise CheckpointError(f"checkpoint {path} has an invalid data position {state!r}")
+    if not isinstance(data, dict) or not isinstance(data.get("train"), str) or \
+            not isinstance(data.get("eval"), (str, type(None))):
+        raise CheckpointError(f"checkpoint {path} does not name its training data")
+    generated = data.get("generated")
+    if generated is not None and not (
+            isinstance(generated, dict) and isinstance(generated.get("dataset"), str)
+            and all(isinstance(generated.get(k), (list, tuple)) and len(generated[k]) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in generated[k])
+                    for k in ("train", "eval") if k in generated)):
+        raise CheckpointError(f"checkpoint {path} has an invalid record of its generated data")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -122,11 +171,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged rows past `step` (and a line cut by a crash): a resumed run logs them again."""
-    if not Path(path).exists():
+    """Drop logged rows past `step` (and a line cut by a crash): a resumed run logs them
+    again. The file is rewritten whole (`iodine_pyro.io`), never through a link."""
+    path = Path(path)
+    check_target(path)
+    if not path.exists():
         return
     keep = "".join(json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= step)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(keep)
-    os.replace(tmp, path)
-
+    write_text(path, keep)

@@ -46,6 +46,7 @@ from torch.distributions import Normal, kl_divergence
 from tqdm.auto import tqdm
 
 from . import metrics
+from .config import check_memory
 from .data import load_images
 from .evaluate import METRICS as TABLE
 from .evaluate import score_steps
@@ -346,6 +347,8 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
             check_slots(run.system, num_slots)
         except ValueError as e:
             raise ValueError(f"{run.ref}: {e}") from None
+        check_memory(run.cfg, run.device, batch=batch_size, num_slots=num_slots, num_iters=num_iters,
+                     training=False, what="compare")
         opened.append(run)
     batch, where, background = load_images_for(opened[0], data, num_images, merge)
     x_all = batch["image"][:num_images].to(device)                        # [N, C, H, W]
@@ -438,11 +441,13 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def write_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """compare.json, compare.md and compare.png in directory `out`."""
+    """compare.json, compare.md and compare.png in directory `out`: all three whole or none
+    (the JSON and the table are staged and put in place with the picture, `iodine_pyro.io`)."""
+    from .io import stage_text
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "compare.json", "table": out / "compare.md", "plot": out / "compare.png"}
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    paths["table"].write_text(markdown_table(result))
+    stage_text(paths["json"], json.dumps(result, indent=1) + "\n", companion=paths["plot"])
+    stage_text(paths["table"], markdown_table(result), companion=paths["plot"])
     draw_comparison(result, paths["plot"])
     return paths

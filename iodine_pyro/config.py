@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,23 +116,33 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        def build(klass, values):
-            names = {f.name: f for f in dataclasses.fields(klass)}
-            unknown = set(values) - set(names)
-            if unknown:
-                raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
-            kw = {}
-            for k, v in values.items():
-                kw[k] = tuple(v) if isinstance(v, list) else v
-            return klass(**kw)
+        """The configuration a checkpoint stores (`to_dict`), checked by `validate`: a
+        stored file is user input like any other. Fields it lacks take their defaults
+        (a checkpoint of an earlier version); unknown fields are refused."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the configuration is a {type(d).__name__}, not a table")
+        missing = [k for k in ("dataset", "preset", "model", "guide", "train") if k not in d]
+        if missing:
+            raise ValueError(f"the configuration lacks {', '.join(missing)}")
 
-        return cls(
+        def build(section, klass, values):
+            if not isinstance(values, dict):
+                raise ValueError(f"{section} is a {type(values).__name__}, not a table")
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = sorted(str(k) for k in set(values) - names)
+            if unknown:
+                raise ValueError(f"unknown {section} field(s) {', '.join(unknown)}")
+            return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        cfg = cls(
             dataset=d["dataset"],
             preset=d["preset"],
-            model=build(ModelConfig, d["model"]),
-            guide=build(GuideConfig, d["guide"]),
-            train=build(TrainConfig, d["train"]),
+            model=build("model", ModelConfig, d["model"]),
+            guide=build("guide", GuideConfig, d["guide"]),
+            train=build("train", TrainConfig, d["train"]),
         )
+        validate(cfg)
+        return cfg
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,6 +222,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.lr": 1e-3,
         "train.warmup_steps": 200,
         "train.batch_size": 8,
+        "train.init": "sonnet",
         "train.geco_goal": 0.01,
         "train.geco_rate": 0.05,
     },
@@ -228,10 +241,12 @@ PRESET_FIELDS = sorted(
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
-    section, _, name = key.partition(".")
-    target = getattr(cfg, section)
-    if not hasattr(target, name):
+    section, _, name = str(key).partition(".")
+    fields = {f.name for f in dataclasses.fields(ModelConfig if section == "model" else GuideConfig
+                                                 if section == "guide" else TrainConfig)}
+    if section not in ("model", "guide", "train") or name not in fields:
         raise ValueError(f"unknown configuration field {key!r}")
+    target = getattr(cfg, section)
     if isinstance(value, list):
         value = tuple(value)
     setattr(target, name, value)
@@ -260,38 +275,213 @@ def make_config(dataset: str = "tetrominoes", preset: str = "paper",
     return cfg
 
 
+# ---------------------------------------------------------------------------------------
+# Validation: every field by type and range, then the fields together
+# ---------------------------------------------------------------------------------------
+INT_MAX = 2**31 - 1                      # torch's sizes and numpy's seeds stay below this
+FLOAT32_MAX = 3.4028234663852886e38      # parameters are float32: a larger step is an infinite one
+
+
+def _int(lo: int, hi: int = INT_MAX) -> Callable[[Any], str | None]:
+    def check(v):
+        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        return None if ok else f"an integer from {lo} to {hi}" if hi != INT_MAX else f"an integer >= {lo}"
+    return check
+
+
+def _odd(lo: int = 1) -> Callable[[Any], str | None]:
+    def check(v):
+        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= INT_MAX and v % 2 == 1
+        return None if ok else f"an odd integer >= {lo} ('same' padding)"
+    return check
+
+
+def _float(lo: float, hi: float = FLOAT32_MAX, *, lo_open: bool = True, hi_open: bool = False
+           ) -> Callable[[Any], str | None]:
+    def check(v):
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi))
+        if ok:
+            return None
+        if hi == FLOAT32_MAX:
+            return "a finite number" if lo == -FLOAT32_MAX else f"a finite number {'>' if lo_open else '>='} {lo:g}"
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        return f"a finite number in {left}{lo:g}, {hi:g}{right}"
+    return check
+
+
+def _bool(v) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _choice(*names: str) -> Callable[[Any], str | None]:
+    def check(v):
+        return None if isinstance(v, str) and v in names else f"one of {', '.join(names)}"
+    return check
+
+
+def _optional(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def check(v):
+        what = rule(v) if v is not None else None
+        return None if what is None else f"{what}, or none"
+    return check
+
+
+def _ints(length: int | None = None, lo: int = 1, nonempty: bool = True) -> Callable[[Any], str | None]:
+    def check(v):
+        ok = (isinstance(v, (tuple, list)) and (length is None or len(v) == length)
+              and (len(v) > 0 or not nonempty) and all(_int(lo)(x) is None for x in v))
+        if ok:
+            return None
+        n = f"{length} " if length else "a list of " if nonempty else "a (possibly empty) list of "
+        return f"{n}integers >= {lo}"
+    return check
+
+
+def _names(v) -> str | None:
+    ok = isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)
+    return None if ok else "a list of names"
+
+
+FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
+    "model.image_channels": _int(1, 64),
+    "model.image_size": _ints(2),
+    "model.num_slots": _int(1),
+    "model.latent_dim": _int(1),
+    "model.pixel": _choice("gaussian", "logistic"),
+    "model.pixel_scale": _float(0),
+    "model.prior_var": _float(0),
+    "model.decoder": _choice("broadcast", "deconv"),
+    "model.decoder_channels": _ints(nonempty=False),
+    "model.decoder_kernel": _odd(),
+    "model.decoder_constant": _optional(_float(-FLOAT32_MAX, lo_open=False)),
+    "model.deconv_mlp": _ints(nonempty=False),
+    "model.deconv_start": _ints(3),
+    "guide.kind": lambda v: None if isinstance(v, str) else "a guide's name",
+    "guide.num_iters": _int(1),
+    "guide.loss_weights": _choice("paper", "deepmind"),
+    "guide.posterior_scale": _choice("softplus", "sqrt_softplus"),
+    "guide.mask_posterior": _choice("responsibility", "normalized_likelihood"),
+    "guide.conv_channels": _ints(),
+    "guide.conv_kernel": _int(1),
+    "guide.conv_stride": _int(1),
+    "guide.mlp": _ints(nonempty=False),
+    "guide.mlp_linear_last": _bool,
+    "guide.lstm": _optional(_int(1)),
+    "guide.inputs": _names,
+    "guide.stop_gradient": _names,
+    "guide.grad_reduction": _choice("image", "batch_mean"),
+    "guide.disabled_inputs": _names,
+    "guide.recompute": _bool,
+    "train.lr": _float(0),
+    "train.beta1": _float(0, 1, lo_open=False, hi_open=True),
+    "train.beta2": _float(0, 1, lo_open=False, hi_open=True),
+    "train.batch_size": _int(1),
+    "train.clip_norm": _float(0),
+    "train.lr_decay": _float(0, 1),
+    "train.lr_decay_steps": _int(1),
+    "train.max_bad_steps": _int(1),
+    "train.warmup_steps": _int(0),
+    "train.init": _choice("torch", "sonnet"),
+    "train.geco_goal": _optional(_float(0)),
+    "train.geco_rate": _float(0),
+    "train.geco_ema": _float(0, 1, lo_open=False, hi_open=True),
+}
+
+
 def validate(cfg: Config) -> None:
-    """Raise ValueError (one line) on an inconsistent configuration."""
-    m, g, t = cfg.model, cfg.guide, cfg.train
+    """Raise ValueError (one line naming the field) unless every field has its type and
+    range (`FIELD_RULES`) and the fields agree with each other.
+
+    Every configuration passes here before it is used: those of `make_config` (presets,
+    overrides from the command line and TOML files) and those stored in checkpoints
+    (`Config.from_dict`), so that a bad value stops a command before any work starts."""
+    for name, value in (("dataset", cfg.dataset), ("preset", cfg.preset)):
+        choices = ARCHITECTURES if name == "dataset" else PRESETS
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+    for key, rule in FIELD_RULES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        what = rule(value)
+        if what is not None:
+            raise ValueError(f"{key} must be {what}, got {_shown(value)}")
+    m, g = cfg.model, cfg.guide
     checks = [
-        (m.num_slots >= 1, f"num_slots must be >= 1, got {m.num_slots}"),
-        (m.latent_dim >= 1, f"latent_dim must be >= 1, got {m.latent_dim}"),
-        (m.pixel in ("gaussian", "logistic"), f"pixel must be gaussian or logistic, got {m.pixel!r}"),
-        (m.pixel_scale > 0, f"pixel_scale must be > 0, got {m.pixel_scale}"),
-        (m.prior_var > 0, f"prior_var must be > 0, got {m.prior_var}"),
-        (m.decoder in ("broadcast", "deconv"), f"decoder must be broadcast or deconv, got {m.decoder!r}"),
-        (g.kind in guide_kinds(), f"unknown guide {g.kind!r}; choose from {', '.join(guide_kinds())}"),
-        (g.num_iters >= 1, f"num_iters must be >= 1, got {g.num_iters}"),
-        (g.loss_weights in ("paper", "deepmind"), "loss_weights must be paper or deepmind"),
-        (g.posterior_scale in ("softplus", "sqrt_softplus"), "posterior_scale must be softplus or sqrt_softplus"),
-        (g.mask_posterior in ("responsibility", "normalized_likelihood"),
-         "mask_posterior must be responsibility or normalized_likelihood"),
-        (set(g.inputs) <= set(INPUTS), f"unknown refinement inputs {sorted(set(g.inputs) - set(INPUTS))}; "
-                                       f"choose from {list(INPUTS)}"),
+        (g.kind in guide_kinds(), f"unknown guide {g.kind!r} (guide.kind); choose from {', '.join(guide_kinds())}"),
+        (set(g.inputs) <= set(INPUTS), f"guide.inputs: unknown refinement inputs "
+                                       f"{sorted(set(g.inputs) - set(INPUTS))}; choose from {list(INPUTS)}"),
         (set(g.stop_gradient) <= set(INPUTS),
-         f"unknown stop-gradient inputs {sorted(set(g.stop_gradient) - set(INPUTS))}"),
-        (g.grad_reduction in ("image", "batch_mean"), "grad_reduction must be image or batch_mean"),
+         f"guide.stop_gradient: unknown stop-gradient inputs {sorted(set(g.stop_gradient) - set(INPUTS))}"),
         (set(g.disabled_inputs) <= set(g.inputs),
-         f"cannot disable inputs not in use: {sorted(set(g.disabled_inputs) - set(g.inputs))}; "
-         f"inputs are {list(g.inputs)}"),
+         f"guide.disabled_inputs: cannot disable inputs not in use: "
+         f"{sorted(set(g.disabled_inputs) - set(g.inputs))}; inputs are {list(g.inputs)}"),
         (any(INPUTS[n].spatial for n in g.active_inputs() if n in INPUTS),
-         "at least one image-sized refinement input must stay enabled"),
-        (t.lr > 0 and t.batch_size >= 1 and t.clip_norm > 0, "lr, batch_size and clip_norm must be positive"),
-        (t.warmup_steps >= 0, f"warmup_steps must be >= 0, got {t.warmup_steps}"),
-        (t.init in ("torch", "sonnet"), f"init must be torch or sonnet, got {t.init!r}"),
-        (t.geco_goal is None or t.geco_goal > 0, f"geco_goal must be > 0 (a reconstruction MSE), got {t.geco_goal}"),
-        (t.geco_rate > 0 and 0 <= t.geco_ema < 1, "geco_rate must be > 0 and geco_ema in [0, 1)"),
+         "guide.disabled_inputs: at least one image-sized refinement input must stay enabled"),
+        (m.decoder != "deconv" or len(m.decoder_channels) >= 1,
+         "model.decoder_channels: the deconv decoder needs at least one layer"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message: short, with its type when that is the problem."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})" if not isinstance(value, (int, float)) or isinstance(value, bool) \
+        else text
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: requests that cannot fit are refused before any work starts
+# ---------------------------------------------------------------------------------------
+
+
+def memory_needed(cfg: Config, *, batch: int | None = None, num_slots: int | None = None,
+                  num_iters: int | None = None, training: bool = True) -> int:
+    """A lower bound of the bytes one step holds at once: every slot's decoder activations
+    at image size (2 bytes a value, as under bf16 autocast), kept for each refinement step
+    when training without recomputation. Real steps need several times more; a request
+    above this bound cannot run at all, whatever the allocator does."""
+    m, g = cfg.model, cfg.guide
+    B = batch or cfg.train.batch_size
+    K = num_slots or m.num_slots
+    T = num_iters or g.num_iters
+    H, W = m.image_size
+    channels = (sum(m.decoder_channels) if m.decoder == "broadcast" else 0) + m.image_channels + 1
+    passes = T if training and not g.recompute else 1
+    return 2 * B * K * H * W * channels * passes
+
+
+def memory_available(device: Any = "cpu") -> int | None:
+    """The memory of `device` in bytes (a GPU's, or this machine's RAM); None when unknown."""
+    import torch
+
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory) if torch.cuda.is_available() else None
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**50 else f"{n / 2**40:,.0f} TiB"
+
+
+def check_memory(cfg: Config, device: Any = "cpu", *, batch: int | None = None, num_slots: int | None = None,
+                 num_iters: int | None = None, training: bool = True, what: str = "this command") -> None:
+    """Refuse (ValueError, one line with the estimate) a step that cannot fit in the memory
+    of `device` (`memory_needed` against `memory_available`)."""
+    need = memory_needed(cfg, batch=batch, num_slots=num_slots, num_iters=num_iters, training=training)
+    have = memory_available(device)
+    if have is not None and need > have:
+        m = cfg.model
+        raise ValueError(
+            f"{what} would need at least {_gib(need)} for one step (batch {batch or cfg.train.batch_size}, "
+            f"{num_slots or m.num_slots} slots, {num_iters or cfg.guide.num_iters} refinement steps, "
+            f"{m.image_size[0]}x{m.image_size[1]} images) and {device} has {_gib(have)}: "
+            f"lower --batch-size, --num-slots or --num-iters")

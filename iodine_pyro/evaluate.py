@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .config import check_memory
 from .data import is_sequence, load_images
 from .models.generative import Decoded, frame
 from .run import Run
@@ -135,6 +136,8 @@ def evaluate(run: Run | str | Path, *, num_images: int = 256, batch_size: int = 
     if num_images < 1 or batch_size < 1:
         raise ValueError("--num-images and --batch-size must be at least 1")
     run = run if isinstance(run, Run) else Run.open(run, device)
+    check_memory(run.cfg, run.device, batch=batch_size, num_slots=num_slots, num_iters=num_iters, training=False,
+                 what="evaluate")
     ds, where = run.dataset(data, need=None, command="evaluate")
     sequence = is_sequence(ds)
     background = run.background_groups(ds)

@@ -64,6 +64,7 @@ from torch.distributions import kl_divergence  # noqa: E402
 
 from .checkpoint import METRICS, read_metrics  # noqa: E402
 from .data import DATASETS, DatasetError, is_sequence, load_images  # noqa: E402
+from .io import atomic_file, commit, discard, stage_npz, stage_text  # noqa: E402
 from .run import IMAGES, SEQUENCES, Run  # noqa: E402
 from .system import Iodine  # noqa: E402
 
@@ -105,11 +106,20 @@ class FigureFiles:
 
 
 def save_figure(fig, path: str | Path, dpi: int = DPI) -> Path:
-    """Write `fig` to `path` (creating its folder) and close it."""
+    """Write `fig` to `path` (creating its folder) and close it: whole or not at all, and
+    together with the data file staged for it (`iodine_pyro.io`: temporary files, then
+    renames; a full disk or a read-only folder leaves neither file and names the path;
+    never through a link)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, dpi=dpi, format=path.suffix.lower().lstrip(".") or None)
+    except BaseException:
+        discard(path)
+        raise
+    finally:
+        plt.close(fig)
+    commit(path)
     return path
 
 
@@ -147,8 +157,8 @@ def _png_path(out: str | Path) -> Path:
 
 
 def _data_path(png: Path, suffix: str) -> Path:
-    """The data file next to `png` (its folder created)."""
-    png.parent.mkdir(parents=True, exist_ok=True)
+    """The data file next to `png`: staged (`iodine_pyro.io.stage_npz`, `stage_text`) and put
+    in place only together with the PNG (`save_figure`)."""
     return png.with_suffix(suffix)
 
 
@@ -252,7 +262,7 @@ def decomposition(run: Run | str | Path, out: str | Path, *, num_images: int = 4
         "image_index": np.arange(x.shape[0]),                                   # [N]
     }
     data_path = _data_path(png, ".npz")
-    np.savez_compressed(data_path, **arrays)
+    stage_npz(data_path, arrays, companion=png)
     which = "every refinement step" if all_steps else _final(run.system, len(steps))
     if sequence:
         which += f", frame {len(steps)} of each sequence"
@@ -322,7 +332,7 @@ def sequence(run: Run | str | Path, out: str | Path, *, image: int = 0, seed: in
         "image_index": np.array(image),
     }
     data_path = _data_path(png, ".npz")
-    np.savez_compressed(data_path, **arrays)
+    stage_npz(data_path, arrays, companion=png)
     draw_sequence(arrays, png, title=f"Sequence {image}, one refinement step per frame\n{run.title()}")
     return FigureFiles(png, data_path)
 
@@ -381,7 +391,7 @@ def mask_logits(run: Run | str | Path, out: str | Path, *, num_images: int = 4, 
         "image_index": np.arange(x.shape[0]),                        # [N]
     }
     data_path = _data_path(png, ".npz")
-    np.savez_compressed(data_path, **arrays)
+    stage_npz(data_path, arrays, companion=png)
     draw_mask_logits(arrays, png, title=f"Masks and mask logits, {_final(run.system)}: {run.title()}")
     return FigureFiles(png, data_path)
 
@@ -441,6 +451,8 @@ def traversal(run: Run | str | Path, out: str | Path, *, image: int | None = Non
     """
     png = _png_path(out)
     lo, hi = (float(v) for v in value_range)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"--range must be finite, got {lo:g} {hi:g}")
     if not lo < hi:
         raise ValueError(f"--range must go from low to high, got {lo:g} {hi:g}")
     if num_values < 2:
@@ -489,7 +501,7 @@ def traversal(run: Run | str | Path, out: str | Path, *, image: int | None = Non
         "slot_mask": _np(masks[0, slot]),                            # [H, W]
     }
     data_path = _data_path(png, ".npz")
-    np.savez_compressed(data_path, **arrays)
+    stage_npz(data_path, arrays, companion=png)
     shown = f"the {D} of {n_z} latent dimensions with most KL" if D < n_z else f"all {n_z} latent dimensions"
     draw_traversal(arrays, png, K, title=f"Latent traversal of slot {slot} in image {image}, {shown}: "
                                          f"{run.title()}")
@@ -603,7 +615,7 @@ def projection(run: Run | str | Path, out: str | Path, *, num_images: int = 256,
     with threadpool_limits(limits=1, user_api="openmp"):  # one thread: the same result every time
         arrays["tsne"] = tsne.fit_transform(arrays["latent"]).astype(np.float32)  # [M, 2]
     data_path = _data_path(png, ".npz")
-    np.savez_compressed(data_path, **arrays)
+    stage_npz(data_path, arrays, companion=png)
     spec = DATASETS.get(str(run.ds.attrs.get("dataset", "")))
     draw_projection(arrays, factors, png,
                     title=f"Object latents of {M} objects in {n} images, {_final(run.system)}: "
@@ -747,7 +759,7 @@ def curves(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[
         runs.append(entry)
     keys = [k for k in CURVE_KEYS if any(v is not None for run in runs for v in run[k])]
     data_path = _data_path(png, ".json")
-    data_path.write_text(json.dumps({"keys": keys, "smooth": smooth, "runs": runs}, indent=1) + "\n")
+    stage_text(data_path, json.dumps({"keys": keys, "smooth": smooth, "runs": runs}, indent=1) + "\n", companion=png)
     if title is None:
         title = "Training curves" + (f" of {labels[0]}" if len(runs) == 1 else f" of {len(runs)} runs")
     if smooth > 1:
@@ -835,7 +847,8 @@ def draw_learning_speed(curves: dict[str, dict[str, list[list[float]]]], keys: S
     """
     png = _png_path(png)
     data = _data_path(png, ".json")
-    data.write_text(json.dumps({"keys": list(keys), "columns": ["cpu_min", "step", *keys], "curves": curves}))
+    stage_text(data, json.dumps({"keys": list(keys), "columns": ["cpu_min", "step", *keys], "curves": curves}),
+               companion=png)
     cols = 2
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols + 2.6, 3.0 * rows + 0.5), squeeze=False,

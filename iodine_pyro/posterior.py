@@ -52,12 +52,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
-import logging
-import os
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +66,7 @@ import xarray as xr
 from pyro.infer import Predictive
 from tqdm.auto import tqdm
 
+from .config import check_memory, memory_available
 from .figures import draw_decomposition
 from .system import Iodine
 
@@ -223,6 +222,14 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
         raise ValueError("no images to sample")
     if num_samples < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
+    check_memory(system.cfg, x.device, batch=batch_size or N, num_slots=num_slots, num_iters=num_iters,
+                 training=False, what="sample")
+    K, (C, H, W) = num_slots or system.cfg.model.num_slots, x.shape[1:]
+    per_draw = 3 * K * system.cfg.model.latent_dim + ((2 * C + K) * H * W if predictive else 0)   # floats
+    need, have = 4 * num_samples * N * per_draw, memory_available(x.device if x.is_cuda else "cpu")
+    if have is not None and need > have:
+        raise ValueError(f"{num_samples} samples of {N} images would hold {need / 2**30:,.1f} GiB "
+                         f"(this machine has {have / 2**30:,.1f} GiB): ask for fewer --num-samples or --num-images")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     image_index = np.arange(N) if image_index is None else np.asarray(image_index, dtype=np.int64)
@@ -299,23 +306,21 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
 
 
 def write_samples(tree: xr.DataTree, path: str | Path) -> Path:
-    """Write `tree` as netCDF-4 (h5netcdf engine, zlib-compressed) atomically to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `tree` as netCDF-4 (h5netcdf engine, zlib-compressed) to `path`, whole or not
+    at all: the file is made in memory, then written to a temporary file that is renamed
+    over `path` (`iodine_pyro.io`). HDF5 never writes to the disk itself (it can crash on a
+    full one); a full disk or a read-only folder gives one line naming `path`, and leaves
+    nothing behind."""
+    import io
+
+    from .io import check_target, write_bytes
+
+    path = check_target(path)
     encoding = {node.path: {name: {"zlib": True, "complevel": 4} for name in node.data_vars}
                 for node in tree.subtree if node.data_vars}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        tree.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
-        os.chmod(tmp, 0o666 & ~umask)                     # mkstemp's 0600 would hide the file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    tree.to_netcdf(buffer, engine="h5netcdf", encoding=encoding)
+    write_bytes(path, buffer.getbuffer())
     return path
 
 

@@ -10,9 +10,23 @@ element, not the global norm, so the step uses ``torch.optim.Adam`` directly.
 
 `fit` owns a run directory: it resumes from its checkpoint when one is there, writes
 ``metrics.jsonl`` every ``log_every`` steps and checkpoints atomically every
-``checkpoint_every`` steps, at the end, on SIGINT/SIGTERM, and when numerical faults
-stop the run. Under torchrun it trains data-parallel (`iodine_pyro.distributed`): rank 0
-writes the run directory, every process resumes from it.
+``checkpoint_every`` steps, at the end, on SIGINT/SIGTERM, and when numerical faults or
+damaged data stop the run. Under torchrun it trains data-parallel
+(`iodine_pyro.distributed`): rank 0 writes the run directory, every process resumes from it.
+
+Nothing is lost (docs/robustness.md):
+
+* A directory is a run only when its checkpoint, or the manifest (``manifest.json``)
+  that `fit` writes before anything else, says so. The manifest lists what the run
+  makes (its files, the datasets it generated); ``--overwrite`` removes those and
+  nothing else: never a ``--data`` store, never through a symbolic link.
+* Run files are never written through symbolic links: a link in their place is refused.
+* A step is applied only when the batch, the loss, the gradient and the updated
+  parameters are all finite; otherwise it is undone, skipped and counted (`_Snapshot`).
+* Data are checked as they are read; a missing or damaged chunk stops the run with a
+  checkpoint of the last good step.
+* A kill at any moment (data generation, the first checkpoint, training) leaves a
+  directory that the same command continues.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,11 +49,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, load_checkpoint, save_checkpoint,
-                         set_rng_state, truncate_metrics)
-from .config import Config, make_config
+from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, check_resumable, load_checkpoint,
+                         save_checkpoint, set_rng_state, truncate_metrics)
+from .config import INT_MAX, Config, check_memory, make_config
 from .data import DATASETS, Batches, DatasetError, background_groups, ensure_generated, is_store
 from .evaluate import batch_metrics
+from .io import TEMP_SUFFIX, WriteError, open_append, pid_alive, remove_stale, write_text
 from .run import Run, open_checked, recorded_data
 from .system import Iodine
 
@@ -108,11 +124,75 @@ class Geco:
         self.mse = torch.tensor(float(state["mse"]), device=self.mse.device)
 
 
+class _Snapshot:
+    """The parameters and optimiser state before a step, so that a step whose update is
+    not finite can be undone.
+
+    Adam with a finite gradient can still produce non-finite parameters (an enormous
+    learning rate, an overflowing moment): checking the loss and the gradient is not
+    enough for "the last good state" to be good. The copies are kept in buffers that are
+    reused every step (a few times the size of the parameters)."""
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
+        self.params, self.optimizer = params, optimizer
+        self.saved: list[torch.Tensor] = []
+        self.had_state: set[int] = set()
+
+    def _tensors(self, only: set[int] | None = None) -> list[torch.Tensor]:
+        tensors = list(self.params)
+        for p in self.params:
+            if only is None or id(p) in only:
+                tensors += [v for _, v in sorted(self.optimizer.state.get(p, {}).items()) if torch.is_tensor(v)]
+        return tensors
+
+    @torch.no_grad()
+    def save(self) -> None:
+        self.had_state = {id(p) for p in self.params if self.optimizer.state.get(p)}
+        tensors = self._tensors(self.had_state)
+        if [t.shape for t in self.saved] != [t.shape for t in tensors]:
+            self.saved = [t.detach().clone() for t in tensors]
+        else:
+            for buffer, t in zip(self.saved, tensors):
+                buffer.copy_(t)
+
+    @torch.no_grad()
+    def finite(self) -> torch.Tensor:
+        """Whether every parameter is finite, as a device bool (nothing read on the host)."""
+        return torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+
+    @torch.no_grad()
+    def restore(self, keep: torch.Tensor | None = None) -> None:
+        """Put the saved state back; with `keep` (a device bool), only where it is false,
+        without reading it on the host. Optimiser state that the step created is dropped
+        (or, with `keep`, zeroed: Adam's state before its first step)."""
+        for p in self.params:
+            if id(p) not in self.had_state and self.optimizer.state.get(p):
+                if keep is None:
+                    self.optimizer.state.pop(p, None)
+                else:
+                    for v in self.optimizer.state[p].values():
+                        if torch.is_tensor(v):
+                            v.copy_(torch.where(keep, v, torch.zeros_like(v)))
+        for t, buffer in zip(self._tensors(self.had_state), self.saved):
+            t.copy_(buffer if keep is None else torch.where(keep, t, buffer))
+
+
+def _finite_batch(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
 def train_step(system: Iodine, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               clip_norm: float, kl_scale: float | torch.Tensor = 1.0) -> tuple[float, float, bool, torch.Tensor]:
-    """One SVI step. Returns (loss, gradient norm, applied, reconstruction MSE); a
-    non-finite loss or gradient is never applied to the parameters."""
+               clip_norm: float, kl_scale: float | torch.Tensor = 1.0,
+               snapshot: _Snapshot | None = None) -> tuple[float, float, bool, torch.Tensor]:
+    """One SVI step. Returns (loss, gradient norm, applied, reconstruction MSE).
+
+    The step is applied only when the batch, the loss, the gradient and the updated
+    parameters are all finite; otherwise the parameters and the optimiser state are as
+    before the call (an update that came out non-finite is undone from `snapshot`, made
+    here when not given) and `applied` is False."""
     optimizer.zero_grad(set_to_none=True)
+    if not _finite_batch(x):                           # NaN or infinite pixels: nothing to learn from
+        return math.nan, math.nan, False, torch.full((), math.nan, device=x.device)
     loss, mse = system.objective(x, kl_scale=kl_scale)
     value = float(loss.detach())
     if not math.isfinite(value):
@@ -123,8 +203,34 @@ def train_step(system: Iodine, optimizer: torch.optim.Optimizer, x: torch.Tensor
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return value, float(norm), False, mse
+    snapshot = snapshot or _Snapshot(list(system.parameters()), optimizer)
+    snapshot.save()
     optimizer.step()
+    if not bool(snapshot.finite()):
+        snapshot.restore()
+        optimizer.zero_grad(set_to_none=True)
+        return value, float(norm), False, mse
     return value, float(norm), True, mse
+
+
+class _DeviceFaults:
+    """Skipped steps counted on the device (the sync-free path): how many, the current
+    run of consecutive ones and the longest run since the last `settle`."""
+
+    def __init__(self, device: torch.device):
+        self.counts = torch.zeros(3, dtype=torch.long, device=device)   # skipped, current run, longest run
+
+    def add(self, applied: torch.Tensor) -> None:
+        b = (~applied).long()
+        skipped, run, longest = self.counts.unbind()
+        run = (run + b) * b
+        self.counts = torch.stack([skipped + b, run, torch.maximum(longest, run)])
+
+    def settle(self) -> tuple[int, int]:
+        """(steps skipped so far, longest run since the previous call): one host read."""
+        skipped, run, longest = self.counts.tolist()
+        self.counts = torch.tensor([skipped, run, run], dtype=torch.long, device=self.counts.device)
+        return skipped, longest
 
 
 @dataclass
@@ -167,7 +273,12 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-RUN_FILES = (CHECKPOINT, METRICS, "decomposition.png", "curves.png")
+# What `fit` makes in a run directory: its files (the pictures and the data behind them are
+# drawn by the command line once training ends) and the datasets it generates.
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "iodine-pyro-run"
+RUN_FILES = (CHECKPOINT, METRICS, "decomposition.png", "decomposition.npz", "curves.png", "curves.json")
+DATA_DIR = "data"
 
 
 def config_differences(a: Config, b: Config) -> list[str]:
@@ -181,24 +292,179 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return out
 
 
-def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _our_leftover(name: str) -> bool:
+    """Whether a directory entry is a temporary file that a killed `fit` left while writing
+    one of its run files (``.checkpoint.pt.<pid>.<hex>.tmp``)."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return False
+    parts = name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)
+    return (len(parts) == 3 and parts[0] in (*RUN_FILES, MANIFEST) and parts[1].isdigit()
+            and not pid_alive(int(parts[1])))
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of the run in `out` (None when there is none); CheckpointError when the
+    file is there but is not one."""
+    path = Path(out) / MANIFEST
+    if not path.exists() and not _is_link(path):
+        return None
+    if _is_link(path):
+        raise CheckpointError(f"{path} is a symbolic link; a run's manifest never is (remove it or choose another --out)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a run manifest ({type(e).__name__})") from None
+    ok = (isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+          and all(isinstance(manifest.get(k), list) and all(isinstance(v, str) for v in manifest[k])
+                  for k in ("files", "stores", "dirs"))
+          and isinstance(manifest.get("config"), dict))
+    if not ok:
+        raise CheckpointError(f"{path} is not a run manifest")
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _new_manifest(out: Path, cfg: Config, made_dirs: list[str]) -> dict[str, Any]:
+    manifest = {"format": MANIFEST_FORMAT, "format_version": 1, "config": cfg.to_dict(),
+                "files": [MANIFEST, *RUN_FILES], "stores": [], "dirs": made_dirs}
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def record_store(out: Path, path: Path) -> None:
+    """Add a dataset that `fit` is about to generate inside its run directory to the
+    manifest (before generating it, so that a kill mid-way leaves it recorded)."""
+    manifest = read_manifest(out)
+    if manifest is None or Path(path).exists() or _is_link(Path(path)):
+        return                              # only what fit is about to make is the run's
+    try:
+        rel = Path(path).resolve().relative_to(Path(out).resolve()).as_posix()
+    except ValueError:
+        return                              # outside the run: not the run's to remove
+    changed = False
+    if rel not in manifest["stores"]:
+        manifest["stores"].append(rel)
+        changed = True
+    parent = Path(rel).parent.as_posix()
+    if parent != "." and parent not in manifest["dirs"] and not (Path(out) / parent).exists():
+        manifest["dirs"].append(parent)
+        changed = True
+    if changed:
+        _write_manifest(out, manifest)
+
+
+def _inside(out: Path, rel: str) -> Path | None:
+    """OUT/rel when it lies inside `out` through real directories only (no component a
+    symbolic link, no ``..``), else None."""
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        return None
+    path = Path(out)
+    for part in parts:
+        path = path / part
+        if _is_link(path):
+            return None
+    return path
+
+
+def _legacy_record(ckpt: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """What a run made by a version without manifests made: its files, and the datasets its
+    checkpoint records as generated (relative paths inside the run)."""
+    stores = []
+    data = (ckpt or {}).get("data") or {}
+    generated = data.get("generated") or {}
+    for which in ("train", "eval"):
+        value = data.get(which)
+        if which in generated and isinstance(value, str) and not Path(value).is_absolute():
+            stores.append(value)
+    return list(RUN_FILES), stores
+
+
+def _remove_run(out: Path, manifest: dict[str, Any] | None, ckpt: dict[str, Any] | None,
+                keep: set[Path]) -> None:
+    """Remove what the run in `out` made (its manifest's record, or a legacy run's files and
+    generated datasets): regular files only, stores only when they are stores, never
+    through a symbolic link and never a path in `keep` (the datasets this call trains on)."""
+    files, stores = (manifest["files"], manifest["stores"]) if manifest else _legacy_record(ckpt)
+    for rel in stores:
+        path = _inside(out, rel)
+        if path is None or path.resolve() in keep:
+            continue
+        remove_stale(path)                              # a generation of it cut short
+        if is_store(path) and path.is_dir():
+            log.info("removing %s (generated by the run it replaces)", path)
+            shutil.rmtree(path)
+    for rel in [f for f in files if f != MANIFEST] + [MANIFEST]:
+        path = _inside(out, rel)
+        if path is None:
+            continue
+        remove_stale(path)
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink()
+        except FileNotFoundError:
+            pass
+    for rel in sorted((manifest or {}).get("dirs", []), key=len, reverse=True):
+        path = _inside(out, rel)
+        if path is not None and path.is_dir():
+            try:
+                path.rmdir()                            # only when empty: anything else stays
+            except OSError:
+                pass
+
+
+def _check_no_links(out: Path) -> None:
+    """Refuse a run directory where a run file (or its data folder) is a symbolic link:
+    fit would otherwise append to, overwrite or delete whatever the link points to."""
+    for name in (MANIFEST, *RUN_FILES, DATA_DIR):
+        if _is_link(out / name):
+            raise CheckpointError(f"{out / name} is a symbolic link; fit never writes or deletes through links "
+                                  f"(remove it or choose another --out)")
+
+
+def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool,
+                    keep: tuple[str | Path | None, ...] = ()) -> dict[str, Any] | None:
     """Decide what `fit` does with `out`: continue its run (the checkpoint is returned),
-    start a new one (None), or refuse. Never writes over another run's results unless
-    `overwrite`, which removes the run's own files and generated data only."""
+    start a new one (None), or refuse. A new run's directory gets its manifest here,
+    before anything else is written.
+
+    A directory is a run when its checkpoint says so, or (a run stopped before its first
+    checkpoint) its manifest. Anything else that is not empty is refused, with or without
+    `overwrite`, which replaces a run by removing what its manifest records (never the
+    datasets in `keep`, never through a link)."""
     ckpt_path = out / CHECKPOINT
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a run directory")
-    if overwrite and out.exists():
-        for name in RUN_FILES:
+    if out.is_dir():
+        _check_no_links(out)
+    manifest = read_manifest(out) if out.is_dir() else None
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    entries = [p.name for p in out.iterdir()] if out.is_dir() else []
+    for name in entries:                                         # writes a kill cut short
+        if _our_leftover(name) and (manifest is not None or ckpt is not None or name.startswith(f".{MANIFEST}.")):
             (out / name).unlink(missing_ok=True)
-        for name in ("train", "test"):
-            if is_store(out / "data" / name):
-                shutil.rmtree(out / "data" / name)
-        return None
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        for stale in out.glob(f".{CHECKPOINT}.*.tmp"):               # a write cut short by a crash
-            stale.unlink()
+    if ckpt is not None:                                         # ... by an earlier version (no pid in the name)
+        for stale in out.glob(f".{CHECKPOINT}.*.tmp"):
+            if stale.is_file() and not stale.is_symlink() and not stale.name[len(CHECKPOINT) + 2:].split(".")[0].isdigit():
+                stale.unlink()
+    entries = [n for n in entries if (out / n).exists() or _is_link(out / n)]
+    if manifest is None and ckpt is None and entries:
+        raise CheckpointError(f"{out} is not empty and holds no run (found {sorted(entries)[0]!r}); "
+                              f"choose another --out" + ("" if overwrite else " (--overwrite replaces runs only)"))
+    if overwrite and (manifest is not None or ckpt is not None):
+        _remove_run(out, manifest, ckpt, {Path(p).resolve() for p in keep if p})
+        manifest = ckpt = None
+    if ckpt is not None:
         if resume:
             return ckpt
         diff = config_differences(ckpt["config"], cfg)
@@ -210,23 +476,38 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) ->
         return ckpt
     if resume:
         raise CheckpointError(f"no run to resume in {out} (no {CHECKPOINT})")
-    foreign = [p.name for p in out.iterdir() if p.name not in (*RUN_FILES, "data")] if out.exists() else []
-    if foreign:
-        raise CheckpointError(f"{out} is not empty and holds no run (found {foreign[0]!r}); "
-                              f"choose another --out or pass --overwrite")
+    if manifest is not None:                                     # stopped before its first checkpoint
+        try:
+            started = Config.from_dict(manifest["config"])
+        except ValueError as e:
+            raise CheckpointError(f"{out / MANIFEST} has an invalid configuration: {e}") from None
+        diff = config_differences(started, cfg)
+        if diff:
+            raise CheckpointError(
+                f"{out} holds another run, stopped before its first checkpoint ({'; '.join(diff[:3])}"
+                f"{'; ...' if len(diff) > 3 else ''}); pass --overwrite to replace it, or choose another --out")
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(out, e.strerror or type(e).__name__, e.errno) from None
+    _new_manifest(out, cfg, [])
     return None
 
 
 def default_datasets(out: Path, dataset: str, num_images: int, seed: int,
                      progress: bool) -> tuple[Path, Path]:
-    """Generate (once) a training set and a held-out set in OUT/data; a generation cut
-    short is done again."""
+    """Generate (once) a training set and a held-out set in OUT/data, each recorded in the
+    run's manifest first; a generation cut short is done again."""
     if dataset not in DATASETS:
         raise DatasetError(f"no generator for {dataset!r}; pass --data with a stored dataset "
                            f"(generators: {', '.join(DATASETS)})")
-    data = out / "data"
-    return (ensure_generated(dataset, num_images, data / "train", seed=seed, progress=progress),
-            ensure_generated(dataset, min(1024, num_images), data / "test", seed=seed + 10_000, progress=progress))
+    data = out / DATA_DIR
+    paths = []
+    for name, n, s in (("train", num_images, seed), ("test", min(1024, num_images), seed + 10_000)):
+        record_store(out, data / name)
+        paths.append(ensure_generated(dataset, n, data / name, seed=s, progress=progress))
+    return paths[0], paths[1]
 
 
 def _recorded_path(path: str | Path, out: Path) -> str:
@@ -247,11 +528,12 @@ def held_out_for(ds, out: Path, seed: int, progress: bool) -> Path | None:
     if name not in DATASETS:
         log.warning("no generator for %r: the run records no held-out set (evaluate it with --data)", name)
         return None
-    return ensure_generated(name, min(1024, ds.sizes["image"]), out / "data" / "test", seed=seed + 10_000,
+    record_store(out, out / DATA_DIR / "test")
+    return ensure_generated(name, min(1024, ds.sizes["image"]), out / DATA_DIR / "test", seed=seed + 10_000,
                             progress=progress)
 
 
-def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: str = "paper",
+def fit(*, out: str | Path, steps: int | None, dataset: str = "tetrominoes", preset: str = "paper",
         overrides: dict[str, Any] | None = None, data: str | Path | None = None,
         eval_data: str | Path | None = None, num_images: int = 4096, seed: int = 0,
         log_every: int = 25, checkpoint_every: int = 250, device: str = "cpu",
@@ -265,7 +547,8 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
         out: run directory. When it holds a checkpoint of the same configuration the run
             continues from it; another configuration is refused unless `resume` (continue
             with the stored configuration) or `overwrite` (start afresh).
-        steps: total number of optimisation steps of the run.
+        steps: total number of optimisation steps of the run; None: as many as `time_limit`
+            allows (then required).
         dataset, preset, overrides: the configuration (see `make_config`).
         data: a stored dataset directory; default: generate `num_images` images (and a
             held-out set) in OUT/data.
@@ -291,8 +574,12 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
 
     Under torchrun (WORLD_SIZE > 1) it trains data-parallel: the batch size is the global
     batch, split evenly over the processes; rank 0 writes the run directory.
+
+    Every argument, the configuration, the datasets given and the memory a step needs
+    are checked before anything is written (ValueError or DatasetError, one line).
     """
     args = dict(locals())
+    _check_arguments(args)
     processes = distributed.setup(device)
     try:
         return _fit(processes, **args)
@@ -300,20 +587,74 @@ def fit(*, out: str | Path, steps: int, dataset: str = "tetrominoes", preset: st
         distributed.teardown(processes)
 
 
+def _check_arguments(a: dict[str, Any]) -> None:
+    """`fit`'s arguments by type and range (one line naming the argument), before any work."""
+    def integer(name: str, low: int, high: int = INT_MAX) -> None:
+        v = a[name]
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise ValueError(f"{name} must be an integer from {low} to {high}, got {v!r}")
+
+    if a["steps"] is None:
+        if a["time_limit"] is None:
+            raise ValueError("steps may be left out only with a time limit")
+    else:
+        integer("steps", 1, 2**62)
+    integer("num_images", 1)
+    integer("log_every", 1)
+    integer("checkpoint_every", 1)
+    integer("seed", 0, 2**32 - 1 - 10_000)        # numpy's seeds; the held-out set uses seed + 10000
+    limit = a["time_limit"]
+    if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                                  and 0 < limit < math.inf):
+        raise ValueError(f"time_limit must be a positive, finite number of seconds, got {limit!r}")
+    if a["time_clock"] not in ("wall", "cpu"):
+        raise ValueError(f"time_clock must be wall or cpu, got {a['time_clock']!r}")
+    try:
+        torch.device(a["device"])
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{a['device']!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def _check_request(cfg: Config, out: Path, data, num_images: int) -> None:
+    """What can be known wrong before any data is generated or any file written: a guide
+    that cannot read the dataset's sequences, fewer images to generate than one batch."""
+    from .guides import guide_class
+
+    spec = DATASETS.get(cfg.dataset)
+    if spec is not None and spec.sequence and not guide_class(cfg.guide.kind).reads_sequences:
+        raise ValueError(f"guide.kind: the {cfg.guide.kind} guide reads single images and {cfg.dataset} "
+                         f"holds sequences; train it with the iterative guide")
+    if data is None and not (out / CHECKPOINT).exists() and num_images < cfg.train.batch_size:
+        raise ValueError(f"--num-images {num_images} is fewer than one batch (--batch-size "
+                         f"{cfg.train.batch_size}); generate more images or lower the batch size")
+
+
 def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overrides, data, eval_data,
          num_images, seed, log_every, checkpoint_every, device, progress, resume, overwrite, amp,
          channels_last, sync_free, time_limit, time_clock, report) -> FitResult:
     device = processes.device
     out = Path(out)
+    steps = math.inf if steps is None else steps      # None: until the time limit
     cfg = make_config(dataset, preset, overrides)
-    ckpt = processes.main_first(prepare_run_dir, out, cfg, resume=resume, overwrite=overwrite)
+    resuming = resume and (out / CHECKPOINT).exists()  # then the stored configuration decides
+    for given in (data, eval_data):                    # the datasets given: checked before anything is written
+        if given is not None and not resuming:
+            open_checked(given, cfg, command="fit")
+    check_memory(cfg, device, what="fit")
+    _check_request(cfg, out, data, num_images)
+    ckpt = processes.main_first(prepare_run_dir, out, cfg, resume=resume, overwrite=overwrite,
+                                keep=(data, eval_data))
+    ckpt_path = out / CHECKPOINT
     generated = None               # {"dataset", "train": [n, seed], "eval": [n, seed]} of data fit made
-    if ckpt is not None and "optimizer" not in ckpt:
-        raise CheckpointError(f"{out / CHECKPOINT} holds a model's weights only (no optimiser or data state): "
-                              f"it cannot be resumed; train into another --out")
     if ckpt is not None:
+        check_resumable(ckpt, ckpt_path)
+        if ckpt["config"] is not cfg:
+            check_memory(ckpt["config"], device, what="fit")
         cfg = ckpt["config"]
-        seed = int(ckpt.get("extra", {}).get("seed", seed))
+        stored_seed = ckpt.get("extra", {}).get("seed", seed)
+        if not isinstance(stored_seed, int) or isinstance(stored_seed, bool) or not 0 <= stored_seed < 2**32 - 10_000:
+            raise CheckpointError(f"checkpoint {ckpt_path} has an invalid seed {stored_seed!r}")
+        seed = stored_seed
         generated = ckpt["data"].get("generated")
         data = data or processes.main_first(recorded_data, ckpt["data"], "train", out, progress and processes.is_main)
         eval_data = eval_data or processes.main_first(recorded_data, ckpt["data"], "eval", out,
@@ -344,29 +685,38 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
         if cfg.train.geco_goal is not None else None
     step, spent = 0, {"time": 0.0, "cpu_time": 0.0}     # training seconds of earlier calls
     resumed_from = None
-    ckpt_path = out / CHECKPOINT
     if ckpt is not None:
         try:
             system.load_state_dict(ckpt["system"])
             distributed.load_optimizer_state(optimizer, ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
-        batches.load_state_dict(ckpt["data_state"])
-        spent.update({k: float(v) for k, v in ckpt.get("extra", {}).get("spent", {}).items() if k in spent})
-        if geco is not None and "geco" in ckpt.get("extra", {}):
-            geco.load_state_dict(ckpt["extra"]["geco"])
-        set_rng_state(ckpt["rng"])
+            batches.load_state_dict(ckpt["data_state"])
+            extra = ckpt.get("extra", {})
+            spent.update({k: float(v) for k, v in extra.get("spent", {}).items() if k in spent})
+            if geco is not None and "geco" in extra:
+                geco.load_state_dict(extra["geco"])
+            set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            text = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"{ckpt_path} does not fit this model: {text[:200]}") from None
+        if not all(torch.isfinite(v).all() for v in system.state_dict().values() if v.is_floating_point()):
+            raise CheckpointError(f"{ckpt_path} holds non-finite parameters; it cannot be resumed")
         step = resumed_from = int(ckpt["step"])
         if processes.is_main:
             truncate_metrics(out / METRICS, step)
         log.info("resuming %s at step %d", out, step)
         if report is not None and processes.is_main:
             report(f"resuming the run in {out} at step {step}" +
-                   (f" (it has reached --steps {steps})" if step >= steps else f", training to step {steps}"))
+                   (f" (it has reached --steps {steps})" if step >= steps else
+                    f", training to step {steps}" if steps < math.inf else ", training until the time limit"))
+    params = list(system.parameters())
+    snapshot = _Snapshot(params, optimizer)
     trainer = None    # one process with host checks: train_step
+    faults = None     # the sync-free path counts skipped steps on the device
     if processes.distributed or speed.deferred:
         trainer = distributed.Trainer(system, optimizer, cfg.train.clip_norm, processes,
                                       deferred=speed.deferred, seed=seed)
+        if speed.deferred:
+            faults = _DeviceFaults(device)
     data_info = {"train": _recorded_path(data, out), "eval": _recorded_path(eval_data, out) if eval_data else None,
                  "generated": generated}
 
@@ -394,18 +744,23 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
                         extra={"seed": seed, "spent": clock(),
                                **({"geco": geco.state_dict()} if geco is not None else {})})
 
-    out.mkdir(parents=True, exist_ok=True)
+    def stop_on_faults(count: int, where: str) -> None:
+        checkpoint()
+        raise TrainingError(
+            f"{count} non-finite steps in a row {where}; the last good state is saved in {ckpt_path} "
+            f"(lower the learning rate or check the data)")
+
     if ckpt is None:
         checkpoint()  # step 0: the directory now names its run
     system.train()
     bad_in_row, skipped, last = 0, 0, {}
     stop = "done"
     it = iter(batches)
-    bar = tqdm(total=steps, initial=min(step, steps), disable=not (progress and processes.is_main),
+    bar = tqdm(total=steps if steps < math.inf else None, initial=min(step, steps), disable=not (progress and processes.is_main),
                desc=f"fit {cfg.dataset}", unit="step", dynamic_ncols=True)
     # Pyro's argument validation costs ~20% per step; non-finite values are caught below.
-    with _StopFlag() as flag, open(out / METRICS if processes.is_main else os.devnull, "a") as mlog, \
-            pyro.validation_enabled(False):
+    mlog = open_append(out / METRICS) if processes.is_main else open(os.devnull, "a")
+    with _StopFlag() as flag, mlog, pyro.validation_enabled(False):
         while step < steps:
             if processes.any(flag.signal is not None):           # every process stops at the same step
                 stop = "signal"
@@ -413,50 +768,57 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
             if processes.any(out_of_time()):
                 stop = "time"
                 break
-            batch = distributed.to_device(processes.shard(next(it)), device)
+            try:
+                batch = distributed.to_device(processes.shard(next(it)), device)
+            except DatasetError as e:                            # a chunk missing or damaged since the start
+                checkpoint()
+                raise DatasetError(f"{e} (training stopped at step {step}; the run is saved in {ckpt_path})") from None
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             beta = geco.beta if geco is not None else 1.0
             if trainer is None:
-                loss, gnorm, applied, mse = train_step(system, optimizer, batch["image"], cfg.train.clip_norm, beta)
-            else:                                                # applied is None when checked on the device
+                loss, gnorm, applied, mse = train_step(system, optimizer, batch["image"], cfg.train.clip_norm, beta,
+                                                       snapshot)
+            else:
+                snapshot.save()
                 loss, gnorm, applied, mse = trainer.step(batch["image"], step, beta)
+                if applied is None:                              # checked on the device: undo there
+                    ok = snapshot.finite()
+                    snapshot.restore(keep=ok)
+                    faults.add(trainer.last_applied & ok)
+                elif applied and processes.any(not bool(snapshot.finite())):
+                    snapshot.restore()
+                    applied = False
             if geco is not None:
-                geco.update(mse, trainer.last_applied if applied is None else applied)
+                geco.update(mse, (trainer.last_applied & ok) if applied is None else applied)
             if applied is False:
                 bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                log.warning("step %d: non-finite loss or gradient (loss %s, gradient norm %s); skipped",
-                            step + 1, loss, gnorm)
+                log.warning("step %d: non-finite batch, loss, gradient or update (loss %s, gradient norm %s); "
+                            "skipped", step + 1, loss, gnorm)
                 if bad_in_row >= cfg.train.max_bad_steps:
-                    checkpoint()
-                    raise TrainingError(
-                        f"{bad_in_row} non-finite steps in a row after step {step}; the last good state "
-                        f"is saved in {ckpt_path} (lower the learning rate or check the data)")
+                    stop_on_faults(bad_in_row, f"after step {step}")
                 continue
             bad_in_row = 0
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == steps:
                 if applied is None:                              # the one host synchronisation of N steps
-                    loss, gnorm, skipped, longest = trainer.settle()
+                    loss, gnorm = trainer.settle()[:2]
+                    skipped, longest = faults.settle()
                     if longest >= cfg.train.max_bad_steps:
-                        checkpoint()
-                        raise TrainingError(
-                            f"{longest} non-finite steps in a row before step {step}; the last good state "
-                            f"is saved in {ckpt_path} (lower the learning rate or check the data)")
+                        stop_on_faults(longest, f"before step {step}")
                 last = {"step": step, "loss": loss, "grad_norm": gnorm, "skipped": skipped,
                         **{k: round(v, 3) for k, v in clock().items()},
                         **({"beta": float(geco.beta)} if geco is not None else {}),
                         **(batch_metrics(system, batch, background) if processes.is_main else {})}
                 mlog.write(json.dumps(last) + "\n")
-                mlog.flush()
                 bar.set_postfix(loss=f"{loss:.4g}", fg_ari=f"{last.get('fg_ari', math.nan):.3f}")
             if step % checkpoint_every == 0:
                 checkpoint()
         checkpoint()
     bar.close()
-    if trainer is not None and trainer.deferred:
-        skipped = trainer.settle()[2]
+    if faults is not None:
+        skipped = faults.settle()[0]
     system.eval()
     return FitResult(step=step, out=out, stopped=stop, last_metrics=last, skipped=skipped,
                      rank=processes.rank, resumed_from=resumed_from, system=system, data=data_info)

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from .helpers import TINY_TOML
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -53,6 +55,40 @@ def test_fit_again_resumes_from_the_last_step(run_dir, tmp_path):
     assert ckpt["step"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_fit_says_when_it_resumes_and_what_a_finished_run_reached(run_dir, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    proc = cli("fit", "--dataset", "tetrominoes", "--steps", 2, "--batch-size", 4, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming the run in {out} at step 2" in proc.stdout
+    assert "trained to step 2: loss=" in proc.stdout                   # the logged metrics, not "none"
+
+
+def test_fit_on_given_data_records_a_generated_held_out_set(tmp_path):
+    from iodine_pyro.checkpoint import load_checkpoint
+    from iodine_pyro.data import generate
+
+    data = generate("tetrominoes", 24, tmp_path / "mine", seed=3, workers=1, progress=False)
+    out = tmp_path / "run"
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    proc = cli("fit", "--data", data, "--steps", 1, "--out", out, "--quiet", "--config", tmp_path / "tiny.toml")
+    assert proc.returncode == 0, proc.stderr
+    recorded = load_checkpoint(out)["data"]
+    assert recorded["eval"] == "data/test" and recorded["train"] == str(data.resolve())
+    proc = cli("evaluate", out, "--num-images", 4)
+    assert proc.returncode == 0, proc.stderr
+    assert f"4 images of {out.resolve() / 'data' / 'test'}" in proc.stdout   # says which set it scored
+
+
+def test_help_is_plain_and_whole():
+    proc = cli("fit", "--help")
+    assert proc.returncode == 0
+    assert "[model], [guide] and [train]" in proc.stdout             # no markup eaten
+    assert "--checkpoint-every" in proc.stdout and "--time-limit" in proc.stdout   # names not cut
+    assert "fast" in proc.stdout and "tetrominoes, multi_dsprites" in proc.stdout  # choices listed
 
 
 def test_evaluate_json(run_dir):
@@ -109,3 +145,18 @@ def test_fit_refuses_data_of_another_shape(run_dir, tmp_path):
 def test_fit_refuses_a_run_of_another_preset(run_dir):
     proc = cli("fit", "--preset", "deepmind", "--out", run_dir, "--steps", 3, "--quiet")
     assert_one_line_error(proc, "tetrominoes/paper")
+
+
+def test_fit_with_a_time_limit_and_no_steps_trains_until_the_limit(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    out = tmp_path / "run"
+    proc = cli("fit", "--time-limit", "3s", "--out", out, "--num-images", 16, "--batch-size", 2,
+               "--config", tmp_path / "tiny.toml", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "training until the time limit" not in proc.stdout            # a new run says nothing of resuming
+    assert "reached the time limit at step" in proc.stdout
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step > 2                                                       # not stopped at a fixed count
+    proc = cli("fit", "--time-limit", "1s", "--out", out, "--resume", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming the run in {out} at step {step}, training until the time limit" in proc.stdout

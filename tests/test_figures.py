@@ -118,6 +118,18 @@ def test_traversal_sweeps_one_dimension_of_one_slot(run_dir, tmp_path):
     assert again.png.read_bytes() == files.png.read_bytes()
 
 
+def test_traversal_shows_the_dimensions_with_most_kl(run_dir, tmp_path):
+    every = np.load(figures.traversal(run_dir, tmp_path / "all.png", seed=5, num_values=3).data)
+    files = figures.traversal(run_dir, tmp_path / "t.png", seed=5, num_values=3, num_dims=2)
+    a = np.load(files.data)
+    assert a["renders"].shape[:2] == (2, 3) and a["values"].shape == (2, 3)
+    assert a["dims"].tolist() == every["dims"][:2].tolist()          # the two with most KL
+    assert a["kl"][a["dims"]].min() >= np.delete(a["kl"], a["dims"]).max()
+    proc = run_cli("plot", "traversal", run_dir, "--out", tmp_path / "c.png", "--dims", 1, "--seed", 5)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "c.npz")["dims"].tolist() == every["dims"][:1].tolist()
+
+
 def test_traversal_chosen_image_and_slot(run_dir, tmp_path):
     files = figures.traversal(run_dir, tmp_path / "t.png", image=7, slot=0, value_range=(-1, 3),
                               num_values=3)

@@ -22,7 +22,7 @@ except ImportError:         # older typer: click itself
     from click.exceptions import UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, context_settings={"max_content_width": 120},
+                  rich_markup_mode=None, context_settings={"max_content_width": 120, "terminal_width": 120},
                   help="IODINE (Greff et al., 2019) as a Pyro program: train, evaluate, sample, plot.")
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Generate and inspect datasets.")
 app.add_typer(data_app, name="data")
@@ -36,14 +36,29 @@ data.register(data_app)
 __all__ = ["UserError", "app", "main"]
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+ONE_LINE = 400      # characters of an error message; longer ones end at a sentence
+
+
+def _one_line(e: BaseException | str) -> str:
+    """An error as one line: every line of its message joined (a message that wraps is not
+    cut after its first line), an OS error with the file it concerns, at most `ONE_LINE`
+    characters, cut at the end of a sentence where possible."""
+    from ..io import WriteError
+
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and not isinstance(e, WriteError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if not text:
+        return type(e).__name__ if isinstance(e, BaseException) else "error"
+    if len(text) > ONE_LINE:
+        cut = text.rfind(". ", 0, ONE_LINE)
+        text = text[:cut + 1] if cut > ONE_LINE // 2 else text[:ONE_LINE - 4].rstrip() + " ..."
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage errors and known errors print one line and exit with status 2,
-    never a traceback."""
+    never a traceback; Ctrl-C prints one line and exits with status 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     rank0 = int(os.environ.get("RANK", "0")) == 0        # under torchrun, rank 0 speaks for all
     try:
@@ -56,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
             message = e.message if isinstance(e, OptionError) else e.format_message()
             typer.echo(f"error: {_one_line(message).rstrip('.')}{where}", err=True)
         sys.exit(2)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
+        if rank0:
+            typer.echo("interrupted", err=True)
         sys.exit(130)
     except (UserError, ValueError, OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _users_to_fix(e):

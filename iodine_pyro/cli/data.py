@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Quiet, at_least, choice, dataset_names
+from .options import Quiet, at_least, choice, dataset_names, seed_value
 
 
 def _conversion_names() -> list[str]:
@@ -27,13 +27,15 @@ def generate(
                                         callback=choice("NAME", dataset_names, "dataset"))],
     num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Number of images.")] = ...,
     out: Annotated[Path, typer.Option(help="Output directory.")] = ...,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed.", callback=seed_value())] = 0,
     workers: Annotated[Optional[int], typer.Option(callback=at_least("--workers", 1), help="Processes (default: up to 4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at OUT.")] = False,
     quiet: Quiet = False,
 ):
-    """Generate a dataset procedurally into the on-disk format (a generation cut short is
-    done again by the same command)."""
+    """Generate a dataset procedurally into the on-disk format.
+
+    The store appears at OUT only once it is complete: a generation cut short (Ctrl-C, a
+    kill, a full disk) leaves no store, and the same command starts it again."""
     from ..data import ensure_generated, generate as run_generate
 
     if overwrite:
@@ -44,7 +46,8 @@ def generate(
 
 
 def info(path: Annotated[Path, typer.Argument(help="Dataset directory.")]):
-    """Counts, shapes and the object-count histogram of a stored dataset."""
+    """Counts, shapes and the object-count histogram of a stored dataset (every mask is
+    read and checked)."""
     from ..data import background_groups, object_counts, open_dataset
 
     ds = open_dataset(path)
@@ -98,9 +101,11 @@ def show(
 ):
     """Draw a grid of images beside their ground-truth masks (like the paper's Figures 13-15)."""
     from ..data import background_groups, open_dataset
+    from ..data.store import verify_range
     from ..figures import dataset_grid
 
     ds = open_dataset(path)
+    verify_range(ds, start, start + num_images)          # missing or damaged chunks: one line naming the file
     written = dataset_grid(ds, out, num_images=num_images, start=start, frame=frame,
                            background=background_groups(ds.attrs))
     typer.echo(f"wrote {written}")

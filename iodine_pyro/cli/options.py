@@ -65,6 +65,19 @@ def at_least(option: str, low: int) -> Callable[[Optional[int]], Optional[int]]:
     return check
 
 
+def seed_value(option: str = "--seed") -> Callable[[Optional[int]], Optional[int]]:
+    """A callback that accepts a seed: an integer from 0 to 2**32 - 10001 (numpy's seeds;
+    generated held-out sets use seed + 10000)."""
+    def check(value: Optional[int]) -> Optional[int]:
+        if value is not None and not 0 <= value <= SEED_MAX:
+            raise OptionError(f"{option} must be an integer from 0 to {SEED_MAX}, got {value}")
+        return value
+    return check
+
+
+SEED_MAX = 2**32 - 1 - 10_000
+
+
 def positive(option: str) -> Callable[[Optional[float]], Optional[float]]:
     """A callback that accepts a finite number above 0 (or None)."""
     def check(value: Optional[float]) -> Optional[float]:
@@ -88,20 +101,17 @@ def check_device(value: str) -> str:
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
-        raise typer.BadParameter(f"{value!r} is not a device; use cpu, cuda or cuda:N", param_hint="--device")
+        raise OptionError(f"--device {value!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return value
     if device.type != "cuda":
-        raise typer.BadParameter(f"{value!r}: this tool runs on cpu or cuda", param_hint="--device")
+        raise OptionError(f"--device {value!r}: this tool runs on cpu or cuda")
     if torch.version.cuda is None:
-        raise typer.BadParameter(f"this torch ({torch.__version__}) is a CPU build; {CUDA_INSTALL}",
-                                 param_hint="--device")
+        raise OptionError(f"--device {value}: this torch ({torch.__version__}) is a CPU build; {CUDA_INSTALL}")
     if not torch.cuda.is_available():
-        raise typer.BadParameter("torch sees no GPU (no driver, or CUDA_VISIBLE_DEVICES hides it)",
-                                 param_hint="--device")
+        raise OptionError(f"--device {value}: torch sees no GPU (no driver, or CUDA_VISIBLE_DEVICES hides it)")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise typer.BadParameter(f"{value!r}: only {torch.cuda.device_count()} GPU(s) visible",
-                                 param_hint="--device")
+        raise OptionError(f"--device {value!r}: only {torch.cuda.device_count()} GPU(s) visible")
     return value
 
 
@@ -127,7 +137,8 @@ def parse_duration(text: Optional[str]) -> Optional[float]:
 
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N (checked before any work starts).",
                                      callback=check_device)]
-Seed = Annotated[int, typer.Option(help="Seed of the posterior samples and of every random choice.")]
+Seed = Annotated[int, typer.Option(help="Seed of the posterior samples and of every random choice.",
+                                   callback=seed_value())]
 Data = Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the run's held-out set).")]
 NumIters = Annotated[Optional[int], typer.Option(
     callback=at_least("--num-iters", 1), help="Refinement steps (default: the trained T; more looks beyond it, fewer stops early).")]

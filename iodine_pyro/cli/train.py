@@ -46,7 +46,9 @@ def summary(row: dict) -> str:
 def fit(
     dataset: DatasetName = "tetrominoes",
     preset: PresetName = "paper",
-    steps: Annotated[int, typer.Option(callback=at_least("--steps", 1), help="Total optimisation steps of the run (a resumed run continues to this).")] = 200,
+    steps: Annotated[Optional[int], typer.Option(callback=at_least("--steps", 1), help=(
+        "Total optimisation steps of the run (a resumed run continues to this); default 200, or "
+        "as many as --time-limit allows."))] = None,
     time_limit: Annotated[Optional[str], typer.Option(
         help="Stop after this much training time in this call (90s, 45m, 2h), with a checkpoint; "
              "running the command again continues.")] = None,
@@ -67,7 +69,7 @@ def fit(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the preset's).",
                                                 callback=positive("--lr"))] = None,
     config: Annotated[Optional[Path], typer.Option(
-        help="TOML file of overrides, with tables model, guide and train (see the README).")] = None,
+        help="TOML file of overrides: [model], [guide] and [train] tables (see the README).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of parameters, sampling, data generation and order.")] = 0,
     log_every: Annotated[int, typer.Option(callback=at_least("--log-every", 1), help="Log metrics every N steps.")] = 25,
     checkpoint_every: Annotated[int, typer.Option(callback=at_least("--checkpoint-every", 1), help="Write a checkpoint every N steps.")] = 250,
@@ -96,6 +98,8 @@ def fit(
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other", param_hint="--resume")
     limit = parse_duration(time_limit)
+    if steps is None and limit is None:
+        steps = 200
     overrides = load_toml_overrides(config) if config else {}
     for key, value in [("guide.kind", guide), ("train.batch_size", batch_size), ("model.num_slots", num_slots),
                        ("guide.num_iters", num_iters), ("train.lr", lr), ("model.decoder", decoder),

@@ -70,7 +70,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import shutil
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -82,7 +81,7 @@ from tqdm.auto import tqdm
 
 from . import tfrecord
 from .errors import DatasetError
-from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, prepare_output, write_chunks
+from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, new_store, prepare_output, write_chunks
 
 __all__ = [
     "Layout",
@@ -386,19 +385,15 @@ def convert(path: str | Path, name: str, out: str | Path, *, max_objects: int | 
         attrs["min_objects"] = int(min_objects)
     if max_objects is not None:
         attrs["max_objects"] = int(max_objects)
-    try:
+    with new_store(out, overwrite) as tmp:            # the store appears at `out` only once complete
         with tqdm(total=path.stat().st_size, disable=not progress, desc=f"convert {path.name}", unit="B",
                   unit_scale=True, dynamic_ncols=True) as bar:
             records = _records(path, name, layout, min_objects, max_objects, max_images, bar)
-            total = write_chunks(out, _chunks(records, chunk_size), attrs, factor_dims=layout.factor_dims,
+            total = write_chunks(tmp, _chunks(records, chunk_size), attrs, factor_dims=layout.factor_dims,
                                  chunk_size=chunk_size)
-    except BaseException:
-        if out.exists():
-            shutil.rmtree(out)
-        raise
-    if total == 0:
-        raise DatasetError(f"{path}: no record to convert (empty file, or none with "
-                           f"{min_objects or 0} to {max_objects or 'any'} objects)")
+        if total == 0:
+            raise DatasetError(f"{path}: no record to convert (empty file, or none with "
+                               f"{min_objects or 0} to {max_objects or 'any'} objects)")
     log.info("converted %d %s images from %s to %s", total, name, path, out)
     return out
 
@@ -460,5 +455,6 @@ def write_tfrecords(path: str | Path, examples: Iterable[bytes], compression: st
         data = gzip.compress(data)
     elif kind == "ZLIB":
         data = zlib.compress(data)
-    Path(path).write_bytes(data)
-    return Path(path)
+    from ..io import write_bytes
+
+    return write_bytes(path, data)                   # whole or not at all (iodine_pyro.io)

@@ -2,7 +2,11 @@
 
 Chunk i of a dataset is drawn from ``SeedSequence(seed).spawn(...)[i]`` by the dataset's
 `DatasetSpec.make_chunk`, in worker processes that come from a clean server process
-(`_process_pool`), and written in order by `iodine_pyro.data.store.write_chunks`.
+(`_process_pool`), and written in order by `iodine_pyro.data.store.write_chunks` into a
+temporary directory that becomes the store only once it is complete
+(`iodine_pyro.data.store.new_store`): a generation that is killed leaves no store, and
+running it again starts afresh. The workers end with the process that started them, even
+when it is killed (`_watch_parent`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
@@ -21,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import DatasetError
 from .registry import DATASETS, dataset_spec
-from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, is_store, open_store, prepare_output, write_chunks
+from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, is_store, new_store, open_store, write_chunks
 
 __all__ = ["ensure", "generate"]
 
@@ -42,13 +47,48 @@ class _InProcess(Executor):
         return future
 
 
+def _watch_parent(lifeline) -> None:
+    """Worker initialiser: end this worker as soon as the process that started the pool
+    is gone. Its parent is the fork server, which outlives a killed main process as long
+    as workers hold its pipe, and a worker waiting for tasks holds both ends of the task
+    queue, so neither would ever notice. `lifeline` is the reading end of a pipe whose
+    writing end only the main process holds: it reads end-of-file when that process dies,
+    however it dies."""
+    def wait() -> None:
+        try:
+            lifeline.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=wait, name="watch-parent", daemon=True).start()
+
+
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     """Worker processes forked from a clean server process, not from this one: a fork of a
     process that holds an OpenGL context (the Objects Room renderer), a Mitsuba variant or
-    torch's thread pools can deadlock in the child."""
+    torch's thread pools can deadlock in the child. Each worker watches this process and
+    ends with it (`_watch_parent`)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])               # the generators, imported once
-    return ProcessPoolExecutor(workers, mp_context=context)
+    lifeline, keep = context.Pipe(duplex=False)               # the workers read; only we hold `keep`
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_watch_parent, initargs=(lifeline,))
+    pool._lifeline = (lifeline, keep)                          # alive as long as the pool
+    return pool
+
+
+def _stop_workers(executor: Executor) -> None:
+    """Cancel what is queued and end the workers now (an error or Ctrl-C in this process:
+    a worker may be minutes into a chunk that nobody will read)."""
+    executor.shutdown(wait=False, cancel_futures=True)
+    processes = getattr(executor, "_processes", None) or {}
+    for process in list(processes.values()):
+        if process.is_alive():
+            process.kill()
+    for process in list(processes.values()):
+        process.join(timeout=10)
+    for end in getattr(executor, "_lifeline", ()):
+        end.close()
 
 
 def _ordered_results(executor: Executor, tasks: list[tuple], window: int) -> Iterator[dict[str, np.ndarray]]:
@@ -93,10 +133,11 @@ def generate(
         the store's path.
     """
     spec = dataset_spec(name)
-    if num_images < 1 or chunk_size < 1:
-        raise ValueError("num_images and chunk_size must be at least 1")
+    for what, value, low in (("num_images", num_images, 1), ("chunk_size", chunk_size, 1), ("seed", seed, 0),
+                             ("workers", 1 if workers is None else workers, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
     out = Path(out)
-    prepare_output(out, overwrite)
     workers = workers or min(os.cpu_count() or 1, 4)
     num_chunks = math.ceil(num_images / chunk_size)
     seeds = np.random.SeedSequence(seed).spawn(num_chunks)
@@ -109,10 +150,18 @@ def generate(
         "generator": spec.description,
         "num_images": int(num_images),
     }
-    executor: Executor = _InProcess() if workers == 1 else _process_pool(min(workers, num_chunks))
-    with executor, tqdm(total=num_images, disable=not progress, desc=f"generate {name}", unit="img") as bar:
-        chunks = _ordered_results(executor, tasks, window=2 * workers)
-        write_chunks(out, chunks, attrs, factor_dims=spec.factor_dims, chunk_size=chunk_size, bar=bar)
+    with new_store(out, overwrite) as tmp:
+        executor: Executor = _InProcess() if workers == 1 else _process_pool(min(workers, num_chunks))
+        try:
+            with tqdm(total=num_images, disable=not progress, desc=f"generate {name}", unit="img") as bar:
+                chunks = _ordered_results(executor, tasks, window=2 * workers)
+                write_chunks(tmp, chunks, attrs, factor_dims=spec.factor_dims, chunk_size=chunk_size, bar=bar)
+        except BaseException:
+            _stop_workers(executor)
+            raise
+        executor.shutdown(wait=True)
+        for end in getattr(executor, "_lifeline", ()):
+            end.close()
     log.info("wrote %d %s images to %s", num_images, name, out)
     return out
 

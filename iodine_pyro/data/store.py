@@ -28,10 +28,10 @@ instead of one image at a time, since each random image access would decompress 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 import xarray as xr
 import zarr
 
+from ..io import WriteError, missing_folders, remove_dir, replace_dir, temporary_dir
 from .errors import DatasetError
 
 __all__ = [
@@ -48,7 +49,9 @@ __all__ = [
     "CHUNK_SIZE",
     "is_sequence",
     "is_store",
+    "new_store",
     "write_chunks",
+    "verify_range",
     "open_store",
     "Batches",
     "load_images",
@@ -120,8 +123,12 @@ def is_sequence(ds: xr.Dataset) -> bool:
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber existing data; remove an old store when ``overwrite``."""
-    if out.is_file():
+    """Refuse to clobber existing data: `out` must be missing or empty, or with
+    ``overwrite`` hold a store (never anything else). Nothing is removed here: `new_store`
+    replaces the old store only once the new one is complete."""
+    if out.is_symlink():
+        raise DatasetError(f"{out} is a symbolic link; give the directory itself to write a dataset there")
+    if out.exists() and not out.is_dir():
         raise DatasetError(f"{out} is a file, not a dataset directory")
     if not out.exists() or not any(out.iterdir()):
         return
@@ -129,8 +136,35 @@ def prepare_output(out: Path, overwrite: bool) -> None:
         raise DatasetError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     if not is_store(out):
         raise DatasetError(f"{out} is not empty and not a dataset store; refusing to delete it")
-    log.info("removing existing store %s", out)
-    shutil.rmtree(out)
+
+
+@contextlib.contextmanager
+def new_store(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A store written whole or not at all.
+
+    Yields a temporary directory next to `out` to write the store into. When the block
+    completes it is renamed to `out` (an old store there is replaced only then, and only
+    with ``overwrite``); when it fails (an error, Ctrl-C, a full disk) it is removed and
+    `out` is as it was. A kill leaves the temporary directory, named after `out` and the
+    writing process, and the next write of `out` removes it: a store at `out` is therefore
+    always complete, and running the interrupted command again starts afresh.
+
+    Raises:
+        DatasetError: `out` holds something that must not be replaced (`prepare_output`).
+        WriteError: the store could not be written (one line naming `out`).
+    """
+    out = Path(out)
+    prepare_output(out, overwrite)
+    made = missing_folders(out.parent)
+    tmp = temporary_dir(out)
+    try:
+        yield tmp
+        replace_dir(tmp, out, replace=overwrite)
+    except BaseException as err:
+        remove_dir(tmp, made)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(out, err.strerror or _first_line(err), err.errno) from None
+        raise
 
 
 def write_chunks(out: str | Path, chunks: Iterable[dict[str, np.ndarray]], attrs: dict[str, Any], *,
@@ -188,6 +222,15 @@ def _check_attrs(ds: xr.Dataset, path: Path) -> None:
     version = ds.attrs.get("format_version")
     if version != FORMAT_VERSION:
         raise DatasetError(f"{path} has format_version {version!r}; this version reads {FORMAT_VERSION}")
+    for name, kind in (("num_images", "an integer"), ("seed", "an integer >= 0"),
+                       ("background_groups", "an integer >= 0"), ("dataset", "a name")):
+        value = ds.attrs.get(name)
+        if value is None:
+            continue
+        ok = isinstance(value, str) if name == "dataset" else (
+            isinstance(value, (int, np.integer)) and not isinstance(value, bool) and (name == "num_images" or value >= 0))
+        if not ok:
+            raise DatasetError(f"{path}: its attribute {name} must be {kind}, got {value!r}")
 
 
 def _check_variables(ds: xr.Dataset, path: Path) -> None:
@@ -210,23 +253,39 @@ def _check_variables(ds: xr.Dataset, path: Path) -> None:
 
 def _check_sizes(ds: xr.Dataset, path: Path) -> None:
     n = ds.sizes["image"]
-    expected = ds.attrs.get("num_images", n)
+    expected = int(ds.attrs.get("num_images", n))
+    background = int(ds.attrs.get("background_groups", 0))
+    if background >= ds.sizes["group"] and background > 0:
+        raise DatasetError(f"{path}: background_groups {background} leaves none of its {ds.sizes['group']} "
+                           f"mask groups as objects")
     if expected < 0:
         raise DatasetError(f"{path} is incomplete: writing stopped after {n} images")
     if n == 0 or n != expected:
         raise DatasetError(f"{path} is incomplete: {n} of {expected} images")
 
 
-def _check_chunks(path: Path) -> None:
-    """Every chunk file is present (zarr would silently read a missing one as zeros)."""
+def _check_chunks(path: Path) -> dict[str, tuple[Path, int, Callable[[int], str]]]:
+    """Every chunk file is present (zarr would silently read a missing one as zeros).
+
+    Returns, per variable chunked along ``image``, what `_chunk_files` needs to name the
+    file of each chunk: (its folder, images per chunk, the key of chunk i)."""
     try:
-        counts = {name: (array.nchunks_initialized, array.nchunks)
-                  for name, array in zarr.open_group(path, mode="r").arrays()}
+        arrays = dict(zarr.open_group(path, mode="r").arrays())
+        counts = {name: (array.nchunks_initialized, array.nchunks) for name, array in arrays.items()}
     except Exception as err:
         raise DatasetError(f"cannot open dataset {path}: {_first_line(err)}") from err
     for name, (present, total) in counts.items():
         if present != total:
             raise DatasetError(f"{path} is truncated: {name!r} has {present} of {total} chunks")
+    files = {}
+    for name in ("image", "mask"):
+        array = arrays.get(name)
+        if array is None or not hasattr(array.metadata, "encode_chunk_key"):
+            continue
+        rest = (0,) * (array.ndim - 1)
+        files[name] = (path / name, int(array.chunks[0]),
+                       lambda i, meta=array.metadata, rest=rest: meta.encode_chunk_key((i, *rest)))
+    return files
 
 
 def open_store(path: str | Path) -> xr.Dataset:
@@ -250,9 +309,10 @@ def open_store(path: str | Path) -> xr.Dataset:
     _check_attrs(ds, path)
     _check_variables(ds, path)
     _check_sizes(ds, path)
-    _check_chunks(path)
+    files = _check_chunks(path)
     ds = ds[["image", "mask", *sorted(k for k in ds.data_vars if k not in ("image", "mask"))]]
     ds.encoding["source"] = str(path)
+    ds.encoding["chunk_files"] = files
     return ds
 
 
@@ -261,18 +321,66 @@ def open_store(path: str | Path) -> xr.Dataset:
 # ---------------------------------------------------------------------------------------
 
 
+def _chunk_files(ds: xr.Dataset, name: str, start: int, stop: int) -> list[Path]:
+    """The files of the chunks of variable `name` that hold images [start, stop)."""
+    info = ds.encoding.get("chunk_files", {}).get(name)
+    if info is None:
+        return []
+    folder, length, key = info
+    return [folder / key(i) for i in range(start // length, -(-stop // length))]
+
+
+def _read_var(ds: xr.Dataset, name: str, start: int, stop: int) -> np.ndarray:
+    """Variable `name` of images [start, stop), read from its chunk files, which must all
+    be there and decode: zarr would return its fill value (zeros) for a chunk file deleted
+    after the store was opened, so their presence is checked after the read. Errors are
+    one-line DatasetErrors that name the chunk file."""
+    source = ds.encoding.get("source", "dataset")
+    try:
+        values = ds[name][start:stop].values
+    except Exception as err:  # codec or OS errors of a damaged store
+        raise _read_error(ds, name, start, stop, err) from err
+    for file in _chunk_files(ds, name, start, stop):
+        if not file.is_file():
+            raise DatasetError(f"{file} is missing: {source} is damaged (images {start} to {stop - 1} "
+                               f"cannot be read); generate or convert it again")
+    return values
+
+
+def _read_error(ds: xr.Dataset, name: str, start: int, stop: int, err: Exception) -> DatasetError:
+    """The first chunk file of [start, stop) that is missing or does not decode, named."""
+    source = ds.encoding.get("source", "dataset")
+    info = ds.encoding.get("chunk_files", {}).get(name)
+    if info is not None:
+        length = info[1]
+        for file, first in zip(_chunk_files(ds, name, start, stop), range(start - start % length, stop, length)):
+            if not file.is_file():
+                return DatasetError(f"{file} is missing: {source} is damaged; generate or convert it again")
+            try:
+                ds[name][first:min(first + length, ds.sizes["image"])].values
+            except Exception as chunk_err:
+                return DatasetError(f"cannot read {file} (images {first} to {first + length - 1} of {source}): "
+                                    f"{_first_line(chunk_err)}")
+    return DatasetError(f"cannot read images {start}:{stop} of {source}: {_first_line(err)}")
+
+
 def _read(ds: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
     """Images and masks [start, stop) as numpy; read errors become DatasetError."""
     source = ds.encoding.get("source", "dataset")
-    try:
-        arrays = {
-            "image": ds["image"][start:stop].values,  # [n, H, W, C] (sequences [n, F, H, W, C]) uint8
-            "mask": ds["mask"][start:stop].values,  # [n, G, H, W] (sequences [n, F, G, H, W]) uint8
-        }
-    except Exception as err:  # codec or OS errors of a damaged store
-        raise DatasetError(f"cannot read images {start}:{stop} of {source}: {_first_line(err)}") from err
+    arrays = {
+        "image": _read_var(ds, "image", start, stop),  # [n, H, W, C] (sequences [n, F, H, W, C]) uint8
+        "mask": _read_var(ds, "mask", start, stop),  # [n, G, H, W] (sequences [n, F, G, H, W]) uint8
+    }
     _check_masks(arrays["mask"], start, source)
     return arrays
+
+
+def verify_range(ds: xr.Dataset, start: int, stop: int) -> None:
+    """Read images [start, stop) as training does and raise DatasetError (one line naming
+    the file) when a chunk is missing or damaged or a mask is not one-hot."""
+    n = ds.sizes["image"]
+    if 0 <= start < n and start < stop:
+        _read(ds, start, min(stop, n))
 
 
 def _check_masks(mask: np.ndarray, start: int, source: str) -> None:
@@ -469,14 +577,19 @@ def object_counts(ds: xr.Dataset, background: int = 1, chunk: int = CHUNK_SIZE) 
         (by_visibility [N] or None, by_mask [N]) int arrays.
     """
     n = ds.sizes["image"]
+    source = ds.encoding.get("source", "dataset")
     by_visibility = None
     if "visibility" in ds and ds["visibility"].dims == ("image", "group"):
-        by_visibility = (ds["visibility"].values[:, background:] > 0).sum(1)  # [N]
+        try:
+            visibility = ds["visibility"].values  # [N, G]
+        except Exception as err:
+            raise DatasetError(f"cannot read the visibility of {source}: {_first_line(err)}") from err
+        by_visibility = (visibility[:, background:] > 0).sum(1)  # [N]
     by_mask = np.zeros(n, dtype=np.int64)  # [N]
     group_axis = ds["mask"].dims.index("group")
     for start in range(0, n, chunk):
-        mask = ds["mask"][start:start + chunk].values  # [n, G, H, W] or [n, T, G, H, W]
+        mask = _read_var(ds, "mask", start, min(start + chunk, n))  # [n, G, H, W] or [n, T, G, H, W]
+        _check_masks(mask, start, source)
         pixels = mask.sum(tuple(a for a in range(1, mask.ndim) if a != group_axis), dtype=np.int64)  # [n, G]
         by_mask[start:start + chunk] = (pixels[:, background:] > 0).sum(1)
     return by_visibility, by_mask
-
