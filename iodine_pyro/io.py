@@ -185,15 +185,30 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
 
 
+def _make_room(path: Path, kind: str = TEMP_SUFFIX) -> tuple[list[Path], Path]:
+    """Create `path`'s missing folders and clear stale temporaries of it: (the folders made,
+    a fresh temporary name beside it)."""
+    made = missing_folders(path.parent)
+    _mkdir(path.parent, path)
+    remove_stale(path)
+    return made, _temp_name(path, kind)
+
+
+def _abandon(path: Path, tmp: Path, made: list[Path], error: BaseException) -> None:
+    """A write of `path` failed: remove its temporary file and the folders made for it; an
+    OS error becomes one `WriteError` naming `path` (the caller re-raises anything else)."""
+    _unlink(tmp)
+    _remove_empty(made)
+    if isinstance(error, OSError):
+        raise WriteError(path, _reason(error), error.errno) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path in `path`'s folder for a writer that opens files itself; renamed
     over `path` when the block ends, removed when it fails."""
     path = check_target(path)
-    made = missing_folders(path.parent)
-    _mkdir(path.parent, path)
-    remove_stale(path)
-    tmp = _temp_name(path)
+    made, tmp = _make_room(path)
     try:
         os.close(_create(tmp, path))
     except BaseException:
@@ -209,10 +224,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         check_target(path)                           # a link made meanwhile is not replaced
         os.replace(tmp, path)
     except BaseException as e:
-        _unlink(tmp)
-        _remove_empty(made)
-        if isinstance(e, OSError):
-            raise WriteError(path, _reason(e), e.errno) from None
+        _abandon(path, tmp, made, e)
         raise
     _fsync_dir(path.parent)
 
@@ -295,10 +307,7 @@ def stage(path: str | Path, write: Callable[[IO[bytes]], Any], *, companion: str
     """Write `path` whole to a temporary file now and put it in place only when `commit`
     is called for `companion` (the file it belongs with); `discard` removes it."""
     path = check_target(path)
-    made = missing_folders(path.parent)
-    _mkdir(path.parent, path)
-    remove_stale(path)
-    tmp = _temp_name(path)
+    made, tmp = _make_room(path)
     try:
         fd = _create(tmp, path)
         with os.fdopen(fd, "wb") as f:
@@ -306,10 +315,7 @@ def stage(path: str | Path, write: Callable[[IO[bytes]], Any], *, companion: str
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        _unlink(tmp)
-        _remove_empty(made)
-        if isinstance(e, OSError):
-            raise WriteError(path, _reason(e), e.errno) from None
+        _abandon(path, tmp, made, e)
         raise
     key = Path(os.path.abspath(companion))
     with _staged_lock:
@@ -372,10 +378,7 @@ def temporary_dir(path: str | Path) -> Path:
     """A new, empty folder next to `path` to build it in (see `replace_dir`); folders of
     earlier builds whose process no longer runs are removed first."""
     path = Path(path)
-    made = missing_folders(path.parent)
-    _mkdir(path.parent, path)
-    remove_stale(path)
-    tmp = _temp_name(path, ".partial")
+    made, tmp = _make_room(path, ".partial")
     try:
         tmp.mkdir()
     except OSError as e:

@@ -63,3 +63,18 @@ def tiny_run(root, steps: int = 3, guide: str = "iterative", num_images: int = 4
         overrides={**TINY_OVERRIDES, "guide.kind": guide, **overrides}, seed=seed, log_every=1,
         checkpoint_every=steps, progress=False)
     return out
+
+
+def params(run_dir):
+    """A run's trained parameters, from its checkpoint."""
+    from pathlib import Path
+
+    from iodine_pyro.checkpoint import load_checkpoint
+    return load_checkpoint(Path(run_dir))["system"]
+
+
+def assert_same_params(a, b):
+    import torch
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

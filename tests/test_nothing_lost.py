@@ -27,17 +27,12 @@ from iodine_pyro.data import DatasetError, generate, is_store, open_dataset
 from iodine_pyro.io import WriteError, pid_alive
 from iodine_pyro.train import MANIFEST, TrainingError, fit
 
-from .helpers import TINY_OVERRIDES, TINY_TOML
+from .helpers import TINY_OVERRIDES, TINY_TOML, assert_same_params, params
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}   # as the tests in this process
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny networks: one thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +84,6 @@ def tiny_fit(out, data, steps=2, **kw):
     return fit(out=out, data=data, steps=steps, overrides={**TINY_OVERRIDES, **kw.pop("overrides", {})},
                progress=False, **kw)
 
-
-def params(run_dir):
-    return load_checkpoint(Path(run_dir))["system"]
-
-
-def assert_same_params(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # -- 1. fit touches only what it made -----------------------------------------------------

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from iodine_pyro.data import generate, open_dataset
 from iodine_pyro.system import Iodine
 from iodine_pyro.train import TrainingError, fit
 
-from .helpers import TINY_OVERRIDES, TINY_TOML
+from .helpers import TINY_OVERRIDES, TINY_TOML, assert_same_params, params
 from .test_cli import assert_one_line_error, cli
 
 
@@ -33,15 +32,6 @@ def tiny_toml(tmp_path_factory):
     path.write_text(TINY_TOML)
     return path
 
-
-def params(run_dir):
-    return load_checkpoint(Path(run_dir))["system"]
-
-
-def assert_same_params(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def fit_args(out, data, tiny_toml, steps, *extra):

@@ -161,8 +161,8 @@ def closing_lines(run, out: Path, curves: bool, device: str) -> list[str]:
             info = json.loads(shipped.read_text())
             known = f" (held-out FG-ARI {info['held_out']['fg_ari']:.2f} after {info['train_minutes'] / 60:.1f} h)"
         state = "have begun to separate objects" if fg_ari >= 0.15 else "do not separate objects yet"
-        lines.append(f"the slots {state}; sharp segmentation takes longer: about 2 hours "
-                     f"on a 2-core CPU with --preset fast (docs/learning.md). The shipped model{known}: "
+        lines.append(f"the slots {state}; segmentation takes hours of training on a CPU (--preset fast, "
+                     f"--time-limit 2h; docs/learning.md). The shipped model{known}: "
                      f"iodine-pyro plot decomposition {PRETRAINED_PREFIX}{name} --out shipped.png")
     return lines
 
