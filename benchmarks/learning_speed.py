@@ -85,8 +85,9 @@ def worker(a) -> None:
     """Train one (variant, seed) to its budget, evaluating at each point (run in a subprocess)."""
     import torch
 
-    from iodine_pyro.checkpoint import load_checkpoint
+    from iodine_pyro.checkpoint import read_metrics
     from iodine_pyro.evaluate import evaluate
+    from iodine_pyro.run import Run
     from iodine_pyro.train import fit
 
     torch.set_num_threads(a.threads)
@@ -102,9 +103,10 @@ def worker(a) -> None:
                      data=out / "data" / "train", eval_data=out / "data" / "test", seed=a.seed,
                      log_every=100, checkpoint_every=10**9, progress=False, amp=amp,
                      time_limit=a.budget * 60 / a.evals, time_clock="cpu")
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        res = evaluate(run, num_images=a.eval_images, batch_size=64, progress=False)
-        spent = load_checkpoint(run)["extra"]["spent"]
+        rows = read_metrics(run)
+        trained = Run.open(run)                                       # the checkpoint, loaded once
+        res = evaluate(trained, num_images=a.eval_images, batch_size=64, progress=False)
+        spent = trained.ckpt["extra"]["spent"]
         row = {"variant": a.variant, "seed": a.seed, "point": point, "step": result.step,
                "images": result.step * make_batch(preset, overrides),
                "cpu_min": spent["cpu_time"] / 60, "wall_min": spent["time"] / 60,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from iodine_pyro import figures
-from iodine_pyro.checkpoint import load_checkpoint, save_weights
+from iodine_pyro.checkpoint import save_weights
 from iodine_pyro.data import convert_tfrecords
 from iodine_pyro.evaluate import evaluate
 from iodine_pyro.run import PRETRAINED_DIR, Run
@@ -42,7 +42,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     run = Run.open(a.run)
     held_out = evaluate(run, num_images=a.num_images, batch_size=64, progress=True)
-    ckpt = load_checkpoint(Path(a.run))
+    ckpt = run.ckpt                                                   # loaded once, by Run.open
     generated = (ckpt["data"].get("generated") or {}).get("eval")     # [images, seed] when fit made it
     summary = {"name": a.name, "dataset": run.cfg.dataset, "preset": run.cfg.preset, "step": run.step,
                "train_minutes": round(ckpt["extra"].get("spent", {}).get("time", 0) / 60, 1),

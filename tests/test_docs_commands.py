@@ -27,9 +27,12 @@ def shown_commands() -> list[tuple[str, str]]:
     return found
 
 
+ROOT_COMMAND = typer.main.get_command(app)
+
+
 def leaf(words: list[str]):
     """The command the words name, and the words after its name."""
-    cmd = typer.main.get_command(app)
+    cmd = ROOT_COMMAND
     while hasattr(cmd, "commands") and words and words[0] in cmd.commands:
         cmd, words = cmd.commands[words[0]], words[1:]
     return cmd, words
