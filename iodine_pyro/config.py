@@ -275,6 +275,41 @@ def make_config(dataset: str = "tetrominoes", preset: str = "paper",
     return cfg
 
 
+# What a resumed run may change: how it is optimised from its step on, never what it is
+# (model, guide, data, batch). Lowering the learning rate of a long run is the common case.
+SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.warmup_steps",
+                   "train.clip_norm", "train.max_bad_steps")
+
+
+def resumed_config(stored: Config, overrides: dict[str, Any] | None) -> tuple[Config, list[str]]:
+    """The configuration a resumed run trains with: the stored one, with the `overrides`
+    that change its schedule (`SCHEDULE_FIELDS`) applied. Returns it and a line per field
+    changed (``"train.lr 0.001 -> 0.00025"``); overrides equal to the stored values change
+    nothing. Any other field that would change raises ValueError naming it: a run keeps
+    its model, guide, data and batch to the end.
+
+    The schedule is a function of the run's step (`learning_rate`), so a decay given at
+    step 9,000 with ``lr_decay_steps`` 3,000 applies three decays at once."""
+    cfg = dataclasses.replace(stored, model=dataclasses.replace(stored.model),
+                              guide=dataclasses.replace(stored.guide), train=dataclasses.replace(stored.train))
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value)
+    validate(cfg)
+    changed, refused = [], []
+    for section in ("model", "guide", "train"):
+        old, new = getattr(stored, section), getattr(cfg, section)
+        for f in dataclasses.fields(old):
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if a != b:
+                key = f"{section}.{f.name}"
+                (changed if key in SCHEDULE_FIELDS else refused).append(f"{key} {a!r} -> {b!r}")
+    if refused:
+        raise ValueError(f"a resumed run keeps its settings, and {'; '.join(refused)} would change it; "
+                         f"a resumed run may change only {', '.join(SCHEDULE_FIELDS)} "
+                         f"(train a new run in another --out for the rest)")
+    return cfg, changed
+
+
 # ---------------------------------------------------------------------------------------
 # Validation: every field by type and range, then the fields together
 # ---------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, check_resumable, load_checkpoint,
                          save_checkpoint, set_rng_state, truncate_metrics)
-from .config import INT_MAX, Config, check_memory, make_config
+from .config import INT_MAX, Config, check_memory, make_config, resumed_config
 from .data import DATASETS, Batches, DatasetError, background_groups, ensure_generated, is_store
 from .evaluate import batch_metrics
 from .io import TEMP_SUFFIX, WriteError, open_append, pid_alive, remove_stale, write_text
@@ -650,7 +650,7 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
         check_resumable(ckpt, ckpt_path)
         if ckpt["config"] is not cfg:
             check_memory(ckpt["config"], device, what="fit")
-        cfg = ckpt["config"]
+        cfg, schedule_changes = resumed_config(ckpt["config"], overrides) if resuming else (ckpt["config"], [])
         stored_seed = ckpt.get("extra", {}).get("seed", seed)
         if not isinstance(stored_seed, int) or isinstance(stored_seed, bool) or not 0 <= stored_seed < 2**32 - 10_000:
             raise CheckpointError(f"checkpoint {ckpt_path} has an invalid seed {stored_seed!r}")
@@ -706,6 +706,7 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
         log.info("resuming %s at step %d", out, step)
         if report is not None and processes.is_main:
             report(f"resuming the run in {out} at step {step}" +
+                   (f" with {', '.join(schedule_changes)}" if schedule_changes else "") +
                    (f" (it has reached --steps {steps})" if step >= steps else
                     f", training to step {steps}" if steps < math.inf else ", training until the time limit"))
     params = list(system.parameters())

@@ -160,3 +160,20 @@ def test_fit_with_a_time_limit_and_no_steps_trains_until_the_limit(tmp_path):
     proc = cli("fit", "--time-limit", "1s", "--out", out, "--resume", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert f"resuming the run in {out} at step {step}, training until the time limit" in proc.stdout
+
+
+def test_fit_resume_takes_a_new_learning_rate_and_refuses_any_other_change(run_dir, tmp_path):
+    import shutil
+
+    from iodine_pyro.checkpoint import load_checkpoint
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    proc = cli("fit", "--out", out, "--resume", "--steps", 3, "--lr", 1e-5, "--log-every", 1, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming the run in {out} at step 2 with train.lr 0.0003 -> 1e-05" in proc.stdout
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 3 and ckpt["config"].train.lr == 1e-5
+    assert all(g["lr"] == pytest.approx(1e-5) for g in ckpt["optimizer"]["param_groups"])
+    proc = cli("fit", "--out", out, "--resume", "--steps", 4, "--batch-size", 8, "--quiet")
+    assert_one_line_error(proc, "train.batch_size 4 -> 8", "may change only train.lr")
+    assert load_checkpoint(out)["step"] == 3                          # refused before any step
