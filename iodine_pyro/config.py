@@ -225,6 +225,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.init": "sonnet",
         "train.geco_goal": 0.01,
         "train.geco_rate": 0.05,
+        "train.lr_decay": 0.5,
+        "train.lr_decay_steps": 3000,
     },
 }
 # DeepMind's per-dataset optimiser settings and extra inputs.

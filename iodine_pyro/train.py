@@ -546,7 +546,8 @@ def fit(*, out: str | Path, steps: int | None, dataset: str = "tetrominoes", pre
     Args:
         out: run directory. When it holds a checkpoint of the same configuration the run
             continues from it; another configuration is refused unless `resume` (continue
-            with the stored configuration) or `overwrite` (start afresh).
+            with the stored configuration, `overrides` changing only its learning-rate
+            schedule: `config.resumed_config`) or `overwrite` (start afresh).
         steps: total number of optimisation steps of the run; None: as many as `time_limit`
             allows (then required).
         dataset, preset, overrides: the configuration (see `make_config`).

@@ -125,3 +125,5 @@ def test_fast_preset_is_the_papers_model_trained_differently():
     assert fast.model.pixel_scale == 0.3 and fast.train.batch_size == 8
     assert fast.train.lr == 1e-3 and fast.train.warmup_steps > 0
     assert math.isclose(learning_rate(fast, fast.train.warmup_steps - 1), 1e-3)
+    assert math.isclose(learning_rate(fast, 2999), 1e-3) and math.isclose(learning_rate(fast, 3000), 5e-4)
+    assert math.isclose(learning_rate(fast, 6000), 2.5e-4)

@@ -221,8 +221,12 @@ def test_a_run_of_another_k_is_refused_and_kept(tmp_path, data, tiny_toml):
     proc = cli(*fit_args(out, data, tiny_toml, 4, "--num-slots", "5"))
     assert_one_line_error(proc, "holds another run", "num_slots")
     assert (out / "checkpoint.pt").read_bytes() == before           # nothing written over it
-    # --resume continues the stored run with its own settings; --overwrite replaces it
+    # --resume continues the stored run with its own settings, and refuses to change them;
+    # --overwrite replaces it
     proc = cli(*fit_args(out, data, tiny_toml, 4, "--num-slots", "5", "--resume"))
+    assert_one_line_error(proc, "model.num_slots 4 -> 5", "a resumed run may change only")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    proc = cli(*fit_args(out, data, tiny_toml, 4, "--resume"))
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 4 and ckpt["config"].model.num_slots == 4
