@@ -15,6 +15,7 @@ in ``docs/presets.md``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -277,6 +278,13 @@ def make_config(dataset: str = "tetrominoes", preset: str = "paper",
     return cfg
 
 
+def field_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """``(section.field, a's value, b's value)`` for every field where two configurations differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return [(f"{section}.{k}", da[section][k], db[section][k])
+            for section in ("model", "guide", "train") for k in da[section] if da[section][k] != db[section][k]]
+
+
 # What a resumed run may change: how it is optimised from its step on, never what it is
 # (model, guide, data, batch). Lowering the learning rate of a long run is the common case.
 SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.warmup_steps",
@@ -292,19 +300,13 @@ def resumed_config(stored: Config, overrides: dict[str, Any] | None) -> tuple[Co
 
     The schedule is a function of the run's step (`learning_rate`), so a decay given at
     step 9,000 with ``lr_decay_steps`` 3,000 applies three decays at once."""
-    cfg = dataclasses.replace(stored, model=dataclasses.replace(stored.model),
-                              guide=dataclasses.replace(stored.guide), train=dataclasses.replace(stored.train))
+    cfg = copy.deepcopy(stored)
     for key, value in (overrides or {}).items():
         _set(cfg, key, value)
     validate(cfg)
     changed, refused = [], []
-    for section in ("model", "guide", "train"):
-        old, new = getattr(stored, section), getattr(cfg, section)
-        for f in dataclasses.fields(old):
-            a, b = getattr(old, f.name), getattr(new, f.name)
-            if a != b:
-                key = f"{section}.{f.name}"
-                (changed if key in SCHEDULE_FIELDS else refused).append(f"{key} {a!r} -> {b!r}")
+    for key, a, b in field_differences(stored, cfg):
+        (changed if key in SCHEDULE_FIELDS else refused).append(f"{key} {a!r} -> {b!r}")
     if refused:
         raise ValueError(f"a resumed run keeps its settings, and {'; '.join(refused)} would change it; "
                          f"a resumed run may change only {', '.join(SCHEDULE_FIELDS)} "

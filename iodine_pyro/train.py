@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, check_resumable, load_checkpoint,
                          save_checkpoint, set_rng_state, truncate_metrics)
-from .config import INT_MAX, Config, check_memory, make_config, resumed_config
+from .config import INT_MAX, Config, check_memory, field_differences, make_config, resumed_config
 from .data import DATASETS, Batches, DatasetError, background_groups, ensure_generated, is_store
 from .evaluate import batch_metrics
 from .io import TEMP_SUFFIX, WriteError, open_append, pid_alive, remove_stale, write_text
@@ -283,10 +283,7 @@ DATA_DIR = "data"
 
 def config_differences(a: Config, b: Config) -> list[str]:
     """'section.field: a != b' for every field where two configurations differ."""
-    out = []
-    for section in ("model", "guide", "train"):
-        da, db = a.to_dict()[section], b.to_dict()[section]
-        out += [f"{section}.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db[k]]
+    out = [f"{key}: {va!r} != {vb!r}" for key, va, vb in field_differences(a, b)]
     if (a.dataset, a.preset) != (b.dataset, b.preset):
         out.insert(0, f"dataset/preset: {a.dataset}/{a.preset} != {b.dataset}/{b.preset}")
     return out

@@ -76,7 +76,8 @@ def fit(
     max_bad_steps: Annotated[Optional[int], typer.Option(callback=at_least("--max-bad-steps", 1), help="Stop after N non-finite steps in a row (default 20).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help=(
         "Continue the run in OUT with its own settings; a learning-rate schedule given with it (--lr, or "
-        "--config [train] lr, lr_decay, lr_decay_steps, warmup_steps) applies from its step on."))] = False,
+        "the [train] schedule fields of --config, listed in the README) applies from its step on; any "
+        "other change is refused."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in OUT (only the files it made).")] = False,
     device: Device = "cpu",
     quiet: Quiet = False,
