@@ -5,13 +5,18 @@ batch; the plain version is IODINE's loop written directly in torch (rsample, de
 loss, refinement), without Pyro's sites, plates, scales and ELBO machinery. Steps of the
 two alternate so that both see the same machine state; the medians and their ratio are
 measured in one run. The last line is ``step_s=<median seconds of one Pyro step>``.
+With ``--guide`` another registered guide is measured alone (the plain loop is IODINE's);
+``cpu_steps_per_s`` is the steps per second of process CPU time (all threads together).
 
     python benchmarks/bench_train_step.py --dataset tetrominoes --batch-size 8 --steps 3
+    python benchmarks/bench_train_step.py --preset fast --guide slot_attention --threads 1
+    python benchmarks/bench_train_step.py --preset fast --guide slot_attention --set slot_attention.refine_steps=1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -64,16 +69,22 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--guide", default="iterative", help="a registered guide kind")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="a configuration override, e.g. slot_attention.refine_steps=1")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     pyro.enable_validation(False)
     torch.manual_seed(0)
-    cfg = make_config(a.dataset, a.preset)
+    sets = dict(item.split("=", 1) for item in a.set)
+    cfg = make_config(a.dataset, a.preset, {"guide.kind": a.guide, **{k: json.loads(v) for k, v in sets.items()}})
     system = Iodine(cfg).to(a.device)
     opt = torch.optim.Adam(system.parameters(), lr=cfg.train.lr)
     x = torch.rand(a.batch_size, cfg.model.image_channels, *cfg.model.image_size, device=a.device)
 
+    if a.guide != "iterative":
+        return guide_alone(a, system, opt, x)
     # the two implementations compute the same loss from the same draws
     torch.manual_seed(1)
     l_pyro = float(system.loss(x).detach())
@@ -83,24 +94,42 @@ def main():
     same = abs(l_pyro - l_plain) <= 1e-4 * abs(l_plain)
 
     pyro_fn = lambda s, x: s.loss(x)  # noqa: E731
-    times = {"pyro": [], "plain": []}
+    times, cpu = {"pyro": [], "plain": []}, []
     for i in range(a.warmup + a.steps):
         for name, fn in (("pyro", pyro_fn), ("plain", plain_loss)):
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(system, opt, x, fn)
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if i >= a.warmup:
                 times[name].append(time.perf_counter() - t0)
+                if name == "pyro":
+                    cpu.append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"dataset={a.dataset} preset={a.preset} batch={a.batch_size} steps={a.steps} "
           f"device={a.device} threads={torch.get_num_threads()}")
     print(f"same_loss={same} (pyro {l_pyro:.6g}, plain {l_plain:.6g})")
     print(f"plain_step_s={med['plain']:.4f}")
     print(f"pyro_over_plain={med['pyro'] / med['plain']:.3f}")
+    print(f"cpu_steps_per_s={1 / statistics.median(cpu):.3f}")
     print(f"step_s={med['pyro']:.4f}")
+
+
+def guide_alone(a, system, opt, x) -> None:
+    """Median wall and CPU seconds of a Pyro training step of a guide without a plain loop."""
+    wall, cpu = [], []
+    for i in range(a.warmup + a.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(system, opt, x, lambda s, x: s.loss(x))
+        if i >= a.warmup:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    print(f"dataset={a.dataset} preset={a.preset} guide={a.guide} batch={a.batch_size} steps={a.steps} "
+          f"device={a.device} threads={torch.get_num_threads()}")
+    print(f"cpu_steps_per_s={1 / statistics.median(cpu):.3f}")
+    print(f"step_s={statistics.median(wall):.4f}")
 
 
 if __name__ == "__main__":

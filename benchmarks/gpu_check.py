@@ -9,8 +9,10 @@ seconds of wall time (default 540: 9 minutes) it writes, under ``--out``:
    convolutions' achieved TFLOP/s as a fraction of the device's peak (its rated bf16 or
    float32 peak where the device is known, else a large matmul's measured rate).
 3. ``quality.md`` / ``quality.json``: the `paper`, `deepmind` and `fast` presets trained
-   side by side on Tetrominoes for the rest of the budget (concurrently, one process each),
-   then held-out FG-ARI, ARI, MSE and KL of the last refinement step on 256 images.
+   side by side on Tetrominoes, and `fast` on Multi-dSprites (K = 6, the paper's network:
+   about 17 times a Tetrominoes step, so a CPU cannot tell how far it gets), for the rest
+   of the budget (concurrently, one process each), then held-out FG-ARI, ARI, MSE, KL and
+   the slots owning the background of the last refinement step on 256 images.
 
 ``--tiny`` shrinks every part (batch 2, narrow networks, a few seconds of training): the
 CPU test of the script's plumbing, not a measurement.
@@ -42,7 +44,9 @@ from iodine_pyro.config import make_config  # noqa: E402
 # Rated dense peak TFLOP/s (bf16, float32 without TF32) of devices the check may meet.
 RATED_TFLOPS = {"H200": (989.0, 66.9), "H100": (989.0, 66.9), "A100": (312.0, 19.5),
                 "L40S": (362.0, 91.6), "A10": (125.0, 31.2), "L4": (121.0, 30.3), "V100": (125.0, 15.7)}
-PRESETS = ("paper", "deepmind", "fast")
+# (dataset, preset) of the quality runs, trained side by side
+QUALITY = (("tetrominoes", "paper"), ("tetrominoes", "deepmind"), ("tetrominoes", "fast"),
+           ("multi_dsprites", "fast"))
 
 
 def log(msg: str) -> None:
@@ -105,22 +109,22 @@ def throughput(dataset: str, bf16: bool, device: torch.device, tiny: bool, reps:
 
 
 def quality(out: Path, device: str, seconds: float, tiny: bool, eval_images: int) -> list[dict]:
-    """The three presets trained at once, one process each, then evaluated."""
+    """The `QUALITY` runs trained at once, one process each, then evaluated."""
     from iodine_pyro.data import generate
     from iodine_pyro.evaluate import evaluate
 
-    data = out / "data"
     n_train = 64 if tiny else 20_000
-    for name, n, seed in (("train", n_train, 0), ("test", eval_images, 10_000)):
-        if not (data / name).exists():
-            generate("tetrominoes", n, data / name, seed=seed, progress=False)
+    for dataset in dict.fromkeys(d for d, _ in QUALITY):
+        for name, n, seed in (("train", n_train, 0), ("test", eval_images, 10_000)):
+            if not (out / "data" / dataset / name).exists():
+                generate(dataset, n, out / "data" / dataset / name, seed=seed, progress=False)
     procs = {}
-    for preset in PRESETS:
-        run = out / "runs" / preset
-        cmd = [sys.executable, "-m", "iodine_pyro", "fit", "--preset", preset, "--steps", str(10**9),
-               "--data", str(data / "train"), "--eval-data", str(data / "test"), "--out", str(run),
-               "--device", device, "--time-limit", f"{max(seconds, 1.0):.0f}s", "--log-every", "100",
-               "--checkpoint-every", str(10**9), "--quiet", "--overwrite"]
+    for dataset, preset in QUALITY:
+        data, run = out / "data" / dataset, out / "runs" / f"{dataset}-{preset}"
+        cmd = [sys.executable, "-m", "iodine_pyro", "fit", "--dataset", dataset, "--preset", preset,
+               "--steps", str(10**9), "--data", str(data / "train"), "--eval-data", str(data / "test"),
+               "--out", str(run), "--device", device, "--time-limit", f"{max(seconds, 1.0):.0f}s",
+               "--log-every", "100", "--checkpoint-every", str(10**9), "--quiet", "--overwrite"]
         if tiny:
             toml = out / "tiny.toml"
             toml.write_text("[model]\nlatent_dim = 4\ndecoder_channels = [8, 8]\ndecoder_kernel = 3\n"
@@ -129,19 +133,21 @@ def quality(out: Path, device: str, seconds: float, tiny: bool, eval_images: int
             cmd += ["--config", str(toml)]
         env = dict(os.environ)
         if device == "cpu":
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(PRESETS)))
-        procs[preset] = (run, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               text=True))
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(QUALITY)))
+        procs[dataset, preset] = (run, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.STDOUT, text=True))
     rows = []
-    for preset, (run, proc) in procs.items():
+    for (dataset, preset), (run, proc) in procs.items():
         output = proc.communicate()[0]
         if proc.returncode != 0:
-            rows.append({"preset": preset, "error": output.strip().splitlines()[-1] if output.strip() else "failed"})
+            rows.append({"dataset": dataset, "preset": preset,
+                         "error": output.strip().splitlines()[-1] if output.strip() else "failed"})
             continue
         res = evaluate(run, num_images=eval_images, batch_size=64, device=device, progress=False)
-        rows.append({"preset": preset, "step": res["step"], "train_seconds": seconds,
-                     **{k: res[k][-1] for k in ("fg_ari", "ari", "mse", "kl")}})
-        log(f"quality {preset}: step {res['step']}, FG-ARI {res['fg_ari'][-1]:.3f}")
+        rows.append({"dataset": dataset, "preset": preset, "step": res["step"], "train_seconds": seconds,
+                     **{k: res[k][-1] for k in ("fg_ari", "ari", "mse", "kl", "bg_slots")}})
+        log(f"quality {dataset} {preset}: step {res['step']}, FG-ARI {res['fg_ari'][-1]:.3f}, "
+            f"ARI {res['ari'][-1]:.3f}")
     return rows
 
 
@@ -191,11 +197,11 @@ def main() -> None:
     # what is left, less a margin for data generation, evaluation and writing
     margin = 15.0 if a.tiny else 75.0
     seconds = max(1.0, a.budget - (time.time() - t_start) - margin)
-    log(f"quality: {', '.join(PRESETS)} for {seconds:.0f} s each, concurrently")
+    log(f"quality: {', '.join(f'{d} {p}' for d, p in QUALITY)} for {seconds:.0f} s each, concurrently")
     q = quality(out, a.device, seconds, a.tiny, a.eval_images)
     (out / "quality.json").write_text(json.dumps(q, indent=1))
-    (out / "quality.md").write_text(table(q, ["preset", "step", "train_seconds", "fg_ari", "ari", "mse", "kl",
-                                               "error"]))
+    (out / "quality.md").write_text(table(q, ["dataset", "preset", "step", "train_seconds", "fg_ari", "ari",
+                                               "bg_slots", "mse", "kl", "error"]))
     log(f"done in {time.time() - t_start:.0f} s; results in {out}")
     if any("error" in r for r in q):
         sys.exit(1)

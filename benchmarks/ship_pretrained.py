@@ -7,7 +7,10 @@
    ``--official``, on DeepMind's official Tetrominoes file after `data convert`;
 2. writes its parameters and configuration (no optimiser state) to
    ``iodine_pyro/pretrained/<name>.pt`` and the evaluation to ``<name>.json`` beside it;
-3. draws its decomposition and training curves into ``docs/img/`` (PNG and the data behind).
+3. draws its decomposition and training curves into ``docs/img/`` (PNG and the data behind);
+4. rewrites the README's table of shipped models from every ``<name>.json`` there.
+
+``--table-only`` does step 4 alone.
 
 ``iodine-pyro evaluate pretrained:<name>`` (and sample, compare, plot) then use the weights.
 """
@@ -28,34 +31,44 @@ from iodine_pyro.evaluate import evaluate
 from iodine_pyro.run import PRETRAINED_DIR, Run
 
 ROOT = Path(__file__).resolve().parents[1]
+SHOWN = ("fg_ari", "ari", "bg_slots", "mse", "kl")     # the last refinement step's, per held-out set
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="the run directory to ship")
+    p.add_argument("--run", help="the run directory to ship")
     p.add_argument("--name", default="tetrominoes")
     p.add_argument("--num-images", type=int, default=512, help="held-out images to evaluate")
     p.add_argument("--official", default=None, help="DeepMind's official Tetrominoes file (optional)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--hardware", default=None, help="where it was trained, for the README's table")
+    p.add_argument("--command", default=None, help="how it was trained, for the README's table")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the README's table")
     a = p.parse_args()
+    if a.table_only:
+        write_table()
+        return
+    if not a.run:
+        p.error("--run is required (or --table-only)")
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run.open(a.run)
     held_out = evaluate(run, num_images=a.num_images, batch_size=64, progress=True)
     ckpt = run.ckpt                                                   # loaded once, by Run.open
     generated = (ckpt["data"].get("generated") or {}).get("eval")     # [images, seed] when fit made it
-    summary = {"name": a.name, "dataset": run.cfg.dataset, "preset": run.cfg.preset, "step": run.step,
-               "train_minutes": round(ckpt["extra"].get("spent", {}).get("time", 0) / 60, 1),
+    summary = {"name": a.name, "dataset": run.cfg.dataset, "preset": run.cfg.preset, "guide": run.cfg.guide.kind,
+               "step": run.step, "train_minutes": round(ckpt["extra"].get("spent", {}).get("time", 0) / 60, 1),
+               "hardware": a.hardware, "command": a.command,
                "held_out": {"data": (f"generated: {generated[0]} images, seed {generated[1]}" if generated
                                      else Path(held_out["data"]).name),
                             "num_images": held_out["num_images"],
-                            **{k: held_out[k][-1] for k in ("fg_ari", "ari", "mse", "kl")}}}
+                            **{k: held_out[k][-1] for k in SHOWN}}}
     if a.official:
         with tempfile.TemporaryDirectory() as tmp:
             store = convert_tfrecords(a.official, run.cfg.dataset, Path(tmp) / "official", progress=False)
             official = evaluate(run, num_images=10**6, batch_size=64, data=store, progress=False)
         summary["official"] = {"file": Path(a.official).name, "num_images": official["num_images"],
-                               **{k: official[k][-1] for k in ("fg_ari", "ari", "mse", "kl")}}
+                               **{k: official[k][-1] for k in SHOWN}}
     PRETRAINED_DIR.mkdir(parents=True, exist_ok=True)
     save_weights(PRETRAINED_DIR / f"{a.name}.pt", ckpt,
                  extra={"evaluation": summary})
@@ -65,7 +78,34 @@ def main() -> None:
     figures.decomposition(shipped, img / f"pretrained_{a.name}_decomposition.png", num_images=4)
     figures.curves([Path(a.run)], img / f"pretrained_{a.name}_curves.png", labels=[f"pretrained:{a.name}"],
                    smooth=4)
+    write_table()
     print(json.dumps(summary, indent=1))
+
+
+TABLE_START, TABLE_END = "<!-- shipped models: benchmarks/ship_pretrained.py -->", "<!-- end of shipped models -->"
+
+
+def write_table() -> None:
+    """The README's table of shipped models, between its two markers, from their JSON files."""
+    rows = ["| model | guide | held-out set | images | FG-ARI | ARI | bg slots | MSE | KL | steps | training | "
+            "trained with |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(PRETRAINED_DIR.glob("*.json")):
+        info = json.loads(path.read_text())
+        hours = f"{info['train_minutes'] / 60:.1f} h on {info.get('hardware') or 'a CPU'}"
+        for key in ("held_out", "official"):
+            ev = info.get(key)
+            if ev is None:
+                continue
+            where = ev.get("data") or ev.get("file")
+            cells = [f"`pretrained:{info['name']}`", info.get("guide", "iterative"), where, str(ev["num_images"]),
+                     f"{ev['fg_ari']:.3f}", f"{ev['ari']:.3f}",
+                     f"{ev['bg_slots']:.2f}" if "bg_slots" in ev else "-", f"{ev['mse']:.4f}", f"{ev['kl']:.0f}",
+                     f"{info['step']:,}", hours, f"`{info['command']}`" if info.get("command") else "-"]
+            rows.append("| " + " | ".join(cells) + " |")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    readme.write_text(text[:start] + "\n" + "\n".join(rows) + "\n" + text[end:])
 
 
 if __name__ == "__main__":

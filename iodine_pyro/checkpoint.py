@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ FORMAT = "iodine-pyro-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -151,22 +154,53 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} has an invalid record of its generated data")
 
 
+def _numeric(value: Any, depth: int = 0) -> bool:
+    """A number (NaN and infinities included), null, or lists and tables of them."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    if depth < 3 and isinstance(value, list):
+        return all(_numeric(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict):
+        return all(_numeric(v, depth + 1) for v in value.values())
+    return False
+
+
+def valid_row(row: Any) -> bool:
+    """A row as `fit` writes it: a JSON object whose ``step`` is a whole number >= 1 and
+    whose other values are numbers (NaN and infinities included), null, or lists and
+    tables of them (``per_step``)."""
+    return (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+            and 0 < row["step"] < 2**62 and _numeric(row))
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics file (``metrics.jsonl``, or the run directory holding it), in
-    order; a line cut by a crash is skipped; [] when there is none."""
+    order; [] when there is none. The file is the user's to edit, so every row is checked
+    (`valid_row`): a line cut by a crash, or a row that is not one `fit` writes (a step
+    that is not a whole number, a value that is not a number), is skipped, with one
+    warning naming the file and the first such line."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, bad = [], []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        log.warning("cannot read %s: %s", path, e.strerror or type(e).__name__)
+        return []
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        if valid_row(row):
             rows.append(row)
+        elif line.strip():
+            bad.append(number)
+    if bad and not (len(bad) == 1 and bad[0] == len(text.splitlines()) and not text.endswith("\n")):
+        log.warning("%s: skipped %d line(s) that are not metrics rows (first: line %d)", path, len(bad), bad[0])
     return rows
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .guides import ITERATIVE, guide_kinds
+from .guides import ITERATIVE, guide_class, guide_kinds, guide_sections
 from .guides.inputs import INPUTS, PAPER_INPUTS, PAPER_STOP_GRADIENT
 
 # The refinement network's inputs are the rows of `iodine_pyro.guides.inputs.INPUTS`;
@@ -102,6 +102,11 @@ class TrainConfig:
     geco_goal: float | None = None           # GECO: target reconstruction MSE; None = the plain ELBO
     geco_rate: float = 0.01                  # GECO: step of log(beta) per unit relative violation
     geco_ema: float = 0.99                   # GECO: smoothing of the measured MSE
+    geco_release_step: int | None = None     # GECO: from this step on beta returns to 1 (the ELBO)
+                                             # at geco_rate per step, whatever the MSE
+    pixel_scale_final: float | None = None   # anneal model.pixel_scale geometrically to this ...
+    pixel_anneal_start: int = 0              # ... from this step ...
+    pixel_anneal_steps: int = 1              # ... over this many steps (`pixel_scale_at`)
 
 
 @dataclass
@@ -111,9 +116,24 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     guide: GuideConfig = field(default_factory=GuideConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # sections that guides declare (`iodine_pyro.guides.guide_sections`), by name; one is
+    # made with its defaults when first read (``cfg.slot_attention``), so a configuration
+    # stored before its guide existed still loads
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """A guide's own section (`sections`), made with its defaults on first use."""
+        sections = self.__dict__.get("sections")
+        if sections is None or name.startswith("_") or name not in guide_sections():
+            raise AttributeError(name)
+        if name not in sections:
+            sections[name] = section_class(name)()
+        return sections[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "sections"}
+        d.update({name: dataclasses.asdict(v) for name, v in sorted(self.sections.items())})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
@@ -135,12 +155,17 @@ class Config:
                 raise ValueError(f"unknown {section} field(s) {', '.join(unknown)}")
             return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
+        extra = [k for k in d if k not in ("dataset", "preset", "model", "guide", "train")]
+        unknown = sorted(str(k) for k in extra if k not in guide_sections())
+        if unknown:
+            raise ValueError(f"unknown configuration section(s) {', '.join(unknown)}")
         cfg = cls(
             dataset=d["dataset"],
             preset=d["preset"],
             model=build("model", ModelConfig, d["model"]),
             guide=build("guide", GuideConfig, d["guide"]),
             train=build("train", TrainConfig, d["train"]),
+            sections={k: build(k, section_class(k), d[k]) for k in extra},
         )
         validate(cfg)
         return cfg
@@ -243,11 +268,25 @@ PRESET_FIELDS = sorted(
 )
 
 
+def section_class(name: str) -> type:
+    """The dataclass of a guide's own configuration section (`guide_sections`)."""
+    kind = guide_sections().get(name)
+    klass = getattr(guide_class(kind), "Section", None) if kind is not None else None
+    if klass is None:
+        raise ValueError(f"unknown configuration section {name!r}")
+    return klass
+
+
+def section_rules(name: str) -> dict[str, Callable[[Any], str | None]]:
+    """``{field: rule}`` of a guide's own section, as `FIELD_RULES`' rules."""
+    return dict(getattr(guide_class(guide_sections()[name]), "section_rules", {}))
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
     section, _, name = str(key).partition(".")
-    fields = {f.name for f in dataclasses.fields(ModelConfig if section == "model" else GuideConfig
-                                                 if section == "guide" else TrainConfig)}
-    if section not in ("model", "guide", "train") or name not in fields:
+    own = {"model": ModelConfig, "guide": GuideConfig, "train": TrainConfig}
+    klass = own.get(section) or (section_class(section) if section in guide_sections() else None)
+    if klass is None or name not in {f.name for f in dataclasses.fields(klass)}:
         raise ValueError(f"unknown configuration field {key!r}")
     target = getattr(cfg, section)
     if isinstance(value, list):
@@ -280,15 +319,36 @@ def make_config(dataset: str = "tetrominoes", preset: str = "paper",
 
 def field_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
     """``(section.field, a's value, b's value)`` for every field where two configurations differ."""
+    for name in {*a.sections, *b.sections}:                # a section one lacks: its defaults
+        getattr(a, name), getattr(b, name)
     da, db = a.to_dict(), b.to_dict()
     return [(f"{section}.{k}", da[section][k], db[section][k])
-            for section in ("model", "guide", "train") for k in da[section] if da[section][k] != db[section][k]]
+            for section in ("model", "guide", "train", *sorted(a.sections))
+            for k in da[section] if da[section][k] != db[section][k]]
 
 
 # What a resumed run may change: how it is optimised from its step on, never what it is
 # (model, guide, data, batch). Lowering the learning rate of a long run is the common case.
 SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.warmup_steps",
-                   "train.clip_norm", "train.max_bad_steps")
+                   "train.clip_norm", "train.max_bad_steps", "train.geco_release_step",
+                   "train.pixel_scale_final", "train.pixel_anneal_start", "train.pixel_anneal_steps")
+
+
+def pixel_scale_at(cfg: Config, step: int) -> float:
+    """The pixel likelihood's sigma (Logistic scale) in force at optimisation step `step`:
+    ``model.pixel_scale``, or with ``train.pixel_scale_final`` set, moved from it to the
+    final value geometrically over ``pixel_anneal_steps`` from ``pixel_anneal_start`` on.
+
+    A wide sigma (0.3) learns to segment within minutes on a CPU but leaves the background
+    shared by every slot (a slightly wrong slot pays almost nothing on a background pixel);
+    the anchors that give the background to one slot use a sharp one (0.05-0.1). The
+    schedule is a function of the step, so a resumed run and an evaluation of a checkpoint
+    use the sigma its step was trained with."""
+    t, start = cfg.train, float(cfg.model.pixel_scale)
+    if t.pixel_scale_final is None or step <= t.pixel_anneal_start:
+        return start
+    done = min(1.0, (step - t.pixel_anneal_start) / t.pixel_anneal_steps)
+    return start * (t.pixel_scale_final / start) ** done
 
 
 def resumed_config(stored: Config, overrides: dict[str, Any] | None) -> tuple[Config, list[str]]:
@@ -425,6 +485,10 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "train.geco_goal": _optional(_float(0)),
     "train.geco_rate": _float(0),
     "train.geco_ema": _float(0, 1, lo_open=False, hi_open=True),
+    "train.geco_release_step": _optional(_int(0)),
+    "train.pixel_scale_final": _optional(_float(0)),
+    "train.pixel_anneal_start": _int(0),
+    "train.pixel_anneal_steps": _int(1),
 }
 
 
@@ -445,6 +509,14 @@ def validate(cfg: Config) -> None:
         what = rule(value)
         if what is not None:
             raise ValueError(f"{key} must be {what}, got {_shown(value)}")
+    own = {kind: name for name, kind in guide_sections().items()}.get(cfg.guide.kind)
+    if own is not None:
+        getattr(cfg, own)                                    # the guide's section is stored with it
+    for section, values in cfg.sections.items():
+        for name, rule in section_rules(section).items():
+            what = rule(getattr(values, name))
+            if what is not None:
+                raise ValueError(f"{section}.{name} must be {what}, got {_shown(getattr(values, name))}")
     m, g = cfg.model, cfg.guide
     checks = [
         (g.kind in guide_kinds(), f"unknown guide {g.kind!r} (guide.kind); choose from {', '.join(guide_kinds())}"),
@@ -482,7 +554,9 @@ def memory_needed(cfg: Config, *, batch: int | None = None, num_slots: int | Non
                   num_iters: int | None = None, training: bool = True) -> int:
     """A lower bound of the bytes one step holds at once: every slot's decoder activations
     at image size (2 bytes a value, as under bf16 autocast), kept for each refinement step
-    when training without recomputation. Real steps need several times more; a request
+    when training without recomputation, and the networks' parameters (4 bytes each; in
+    training also their gradients, Adam's two moments and the step guard's copy of the
+    parameters and moments: 7 copies). Real steps need several times more; a request
     above this bound cannot run at all, whatever the allocator does."""
     m, g = cfg.model, cfg.guide
     B = batch or cfg.train.batch_size
@@ -491,7 +565,23 @@ def memory_needed(cfg: Config, *, batch: int | None = None, num_slots: int | Non
     H, W = m.image_size
     channels = (sum(m.decoder_channels) if m.decoder == "broadcast" else 0) + m.image_channels + 1
     passes = T if training and not g.recompute else 1
-    return 2 * B * K * H * W * channels * passes
+    return 2 * B * K * H * W * channels * passes + 4 * (7 if training else 1) * parameter_count(cfg)
+
+
+def parameter_count(cfg: Config) -> int:
+    """The number of parameters of the networks `cfg` describes, counted on PyTorch's meta
+    device (shapes only: nothing is allocated, however large); 0 when they cannot be built
+    that way (then the estimate counts activations only)."""
+    import torch
+
+    try:
+        from .system import Iodine
+
+        with torch.device("meta"):
+            system = Iodine(cfg)
+        return sum(p.numel() for p in system.parameters())
+    except Exception:  # a network that needs real tensors to be built: no estimate of it
+        return 0
 
 
 def memory_available(device: Any = "cpu") -> int | None:

@@ -188,11 +188,13 @@ def speed_settings(device: str | torch.device, amp: bool | None = None,
     """Resolve the speed options of `fit`; None means the device's default.
 
     CUDA: bf16 autocast (where the GPU supports bf16), channels-last, deferred checks.
-    CPU: bf16 autocast where the processor has AMX-BF16 tiles (`cpu_has_fast_bf16`), the
+    CPU: bf16 autocast where the processor has bf16 instructions (`cpu_has_fast_bf16`), the
     rest off. Measured on a 2-core Xeon with AMX, Tetrominoes preset: a training step is
     2.9 times faster at batch 8 on one thread (0.60 s against 1.76 s) and 3.5 times at
-    batch 32 on two (1.16 s against 4.05 s); without AMX, bf16 on a CPU is slower than
-    float32, so it stays off there.
+    batch 32 on two (1.16 s against 4.05 s); on a 2-core AMD EPYC with AVX512-BF16 and no
+    AMX, 1.75 times (1.45 s against 2.55 s of CPU time, batch 8, one thread, the two
+    alternating in one run: `benchmarks/bench_bf16.py`). Without bf16 instructions torch emulates bf16 and a step is
+    slower than float32, so it stays off there.
     """
     cuda = torch.device(device).type == "cuda"
     if amp is None:
@@ -204,10 +206,11 @@ def speed_settings(device: str | torch.device, amp: bool | None = None,
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX-BF16 tiles)."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    """Whether this CPU computes bf16 products in hardware: AVX512-BF16 instructions (AMD
+    Zen 4 and later, Intel from Cooper Lake; Intel's AMX-BF16 tiles come with them)."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     try:
-        return all(p is not None and bool(p()) for p in probes)
+        return probe is not None and bool(probe())
     except RuntimeError:
         return False
 

@@ -70,6 +70,12 @@ def _ari(s: Scored) -> torch.Tensor | None:
     return None if s.true is None else metrics.ari(s.true, s.step.masks)
 
 
+def _owning(region: str) -> Callable[[Scored], torch.Tensor | None]:
+    def compute(s: Scored) -> torch.Tensor | None:
+        return None if s.true is None else metrics.slots_owning(s.true, s.step.masks, s.background, region)
+    return compute
+
+
 def _next_nll(s: Scored) -> torch.Tensor | None:
     if s.next_x is None:
         return None
@@ -80,6 +86,10 @@ def _next_nll(s: Scored) -> torch.Tensor | None:
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("fg_ari", "FG-ARI", ".4f", _fg_ari, "ARI of the masks' argmax without the background groups"),
     Metric("ari", "ARI", ".4f", _ari, "ARI of the masks' argmax over all labelled pixels"),
+    Metric("bg_slots", "bg slots", ".2f", _owning("background"),
+           "slots owning the background (argmax of >= 1% of its pixels): 1 when it is one slot's"),
+    Metric("fg_slots", "obj slots", ".2f", _owning("objects"),
+           "slots owning the objects' pixels (argmax of >= 1% of them)"),
     Metric("mse", "MSE", ".5f", lambda s: metrics.mse(s.x, s.step.recon), "reconstruction MSE, [0, 1] scale"),
     Metric("kl", "KL", ".3f", lambda s: s.step.kl.double(), "KL(q || p), nats, summed over slots and dims"),
     Metric("nll", "NLL", ".1f", lambda s: s.step.nll.double(), "-log p(x | z) of the step's sample, nats"),
@@ -110,15 +120,17 @@ def score_steps(system: Iodine, x: torch.Tensor, steps: list[StepResult], true: 
 
 
 @torch.no_grad()
-def batch_metrics(system: Iodine, batch: dict[str, torch.Tensor], background: int) -> dict[str, float]:
-    """The table's metrics of the final refinement step on one batch (the training log)."""
+def batch_metrics(system: Iodine, batch: dict[str, torch.Tensor], background: int) -> dict[str, Any]:
+    """The table's metrics on one batch (the training log): the final refinement step's
+    under their names, and every step's under ``per_step`` ({metric: [value per step]})."""
     steps = system.infer(batch["image"])
     last = len(steps) - 1
     x = batch["image"][:, :last + 1] if batch["image"].dim() == 5 else batch["image"]
     true = batch.get("mask")
     true = true[:, :last + 1] if true is not None and true.dim() == 5 else true
-    scores = score_steps(system, x, steps, true, background)
-    return {k: metrics.summarize(v[-1]) for k, v in scores.items() if len(v) == len(steps)}
+    scores = {k: v for k, v in score_steps(system, x, steps, true, background).items() if len(v) == len(steps)}
+    return {**{k: metrics.summarize(v[-1]) for k, v in scores.items()},
+            "per_step": {k: [round(metrics.summarize(row), 5) for row in v] for k, v in scores.items()}}
 
 
 def evaluate(run: Run | str | Path, *, num_images: int = 256, batch_size: int = 32,

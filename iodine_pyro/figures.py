@@ -768,6 +768,9 @@ def curves(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[
     return FigureFiles(png, data_path)
 
 
+FEW_POINTS = 5     # curves of fewer logged points are drawn as points only
+
+
 def _spans_decades(runs: list[dict[str, Any]], key: str) -> bool:
     """Whether `key` is positive throughout and spans more than a factor of 20 (log axis)."""
     values = np.array([v for run in runs for v in run[key] if v is not None], float)
@@ -794,7 +797,9 @@ def draw_curves(runs: list[dict[str, Any]], keys: Sequence[str], png: Path, titl
             else:
                 style = {"color": palette(color_index % palette.N), "linewidth": 1.2}
                 color_index += 1
-            if len(y) <= 30:  # few logged points: mark them (a single point draws no line)
+            if len(y) < FEW_POINTS:  # a line through two or three points suggests a trend they cannot show
+                style.update(marker="o", markersize=5, linestyle="none")
+            elif len(y) <= 30:       # few logged points: mark them
                 style.update(marker="o", markersize=3)
             ax.plot(run["step"], y, label=run["label"], **style)
         name, ylabel = CURVE_LABELS[key]

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ari", "summarize", "mse", "slot_stability"]
+__all__ = ["ari", "summarize", "mse", "slot_stability", "slots_owning"]
 
 
 def _num_dropped_groups(foreground_only: bool | int, n_groups: int) -> int:
@@ -139,6 +139,50 @@ def ari(
 
     nan = torch.full_like(value, float("nan"))
     return torch.where(both_single, torch.ones_like(value), torch.where(degenerate, nan, value))
+
+
+OWNING_SHARE = 0.01   # a slot owns a region when it is the argmax of at least this share of its pixels
+
+
+def slots_owning(true_masks: torch.Tensor, pred_masks: torch.Tensor, background: int = 1,
+                 region: str = "background", share: float = OWNING_SHARE) -> torch.Tensor:
+    """How many slots own a region of each image: the background or the objects.
+
+    A pixel belongs to the slot of its largest mask (ties to the first slot, as in
+    :func:`ari`). A slot owns the region when it holds at least `share` of the region's
+    pixels, so a few stray pixels do not count. FG-ARI ignores the background, so a model
+    can score FG-ARI 0.93 with the background spread over every slot: ``region =
+    "background"`` counts exactly that (1 when the background is one slot's, as in the
+    paper's figures; K when every slot has a share).
+
+    Args:
+        true_masks: [B, G, H, W] 0/1 ground-truth masks; the first `background` groups
+            are the background (Objects Room: 4), the rest objects.
+        pred_masks: [B, K, H, W] predicted masks (probabilities or one-hot).
+        background: leading groups that make the background.
+        region: ``"background"`` or ``"objects"`` (every group after the background).
+        share: the least share of the region's pixels a slot must hold, in [0, 1).
+    Returns:
+        float64 [B] (whole numbers); NaN for an image without pixels of that region.
+    """
+    if true_masks.dim() != 4 or pred_masks.dim() != 4 or true_masks.shape[0] != pred_masks.shape[0] \
+            or true_masks.shape[2:] != pred_masks.shape[2:]:
+        raise ValueError(f"slots_owning expects [B, G, H, W] and [B, K, H, W] masks, got shapes "
+                         f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}")
+    if region not in ("background", "objects"):
+        raise ValueError(f"region must be 'background' or 'objects', got {region!r}")
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"share must lie in [0, 1), got {share}")
+    K = pred_masks.shape[1]
+    groups = true_masks[:, :background] if region == "background" else true_masks[:, background:]
+    inside = (groups.flatten(2) > 0).any(1).to(torch.float64)            # [B, N]
+    pred = pred_masks.flatten(2)
+    pred = pred if pred.is_floating_point() else pred.to(torch.float64)
+    owner = F.one_hot(pred.argmax(1), K).to(torch.float64)               # [B, N, K]
+    per_slot = torch.bmm(inside.unsqueeze(1), owner).squeeze(1)          # [B, K] pixels held
+    total = inside.sum(1, keepdim=True)                                  # [B, 1]
+    count = ((per_slot > 0) & (per_slot >= share * total)).sum(1).to(torch.float64)   # [B]
+    return torch.where(total.squeeze(1) > 0, count, torch.full_like(count, float("nan")))
 
 
 def summarize(values: torch.Tensor) -> float:

@@ -2,7 +2,8 @@
 
 What is sampled
 ---------------
-IODINE's posterior over the K slot latents of an image x is the last refinement step's
+The draws are of the guide's q, IODINE's amortised approximation, not of the model's exact
+posterior p(z | x). IODINE's approximate posterior over the K slot latents of an image x is the last refinement step's
 q(z | lambda_T), and lambda_T is itself random: the refinement starts from samples of the
 initial posterior and every step decodes a fresh sample. A posterior sample is therefore
 
@@ -119,7 +120,7 @@ class _Programs:
 
     def model(self, x, weights, num_slots=None):
         B = x.shape[0]
-        decoded = self.system.model.model(None, weights, batch_size=B, num_slots=num_slots)[-1]
+        decoded = self.system.model(None, weights, batch_size=B, num_slots=num_slots)[-1]
         masks = decoded.masks                                             # [B, K, H, W]
         recon = decoded.reconstruction(masks)                             # [B, C, H, W]
         pyro.deterministic("masks", masks, event_dim=3)

@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metrics
-from .config import Config
+from .config import Config, pixel_scale_at
 from .data import DatasetError, background_groups, ensure_generated, is_sequence, is_store, load_images, open_dataset
 from .system import Iodine
 
@@ -63,16 +63,45 @@ def check_dataset(ds: xr.Dataset, cfg: Config, where: str, need: str | None = No
 def recorded_data(data: dict[str, Any], which: str, out: Path, progress: bool) -> str | None:
     """The ``train`` or ``eval`` set a checkpoint records, as a path: relative ones lie in the
     run directory; data that fit generated is generated again, exactly, when it is gone
-    (a run directory copied without its data, a checkpoint committed without it)."""
+    (a run directory copied without its data, a checkpoint committed without it).
+
+    A checkpoint may come from anyone, so what it records is checked before it is used: a
+    relative path must stay inside the run directory (no ``..``, no symbolic link on the
+    way), and data are generated only there; an absolute path (a store given to `fit`
+    with --data) is only read. Anything else is refused in one line: pass --data."""
     value = data.get(which)
     if not value:
         return None
-    path = Path(value) if Path(value).is_absolute() else Path(out) / value
+    if not isinstance(value, str) or "\0" in value:
+        raise CheckpointError(f"the checkpoint in {out} names its {which} data oddly ({value!r}); pass --data")
     made = data.get("generated")
+    if Path(value).is_absolute():
+        path = Path(value)
+        if made and which in made and not is_store(path):
+            raise DatasetError(f"the {which} data recorded in {out}, {value}, is gone and lies outside the run "
+                               f"directory, where nothing is generated; pass --data")
+        return str(path)
+    path = _inside_run(Path(out), value)
+    if path is None:
+        raise CheckpointError(f"the checkpoint in {out} records {which} data at {value!r}, outside its run "
+                              f"directory (through '..' or a symbolic link); pass --data")
     if not is_store(path) and made and which in made:
         n, seed = made[which]
         ensure_generated(made["dataset"], int(n), path, seed=int(seed), progress=progress)
     return str(path)
+
+
+def _inside_run(out: Path, rel: str) -> Path | None:
+    """OUT/rel when it stays inside `out`: no ``..`` and no symbolic link among its parts."""
+    parts = Path(rel).parts
+    if not parts or ".." in parts:
+        return None
+    path = out
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            return None
+    return path
 
 
 def open_checked(path: str | Path, cfg: Config, need: str | None = None,
@@ -124,6 +153,7 @@ class Run:
         except RuntimeError as e:
             raise CheckpointError(f"checkpoint {path} does not fit its configuration: "
                                   f"{str(e).splitlines()[0]}") from None
+        system.model.pixel_scale = pixel_scale_at(ckpt["config"], int(ckpt["step"]))  # as trained at its step
         system.eval()
         return cls(system, ckpt, run_name, home, text)
 
@@ -131,6 +161,7 @@ class Run:
     def of_training(cls, system: Iodine, step: int, data: dict[str, str | None], home: Path) -> "Run":
         """The run `fit` has just trained, without reading its checkpoint back."""
         ckpt = {"config": system.cfg, "step": step, "data": data}
+        system.model.pixel_scale = pixel_scale_at(system.cfg, step)
         return cls(system, ckpt, home.resolve().name, home, str(home))
 
     # -- what it is ----------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.optim import PyroOptim
 from torch.distributions import kl_divergence
 
 from .guides import build_guide
@@ -111,7 +112,7 @@ class Iodine(nn.Module):
         scored = []
 
         def model(*args, **kwargs):
-            scored.append(self.model.model(*args, **kwargs))   # the model's per-step `Decoded`
+            scored.append(self.model(*args, **kwargs))   # the model's per-step `Decoded`
 
         loss = self.elbo.differentiable_loss(model, self.guide, x, weights, None, None, kl_scale)
         last = scored[-1][-1]
@@ -163,3 +164,41 @@ class Iodine(nn.Module):
         kl = kl_divergence(q, prior).sum((1, 2))                        # [B]
         nll = -terms.log_px.sum((1, 2))                                 # [B]
         return StepResult(step.lam, step.z, d.means, d.mask_logits, masks, recon, nll, kl)
+
+
+class GlobalClipAdam(PyroOptim):
+    """Adam after clipping the global gradient norm of a step's parameters (appendix C).
+
+    Pyro's ``ClippedAdam`` clips each parameter's gradient on its own; IODINE clips the norm
+    of all of them together, so this clips first and then lets `PyroOptim` step one Adam per
+    parameter (Adam is elementwise: the same update as one Adam over all of them)."""
+
+    def __init__(self, optim_args: dict, clip_norm: float):
+        super().__init__(torch.optim.Adam, optim_args)
+        self.clip_norm = float(clip_norm)
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        params = [p for p in params if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        super().__call__(params, *args, **kwargs)
+
+
+def svi(system: Iodine, lr: float | None = None, num_iters: int | None = None) -> SVI:
+    """A ``pyro.infer.SVI`` for `system`: its model and guide over T steps, its
+    ``TraceMeanField_ELBO``, Adam (``train.lr``, betas) with ``train.clip_norm``.
+
+    ``svi(system).step(x)`` is the update of `iodine_pyro.train.train_step` at a fixed
+    learning rate; ``fit`` runs that lower-level form because it also needs the warm-up and
+    decay of the learning rate, the non-finite guard, GECO's KL weight and DDP."""
+    t = system.cfg.train
+
+    def model(x: torch.Tensor):
+        x, weights = system.clip(x, num_iters)
+        return system.model(x, weights)
+
+    def guide(x: torch.Tensor):
+        x, weights = system.clip(x, num_iters)
+        return system.guide(x, weights)
+
+    optim = GlobalClipAdam({"lr": t.lr if lr is None else lr, "betas": (t.beta1, t.beta2)}, t.clip_norm)
+    return SVI(model, guide, optim, loss=system.elbo)

@@ -21,6 +21,8 @@ Nothing is lost (docs/robustness.md):
   makes (its files, the datasets it generated); ``--overwrite`` removes those and
   nothing else: never a ``--data`` store, never through a symbolic link.
 * Run files are never written through symbolic links: a link in their place is refused.
+* One `fit` at a time: it holds an exclusive lock on the run directory from start to end
+  (`_run_lock`), and a run continues on the store it was trained on (`_check_same_data`).
 * A step is applied only when the batch, the loss, the gradient and the updated
   parameters are all finite; otherwise it is undone, skipped and counted (`_Snapshot`).
 * Data are checked as they are read; a missing or damaged chunk stops the run with a
@@ -31,11 +33,11 @@ Nothing is lost (docs/robustness.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-import shutil
 import signal
 import stat
 import time
@@ -51,10 +53,10 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, check_resumable, load_checkpoint,
                          save_checkpoint, set_rng_state, truncate_metrics)
-from .config import INT_MAX, Config, check_memory, field_differences, make_config, resumed_config
+from .config import INT_MAX, Config, check_memory, field_differences, make_config, pixel_scale_at, resumed_config
 from .data import DATASETS, Batches, DatasetError, background_groups, ensure_generated, is_store
 from .evaluate import batch_metrics
-from .io import TEMP_SUFFIX, WriteError, open_append, pid_alive, remove_stale, write_text
+from .io import TEMP_SUFFIX, WriteError, in_use, lock_dir, open_append, remove_stale, remove_tree, write_text
 from .run import Run, open_checked, recorded_data
 from .system import Iodine
 
@@ -106,11 +108,13 @@ class Geco:
     def beta(self) -> torch.Tensor:
         return self.log_beta.exp()
 
-    def update(self, mse: torch.Tensor, applied: torch.Tensor | bool = True) -> None:
-        """Take the MSE of a step; a step that was not `applied` changes nothing."""
+    def update(self, mse: torch.Tensor, applied: torch.Tensor | bool = True, release: bool = False) -> None:
+        """Take the MSE of a step; a step that was not `applied` changes nothing. With
+        `release` beta rises towards 1 at the full rate whatever the MSE (a final phase
+        on the ELBO: ``train.geco_release_step``)."""
         mse = mse.detach().to(self.mse)
         smoothed = torch.where(torch.isnan(self.mse), mse, self.ema * self.mse + (1 - self.ema) * mse)
-        violation = (1 - smoothed / self.goal).clamp(-1.0, 1.0)
+        violation = torch.ones_like(smoothed) if release else (1 - smoothed / self.goal).clamp(-1.0, 1.0)
         log_beta = (self.log_beta + self.rate * violation).clamp(math.log(self.BETA_MIN), 0.0)
         ok = torch.as_tensor(applied, device=self.mse.device) & torch.isfinite(smoothed)
         self.mse = torch.where(ok, smoothed, self.mse)
@@ -233,6 +237,41 @@ class _DeviceFaults:
         return skipped, longest
 
 
+class _TrainingBar:
+    """`fit`'s progress bar. With a number of steps it counts steps (and estimates the time
+    left from their rate); with only a time limit it counts the limit's seconds, so that it
+    shows how much of it is left, with the step reached beside it (a bar over an unknown
+    number of steps shows neither a total nor the time left)."""
+
+    def __init__(self, steps: float, step: int, time_limit: float | None, disable: bool, desc: str):
+        self.timed = steps == math.inf and time_limit is not None
+        self.start, self.step, self.postfix = time.time(), step, {}
+        if self.timed:
+            self.bar = tqdm(total=max(1, round(time_limit)), disable=disable, desc=desc, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} of the time "
+                                       "limit{postfix}")
+        else:
+            self.bar = tqdm(total=steps if steps < math.inf else None, initial=min(step, steps), disable=disable,
+                            desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int) -> None:
+        """Step `step` is done."""
+        if self.timed:
+            self.bar.set_postfix(ordered_dict={"step": step, **self.postfix}, refresh=False)
+            self.bar.update(min(self.bar.total, int(time.time() - self.start)) - self.bar.n)
+        else:
+            self.bar.update(step - self.step)
+        self.step = step
+
+    def show(self, **values: str) -> None:
+        """Values to show beside the bar (the last logged loss and FG-ARI)."""
+        self.postfix = values
+        self.bar.set_postfix(ordered_dict={**({"step": self.step} if self.timed else {}), **values})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @dataclass
 class FitResult:
     step: int
@@ -296,14 +335,15 @@ def _is_link(path: Path) -> bool:
         return False
 
 
-def _our_leftover(name: str) -> bool:
+def _our_leftover(folder: Path, name: str) -> bool:
     """Whether a directory entry is a temporary file that a killed `fit` left while writing
-    one of its run files (``.checkpoint.pt.<pid>.<hex>.tmp``)."""
+    one of its run files (``.checkpoint.pt.<pid>.<hex>.tmp``): nobody holds its lock
+    (`io.in_use`), whichever host wrote it."""
     if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
         return False
     parts = name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)
     return (len(parts) == 3 and parts[0] in (*RUN_FILES, MANIFEST) and parts[1].isdigit()
-            and not pid_alive(int(parts[1])))
+            and not in_use(str(folder / name), int(parts[1])))
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -397,10 +437,10 @@ def _remove_run(out: Path, manifest: dict[str, Any] | None, ckpt: dict[str, Any]
         path = _inside(out, rel)
         if path is None or path.resolve() in keep:
             continue
-        remove_stale(path)                              # a generation of it cut short
+        remove_stale(path)                              # a generation or a removal of it cut short
         if is_store(path) and path.is_dir():
             log.info("removing %s (generated by the run it replaces)", path)
-            shutil.rmtree(path)
+            remove_tree(path)                           # renamed first: a kill leaves no half store
     for rel in [f for f in files if f != MANIFEST] + [MANIFEST]:
         path = _inside(out, rel)
         if path is None:
@@ -448,7 +488,7 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool,
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     entries = [p.name for p in out.iterdir()] if out.is_dir() else []
     for name in entries:                                         # writes a kill cut short
-        if _our_leftover(name) and (manifest is not None or ckpt is not None or name.startswith(f".{MANIFEST}.")):
+        if _our_leftover(out, name) and (manifest is not None or ckpt is not None or name.startswith(f".{MANIFEST}.")):
             (out / name).unlink(missing_ok=True)
     if ckpt is not None:                                         # ... by an earlier version (no pid in the name)
         for stale in out.glob(f".{CHECKPOINT}.*.tmp"):
@@ -517,6 +557,20 @@ def _recorded_path(path: str | Path, out: Path) -> str:
         return str(path)
 
 
+def _check_same_data(recorded: dict[str, Any], given: str | Path, out: Path) -> None:
+    """A run continues on the store it was trained on (its checkpoint's data position is a
+    position in that store): `--data` naming another one is refused while the recorded one
+    is there; when it is gone (moved), the other is taken, with a warning."""
+    value = recorded["train"]
+    path = Path(value) if Path(value).is_absolute() else out / value
+    if Path(given).resolve() == path.resolve():
+        return
+    if is_store(path):
+        raise CheckpointError(f"{out} is trained on {value}, not {given}; continue it without --data (or with "
+                              f"that store), or train on {given} into another --out")
+    log.warning("the training data of %s (%s) is gone; continuing on %s", out, value, given)
+
+
 def held_out_for(ds, out: Path, seed: int, progress: bool) -> Path | None:
     """A held-out set for a run trained on the store `ds`: as many images as it holds (up
     to 1024) of its dataset, generated in OUT/data/test from another seed; None when its
@@ -580,9 +634,21 @@ def fit(*, out: str | Path, steps: int | None, dataset: str = "tetrominoes", pre
     _check_arguments(args)
     processes = distributed.setup(device)
     try:
-        return _fit(processes, **args)
+        with _run_lock(Path(out), processes.is_main):
+            return _fit(processes, **args)
     finally:
         distributed.teardown(processes)
+
+
+def _run_lock(out: Path, main: bool):
+    """`fit` holds its run directory alone from start to end: an exclusive flock on the
+    directory (`io.lock_dir`), dropped by the kernel however the process ends. A second
+    writer is refused in one line naming the holder, before it reads or writes anything:
+    two writers would truncate and append to one metrics.jsonl and replace each other's
+    checkpoints. On rank 0 only (the one process that writes the run directory)."""
+    if not main or (out.exists() and not out.is_dir()):
+        return contextlib.nullcontext()           # prepare_run_dir refuses these in one line
+    return lock_dir(out, "this run directory")
 
 
 def _check_arguments(a: dict[str, Any]) -> None:
@@ -622,6 +688,12 @@ def _check_request(cfg: Config, out: Path, data, num_images: int) -> None:
     if spec is not None and spec.sequence and not guide_class(cfg.guide.kind).reads_sequences:
         raise ValueError(f"guide.kind: the {cfg.guide.kind} guide reads single images and {cfg.dataset} "
                          f"holds sequences; train it with the iterative guide")
+    if data is None and not (out / CHECKPOINT).exists() and spec is not None:
+        H, W, C = spec.image_shape
+        if (C, H, W) != (cfg.model.image_channels, *cfg.model.image_size):
+            raise ValueError(f"model.image_size: {cfg.dataset} images are {C}x{H}x{W} (channels x height x width) "
+                             f"and the configuration expects {cfg.model.image_channels}x{cfg.model.image_size[0]}x"
+                             f"{cfg.model.image_size[1]}; drop the override, or pass --data with such images")
     if data is None and not (out / CHECKPOINT).exists() and num_images < cfg.train.batch_size:
         raise ValueError(f"--num-images {num_images} is fewer than one batch (--batch-size "
                          f"{cfg.train.batch_size}); generate more images or lower the batch size")
@@ -654,6 +726,8 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
             raise CheckpointError(f"checkpoint {ckpt_path} has an invalid seed {stored_seed!r}")
         seed = stored_seed
         generated = ckpt["data"].get("generated")
+        if data is not None and processes.is_main:
+            _check_same_data(ckpt["data"], data, out)
         data = data or processes.main_first(recorded_data, ckpt["data"], "train", out, progress and processes.is_main)
         eval_data = eval_data or processes.main_first(recorded_data, ckpt["data"], "eval", out,
                                                       progress and processes.is_main)
@@ -755,8 +829,27 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
     bad_in_row, skipped, last = 0, 0, {}
     stop = "done"
     it = iter(batches)
-    bar = tqdm(total=steps if steps < math.inf else None, initial=min(step, steps), disable=not (progress and processes.is_main),
-               desc=f"fit {cfg.dataset}", unit="step", dynamic_ncols=True)
+    bar = _TrainingBar(steps, step, time_limit if time_clock == "wall" else None,
+                       disable=not (progress and processes.is_main), desc=f"fit {cfg.dataset}")
+    first = step
+    loss = gnorm = applied = batch = None
+
+    def log_row() -> None:
+        """Write step `step`'s row to metrics.jsonl: loss, clock, and the metrics of its batch."""
+        nonlocal loss, gnorm, skipped, last
+        if applied is None:                              # the one host synchronisation of N steps
+            loss, gnorm = trainer.settle()[:2]
+            skipped, longest = faults.settle()
+            if longest >= cfg.train.max_bad_steps:
+                stop_on_faults(longest, f"before step {step}")
+        last = {"step": step, "loss": loss, "grad_norm": gnorm, "skipped": skipped,
+                **{k: round(v, 3) for k, v in clock().items()},
+                **({"beta": float(geco.beta)} if geco is not None else {}),
+                **({"pixel_scale": system.model.pixel_scale} if cfg.train.pixel_scale_final else {}),
+                **(batch_metrics(system, batch, background) if processes.is_main else {})}
+        mlog.write(json.dumps(last) + "\n")
+        bar.show(loss=f"{loss:.4g}", fg_ari=f"{last.get('fg_ari', math.nan):.3f}")
+
     # Pyro's argument validation costs ~20% per step; non-finite values are caught below.
     mlog = open_append(out / METRICS) if processes.is_main else open(os.devnull, "a")
     with _StopFlag() as flag, mlog, pyro.validation_enabled(False):
@@ -774,6 +867,7 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
                 raise DatasetError(f"{e} (training stopped at step {step}; the run is saved in {ckpt_path})") from None
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
+            system.model.pixel_scale = pixel_scale_at(cfg, step)
             beta = geco.beta if geco is not None else 1.0
             if trainer is None:
                 loss, gnorm, applied, mse = train_step(system, optimizer, batch["image"], cfg.train.clip_norm, beta,
@@ -789,7 +883,8 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
                     snapshot.restore()
                     applied = False
             if geco is not None:
-                geco.update(mse, (trainer.last_applied & ok) if applied is None else applied)
+                release = cfg.train.geco_release_step is not None and step >= cfg.train.geco_release_step
+                geco.update(mse, (trainer.last_applied & ok) if applied is None else applied, release)
             if applied is False:
                 bad_in_row, skipped = bad_in_row + 1, skipped + 1
                 log.warning("step %d: non-finite batch, loss, gradient or update (loss %s, gradient norm %s); "
@@ -799,21 +894,13 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
                 continue
             bad_in_row = 0
             step += 1
-            bar.update(1)
+            bar.update(step)
             if step % log_every == 0 or step == steps:
-                if applied is None:                              # the one host synchronisation of N steps
-                    loss, gnorm = trainer.settle()[:2]
-                    skipped, longest = faults.settle()
-                    if longest >= cfg.train.max_bad_steps:
-                        stop_on_faults(longest, f"before step {step}")
-                last = {"step": step, "loss": loss, "grad_norm": gnorm, "skipped": skipped,
-                        **{k: round(v, 3) for k, v in clock().items()},
-                        **({"beta": float(geco.beta)} if geco is not None else {}),
-                        **(batch_metrics(system, batch, background) if processes.is_main else {})}
-                mlog.write(json.dumps(last) + "\n")
-                bar.set_postfix(loss=f"{loss:.4g}", fg_ari=f"{last.get('fg_ari', math.nan):.3f}")
+                log_row()
             if step % checkpoint_every == 0:
                 checkpoint()
+        if step > first and last.get("step") != step and applied is not False:   # stopped between logging steps
+            log_row()
         checkpoint()
     bar.close()
     if faults is not None:

@@ -33,7 +33,103 @@ def run_dir(tmp_path_factory):
                "--num-images", 32, "--log-every", 1, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "trained to step 2" in proc.stdout
+    (out / "stdout.txt").write_text(proc.stdout)
     return out
+
+
+def test_fit_says_first_how_many_threads_and_last_what_was_measured(run_dir):
+    lines = (run_dir / "stdout.txt").read_text().splitlines()
+    assert lines[0].startswith("using ") and "--threads N to choose" in lines[0], lines[0]
+    assert "OpenMP wait policy PASSIVE" in lines[0]                    # set before torch was loaded
+    assert any(line.startswith("held-out, 32 images, final refinement step: FG-ARI ") and "slots own part of the background"
+               in line for line in lines), lines
+    assert any(line.startswith("what the pictures show: ") for line in lines), lines
+
+
+def test_the_default_preset_is_fast_and_paper_is_the_papers_recipe(tmp_path):
+    from iodine_pyro.checkpoint import load_checkpoint
+
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    proc = cli("fit", "--steps", 1, "--out", tmp_path / "r", "--num-images", 8, "--config", tmp_path / "tiny.toml",
+               "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / "r")["config"].preset == "fast"
+    help_text = " ".join(cli("fit", "--help").stdout.split())
+    assert "fast (default" in help_text and "paper (the paper's recipe" in help_text
+    assert "default 4m when --steps is not given" in help_text
+
+
+@pytest.mark.parametrize("value,needle", [("4", "'4' has no unit; write 4s, 4m or 4h"), ("soon", "90s, 45m or 2h"),
+                                          ("0s", "positive")])
+def test_a_time_limit_needs_a_unit(tmp_path, value, needle):
+    proc = cli("fit", "--time-limit", value, "--out", tmp_path / "r", "--quiet")
+    assert_one_line_error(proc, "--time-limit", needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_metrics_and_the_final_line_belong_to_the_final_step(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    out = tmp_path / "r"
+    proc = cli("fit", "--steps", 3, "--log-every", 2, "--out", out, "--num-images", 8, "--config",
+               tmp_path / "tiny.toml", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+    assert "trained to step 3: loss=" in proc.stdout
+
+
+def test_a_time_limited_bar_shows_the_time_left_and_the_step(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    out = tmp_path / "r"
+    proc = cli("fit", "--time-limit", "3s", "--out", out, "--num-images", 8, "--config", tmp_path / "tiny.toml",
+               "--threads", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "of the time limit" in proc.stderr and "step=" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith("using 1 CPU thread (--threads")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] == torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+
+
+@pytest.mark.parametrize("args", [["evaluate", "RUN", "--num-images", 4, "--json"],
+                                  ["sample", "RUN", "--num-images", 2, "--num-samples", 2, "--out", "OUT/p.nc", "-q"],
+                                  ["plot", "decomposition", "RUN", "--out", "OUT/d.png"],
+                                  ["compare", "RUN", "--num-images", 2, "--iw-samples", 2, "--gap-steps", 1,
+                                   "--out", "OUT/c", "--json"]])
+def test_every_command_that_computes_takes_threads(run_dir, tmp_path, args):
+    args = [str(a).replace("RUN", str(run_dir)).replace("OUT", str(tmp_path)) for a in args]
+    proc = cli(*args, "--threads", 1)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stderr if "--json" in args else proc.stdout
+    assert "using 1 CPU thread (--threads" in said, said
+    if "--json" in args:
+        json.loads(proc.stdout)                                     # stdout stays one JSON object
+
+
+def test_threads_do_not_apply_to_curves(run_dir, tmp_path):
+    assert_one_line_error(cli("plot", "curves", run_dir, "--out", tmp_path / "c.png", "--threads", 1),
+                          "--threads does not apply to plot curves")
+
+
+def test_the_closing_judgement_comes_from_the_numbers():
+    from iodine_pyro.cli.train import what_it_shows
+
+    bands = {"fg_ari": 0.18, "bands_fg_ari": 0.21, "bg_slots": 3.6, "num_slots": 4}
+    said = what_it_shows(bands)
+    assert "regions, not objects" in said and "split over 3.6 slots" in said
+    objects = {"fg_ari": 0.9, "bands_fg_ari": 0.21, "bg_slots": 1.1, "num_slots": 4}
+    said = what_it_shows(objects)
+    assert "separate objects better than" in said and "the background is one slot's" in said
+
+
+def test_a_script_without_a_main_guard_can_generate_with_workers(tmp_path):
+    script = tmp_path / "make.py"                                   # no `if __name__ == "__main__":`
+    script.write_text("from iodine_pyro.data import generate\n"
+                      "generate('tetrominoes', 600, 'store', workers=2, progress=False)\n"
+                      "print('done')\n")
+    proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+    from iodine_pyro.data import open_dataset
+    assert open_dataset(tmp_path / "store").sizes["image"] == 600
 
 
 def test_fit_writes_checkpoint_metrics_and_pictures(run_dir):
@@ -144,7 +240,7 @@ def test_fit_refuses_data_of_another_shape(run_dir, tmp_path):
 
 def test_fit_refuses_a_run_of_another_preset(run_dir):
     proc = cli("fit", "--preset", "deepmind", "--out", run_dir, "--steps", 3, "--quiet")
-    assert_one_line_error(proc, "tetrominoes/paper")
+    assert_one_line_error(proc, "tetrominoes/fast")                   # the default preset
 
 
 def test_fit_with_a_time_limit_and_no_steps_trains_until_the_limit(tmp_path):
@@ -170,10 +266,22 @@ def test_fit_resume_takes_a_new_learning_rate_and_refuses_any_other_change(run_d
     shutil.copytree(run_dir, out)
     proc = cli("fit", "--out", out, "--resume", "--steps", 3, "--lr", 1e-5, "--log-every", 1, "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert f"resuming the run in {out} at step 2 with train.lr 0.0003 -> 1e-05" in proc.stdout
+    assert f"resuming the run in {out} at step 2 with train.lr 0.001 -> 1e-05" in proc.stdout
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 3 and ckpt["config"].train.lr == 1e-5
-    assert all(g["lr"] == pytest.approx(1e-5) for g in ckpt["optimizer"]["param_groups"])
+    from iodine_pyro.train import learning_rate
+    lr = learning_rate(ckpt["config"], 2)                              # the new rate, in the preset's warm-up
+    assert all(g["lr"] == pytest.approx(lr) for g in ckpt["optimizer"]["param_groups"])
     proc = cli("fit", "--out", out, "--resume", "--steps", 4, "--batch-size", 8, "--quiet")
     assert_one_line_error(proc, "train.batch_size 4 -> 8", "may change only train.lr")
     assert load_checkpoint(out)["step"] == 3                          # refused before any step
+
+
+def test_the_default_thread_count_leaves_busy_cores_alone():
+    code = ("import os; from iodine_pyro import threads; threads.prepare_environment(); "
+            "n, why = threads.choose(None); print(n, why, os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    n, rest = proc.stdout.split(" ", 1)
+    assert 1 <= int(n) <= (os.cpu_count() or 1) and "cores" in rest and rest.strip().endswith("PASSIVE"), proc.stdout

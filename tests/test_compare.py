@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from iodine_pyro.compare import compare, importance_terms, merge_scenes, optimize_posterior
+from iodine_pyro.compare import compare, importance_terms, markdown_table, merge_scenes, optimize_posterior
 from iodine_pyro.run import Run
 
 METRICS = ["elbo", "iwae", "nll", "kl", "amortization_gap", "mse", "fg_ari", "ari"]
@@ -25,8 +25,8 @@ def runs(tiny_runs):
 
 @pytest.fixture(scope="module")
 def result(runs):
-    return compare([runs["iterative"], runs["amortized"]], num_images=8, num_iters=6, iw_samples=32,
-                   gap_steps=150, batch_size=4, progress=False)
+    return compare([runs["iterative"], runs["amortized"]], num_images=8, num_iters=6, iw_samples=16,
+                   evidence_samples=100, gap_steps=60, gap_check_every=10, batch_size=4, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_per_step_lists_for_iterative_single_step_for_amortized(result):
             assert all(isinstance(v, float) for v in r[key]), key
         for key in ("elbo", "iwae", "nll", "kl", "mse", "amortization_gap"):
             assert all(math.isfinite(v) for v in r[key]), key
-        assert r["final"] == {k: r[k][r["trained_step"] - 1] for k in METRICS}
+        assert {k: r["final"][k] for k in METRICS} == {k: r[k][r["trained_step"] - 1] for k in METRICS}
         assert all(v >= 0 for v in r["kl"]) and all(0 <= v <= 1 for v in r["mse"])
         for t in range(r["steps"]):
             assert r["elbo"][t] == pytest.approx(-(r["nll"][t] + r["kl"][t]))
@@ -66,10 +66,10 @@ def test_per_step_lists_for_iterative_single_step_for_amortized(result):
 def test_steps_default_to_the_trained_t_and_may_stop_before_it(runs, num_iters, steps):
     """The default is T, as for evaluate and sample; fewer steps than T report the last."""
     out = compare([runs["iterative"]], num_images=2, num_iters=num_iters, iw_samples=2, gap_steps=2,
-                  progress=False)
+                  evidence_samples=0, generalize=False, progress=False)
     r = out["runs"]["run-iterative"]
     assert r["steps"] == steps and r["trained_step"] == 3 and r["final_step"] == steps
-    assert r["final"] == {k: r[k][steps - 1] for k in METRICS}
+    assert {k: r["final"][k] for k in METRICS} == {k: r[k][steps - 1] for k in METRICS}
 
 
 def test_importance_weighted_bound_is_above_the_elbo(result):
@@ -123,8 +123,9 @@ def test_deepmind_preset_lists_every_pass():
     system = Iodine(tiny_config("deepmind")).eval()
     out = evaluate_guide(system, torch.rand(2, 3, 12, 12), None, num_iters=6, iw_samples=2, gap_steps=0)
     assert out["elbo"].shape == (7, 2) and out["optimized_elbo"].shape == (2,)
-    # with no optimisation the "optimised" posterior is the one of the trained pass (index T = 3)
-    torch.testing.assert_close(out["optimized_kl"], out["kl"][3], rtol=1e-5, atol=1e-5)   # softplus round trip
+    # with no optimisation q* from the guide is the posterior of the trained pass (index T = 3)
+    torch.testing.assert_close(out["optimized_kl_from_guide"], out["kl"][3], rtol=1e-5, atol=1e-5)   # softplus
+    assert (out["optimized_kl_from_prior"] == 0).all() and (out["gap_steps_from_guide"] == 0).all()
 
 
 def test_merge_scenes_adds_objects(batch):
@@ -145,12 +146,13 @@ def test_generalisation_to_more_objects_and_more_slots(runs, batch):
     """The iterative guide, trained with K = 4 on 3 pieces, on scenes of ~6 pieces with K = 7,
     both from a stored set (merged) and from images in memory."""
     out = compare([runs["iterative"]], num_images=3, merge=2, num_slots=7, num_iters=4, iw_samples=4,
-                  gap_steps=5, progress=False)
+                  gap_steps=5, evidence_samples=0, generalize=False, progress=False)
     r = out["runs"]["run-iterative"]
     assert out["settings"]["objects_per_image"] > 3 and r["num_slots"] == 7 and r["steps"] == 4
     assert all(math.isfinite(v) for v in r["elbo"] + r["fg_ari"])
     memory = compare([runs["iterative"]], data={"image": batch["image"][:6], "mask": batch["mask"][:6]},
-                     num_images=3, merge=2, num_slots=7, num_iters=4, iw_samples=4, gap_steps=5, progress=False)
+                     num_images=3, merge=2, num_slots=7, num_iters=4, iw_samples=4, gap_steps=5,
+                     evidence_samples=0, generalize=False, progress=False)
     assert memory["settings"]["data"] == "in-memory images"
     assert memory["runs"]["run-iterative"]["elbo"] == pytest.approx(r["elbo"])   # the same scenes
 
@@ -159,7 +161,7 @@ def test_compare_command_writes_json_table_and_plot(runs, tmp_path, monkeypatch,
     out = tmp_path / "cmp"
     code, stdout, err = cli_inprocess(monkeypatch, capsys, "compare", runs["iterative"], runs["amortized"],
                                       "--num-images", 2, "--iw-samples", 4, "--gap-steps", 5,
-                                      "--num-iters", 4, "--out", out, "--json")
+                                      "--evidence-samples", 50, "--num-iters", 4, "--out", out, "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert set(result["runs"]) == {"run-iterative", "run-amortized"}
@@ -186,3 +188,42 @@ def test_compare_bad_arguments(runs, tmp_path, monkeypatch, capsys, args, needle
 def test_compare_missing_run(tmp_path, monkeypatch, capsys):
     code, _, err = cli_inprocess(monkeypatch, capsys, "compare", tmp_path / "nope", "--out", tmp_path)
     assert code == 2 and "no checkpoint" in err
+
+
+def test_protocol_reports_evidence_gaps_khat_cost_and_generalisation(result):
+    s = result["settings"]
+    assert s["evidence_samples"] == 100 and "adapts to its guide" in s["decoders"] and not s["reduced_for_time"]
+    for r in result["runs"].values():
+        assert r["approximation_gap"] == pytest.approx(r["log_px"] - r["optimized_elbo"])
+        assert math.isfinite(r["log_px"]) and r["log_px_se"] > 0 and 0 <= r["khat_above_0.7"] <= 1
+        assert "khat_se" not in r and r["khat"] > 0.7                        # untrained: far from the posterior
+        assert len(r["khat_per_image"]) == 8
+        assert r["log_px"] >= r["final"]["elbo"] - 1.0                       # an estimate above the bound
+        assert len(r["elbo_se"]) == r["steps"] and all(v > 0 for v in r["elbo_se"])
+        assert r["optimized_elbo"] >= max(r["optimized_elbo_from_guide"], r["optimized_elbo_from_prior"]) - 1e-9
+        assert 0 < r["gap_steps_from_guide"] <= 60 and 0 < r["gap_steps_from_prior"] <= 60
+        assert r["decoder_passes"] == list(range(1, r["steps"] + 1)) and r["cpu_seconds"][-1] > 0
+        g = r["generalization"]
+        assert g["objects_per_image"] > 3 and ("K=7" in g) == r["can_change_slots"] and "K=4" in g
+    assert result["runs"]["run-iterative"]["can_change_slots"]
+    table = markdown_table(result)
+    assert "adapts to its guide" in table and "approximation gap" in table and "Generalisation" in table
+
+
+def test_time_limit_lowers_the_samples_and_says_so(runs):
+    out = compare([runs["amortized"]], num_images=2, iw_samples=64, evidence_samples=4000, gap_steps=2000,
+                  time_limit=0.5, generalize=False, progress=False)
+    s = out["settings"]
+    assert s["reduced_for_time"] and s["evidence_samples"] < 4000 and s["gap_steps"] < 2000
+    assert s["evidence_samples"] >= 32 and s["gap_steps"] >= 50 and s["iw_samples"] >= 4
+    assert "Lowered to fit the time limit" in markdown_table(out)
+    assert s["planned_seconds"] > 0 and ("exceed" in markdown_table(out)) == (s["planned_seconds"] > 0.5)
+
+
+def test_a_tight_time_limit_fits_q_star_on_fewer_images(runs):
+    out = compare([runs["amortized"]], num_images=8, batch_size=4, iw_samples=4, evidence_samples=32, gap_steps=50,
+                  time_limit=1e-3, generalize=False, progress=False)
+    s, r = out["settings"], out["runs"]["run-amortized"]
+    assert s["gap_images"] == 4 and s["reduced_for_time"]
+    assert math.isfinite(r["optimized_elbo"]) and math.isfinite(r["amortization_gap"][0])
+    assert "on the first 4 images" in markdown_table(out)

@@ -127,8 +127,8 @@ def test_nproc_launch_writes_on_rank_0_only_and_resumes_exactly(two_process_run,
     out = tmp_path / "run"
 
     def fit(steps):
-        args = ["fit", "--config", toml, "--data", data, "--out", out, "--steps", steps, "--log-every", 1,
-                "--checkpoint-every", 1, "--quiet", "--nproc", WORLD, "--no-amp"]   # as the fixture
+        args = ["fit", "--preset", "paper", "--config", toml, "--data", data, "--out", out, "--steps", steps,
+                "--log-every", 1, "--checkpoint-every", 1, "--quiet", "--nproc", WORLD, "--no-amp"]   # as the fixture
         return subprocess.run([sys.executable, "-m", "iodine_pyro", *map(str, args)], capture_output=True,
                               text=True, env=ENV, timeout=300)
 

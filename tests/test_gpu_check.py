@@ -22,6 +22,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
                                                               for p in ("bf16", "fp32")}
     assert all(r["train_img_s"] > 0 and r["eval_img_s"] > 0 and r["decoder_fraction_of_peak"] > 0 for r in rows)
     quality = json.loads((out / "quality.json").read_text())
-    assert [r["preset"] for r in quality] == ["paper", "deepmind", "fast"]
+    assert [(r["dataset"], r["preset"]) for r in quality] == [
+        ("tetrominoes", "paper"), ("tetrominoes", "deepmind"), ("tetrominoes", "fast"), ("multi_dsprites", "fast")]
     assert all(0 <= r["fg_ari"] <= 1 or r["fg_ari"] != r["fg_ari"] for r in quality)   # a number or NaN
     assert all(r["step"] >= 1 for r in quality)

@@ -9,9 +9,10 @@ import torch
 from torch.distributions import kl_divergence
 
 from iodine_pyro.checkpoint import load_checkpoint
-from iodine_pyro.config import make_config
+from iodine_pyro.config import make_config, pixel_scale_at
 from iodine_pyro.data import generate
 from iodine_pyro.system import Iodine
+from iodine_pyro.run import Run
 from iodine_pyro.train import Geco, fit, learning_rate
 
 from .helpers import TINY_OVERRIDES, tiny_config
@@ -127,3 +128,45 @@ def test_fast_preset_is_the_papers_model_trained_differently():
     assert math.isclose(learning_rate(fast, fast.train.warmup_steps - 1), 1e-3)
     assert math.isclose(learning_rate(fast, 2999), 1e-3) and math.isclose(learning_rate(fast, 3000), 5e-4)
     assert math.isclose(learning_rate(fast, 6000), 2.5e-4)
+
+
+def test_pixel_scale_anneals_geometrically_from_its_start_step():
+    cfg = make_config("tetrominoes", "fast", {"train.pixel_scale_final": 0.075, "train.pixel_anneal_start": 100,
+                                              "train.pixel_anneal_steps": 200})
+    assert pixel_scale_at(cfg, 0) == pixel_scale_at(cfg, 100) == 0.3
+    assert pixel_scale_at(cfg, 200) == pytest.approx(0.15)          # halfway: the geometric mean
+    assert pixel_scale_at(cfg, 300) == pixel_scale_at(cfg, 10**6) == pytest.approx(0.075)
+    assert pixel_scale_at(make_config("tetrominoes", "fast"), 10**6) == 0.3   # no anneal: constant
+
+
+def test_geco_release_returns_beta_to_one_whatever_the_mse():
+    geco = Geco(goal=0.01, rate=0.1, ema=0.0)
+    for _ in range(20):
+        geco.update(torch.tensor(1.0))                    # far above the goal: beta falls
+    assert float(geco.log_beta) == pytest.approx(-2.0)
+    for _ in range(10):
+        geco.update(torch.tensor(1.0), release=True)      # released: rises at the full rate
+    assert float(geco.log_beta) == pytest.approx(-1.0)
+    for _ in range(20):
+        geco.update(torch.tensor(1.0), release=True)
+    assert float(geco.beta) == 1.0
+
+
+def test_a_resumed_run_may_start_annealing_and_is_evaluated_at_its_sigma(tmp_path, data):
+    overrides = {**TINY_OVERRIDES, "model.pixel_scale": 0.3, "train.geco_goal": 1e-4}
+    fit(out=tmp_path / "run", data=data, steps=2, overrides=overrides, progress=False, log_every=1)
+    anneal = {"train.pixel_scale_final": 0.1, "train.pixel_anneal_start": 2, "train.pixel_anneal_steps": 2,
+              "train.geco_release_step": 2}
+    done = fit(out=tmp_path / "run", data=data, steps=5, overrides=anneal, resume=True, progress=False,
+               log_every=1)
+    rows = [json.loads(line) for line in (done.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [round(r["pixel_scale"], 4) for r in rows[2:]] == [0.3, 0.1732, 0.1]   # the sigma of each step
+    assert rows[3]["beta"] > rows[2]["beta"]              # released: beta rises although MSE >> goal
+    assert Run.open(done.out).system.model.pixel_scale == pytest.approx(0.1)
+    per_step, T = rows[-1]["per_step"], done.system.cfg.guide.num_iters      # every refinement step's metrics
+    assert set(per_step) >= {"fg_ari", "ari", "bg_slots", "mse", "kl"} and len(per_step["mse"]) == T
+    assert per_step["mse"][-1] == pytest.approx(rows[-1]["mse"], abs=1e-5)
+    with pytest.raises(ValueError, match="model.pixel_scale"):  # sigma itself stays the run's
+        fit(out=tmp_path / "run", data=data, steps=6, overrides={"model.pixel_scale": 0.1}, resume=True,
+            progress=False)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iodine_pyro.metrics import ari, mse, summarize
+from iodine_pyro.metrics import ari, mse, slots_owning, summarize
 
 PROPERTY = settings(
     derandomize=True, deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
@@ -335,3 +335,45 @@ def test_mse_hand_value():
     assert mse(image, recon).item() == pytest.approx(0.0625)
     with pytest.raises(ValueError):
         mse(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 3))
+
+
+# --------------------------------------------------------------------------- slots owning a region
+
+
+def test_slots_owning_hand_computed():
+    # one image of 10 pixels: background (group 0) is pixels 0-7, an object (group 1) 8-9
+    true, pred = label_rows([0] * 8 + [1] * 2, [0, 0, 0, 0, 0, 0, 0, 1, 2, 2])
+    assert slots_owning(true, pred).item() == 2                        # slots 0 and 1 share it
+    assert slots_owning(true, pred, share=0.2).item() == 1             # slot 1 holds 1/8 < 20%
+    assert slots_owning(true, pred, region="objects").item() == 1      # slot 2 alone
+
+
+def test_slots_owning_background_in_one_slot_and_spread():
+    labels = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2]])                   # background, two objects
+    true = onehot_masks(labels[:, None], 3)
+    one = onehot_masks(torch.tensor([[3, 3, 3, 3, 0, 0, 1, 1]])[:, None], 4)
+    spread = onehot_masks(torch.tensor([[0, 1, 2, 3, 0, 0, 1, 1]])[:, None], 4)
+    assert slots_owning(true, one).item() == 1
+    assert slots_owning(true, spread).item() == 4
+    assert slots_owning(true, one, region="objects").item() == 2
+
+
+def test_slots_owning_no_region_is_nan_and_bad_input_raises():
+    true, pred = label_rows([1, 1, 1], [0, 1, 1])                       # no background pixel
+    assert math.isnan(slots_owning(true, pred).item())
+    with pytest.raises(ValueError):
+        slots_owning(true, pred, region="sky")
+    with pytest.raises(ValueError):
+        slots_owning(true[0], pred)
+
+
+@PROPERTY
+@given(problems(), st.integers(0, 2**32 - 1), st.sampled_from(["background", "objects"]))
+def test_slots_owning_invariant_to_slot_permutation_and_bounded(problem, seed, region):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    perm = torch.as_tensor(np.random.default_rng(seed).permutation(logits.shape[1]))
+    a, b = slots_owning(masks, logits, 1, region), slots_owning(masks, logits[:, perm], 1, region)
+    assert_same(a, b)
+    finite = a[~torch.isnan(a)]
+    assert ((finite >= 1) & (finite <= logits.shape[1])).all()

@@ -252,10 +252,45 @@ def test_pixel_mixture_log_prob_and_sampling():
     assert abs(float(s.std()) - 0.03 * math.pi / math.sqrt(3)) < 0.005  # logistic sd = s pi / sqrt 3
 
 
+def test_pixel_mixture_takes_leading_sample_dims_and_validates_its_value():
+    torch.manual_seed(0)
+    means, logits = torch.rand(4, 3, 2, 3, 5, 5), torch.randn(4, 3, 2, 5, 5)   # [S, B, K, C, H, W]
+    d = PixelMixture(means, logits, "gaussian", 0.1, validate_args=True)
+    assert d.batch_shape == (4, 3) and d.event_shape == (3, 5, 5) and d.support.event_dim == 3
+    x = torch.rand(3, 3, 5, 5)                                      # broadcast over the sample dim
+    want = torch.stack([PixelMixture(means[s], logits[s]).log_prob(x) for s in range(4)])
+    assert torch.allclose(d.log_prob(x), want)
+    assert d.sample((2,)).shape == (2, 4, 3, 3, 5, 5)
+    assert PixelMixture(means[0], logits[0]).sample((7,)).shape == (7, 3, 3, 5, 5)
+    assert d.expand((6, 4, 3)).batch_shape == (6, 4, 3)
+    with pytest.raises(ValueError):
+        d.log_prob(torch.rand(3, 5, 5, 3))                          # not an image [C, H, W]
+    with pytest.raises(ValueError):
+        d.log_prob(torch.full((3, 3, 5, 5), math.nan))
+    with pytest.raises(ValueError, match="means"):
+        PixelMixture(torch.rand(2, 3, 5, 5), torch.rand(2, 5, 5))
+
+
+def test_decode_and_the_model_take_leading_sample_dims():
+    """`Predictive(parallel=True)` runs the model once for all draws: z [S, B, K, n_z]."""
+    from pyro.infer import Predictive
+    cfg = tiny_config("paper")
+    torch.manual_seed(0)
+    system = Iodine(cfg)
+    z = torch.randn(5, 2, 3, cfg.model.latent_dim)
+    d = system.model.decode(z)
+    assert d.means.shape == (5, 2, 3, 3, *cfg.model.image_size) and d.masks.shape == (5, 2, 3, *cfg.model.image_size)
+    one = system.model.decode(z[1])
+    assert torch.allclose(d.means[1], one.means, atol=1e-6) and torch.allclose(d.reconstruction()[1], one.reconstruction(), atol=1e-6)
+    draws = Predictive(system.model, num_samples=4, parallel=True)(None, batch_size=2)
+    assert draws["t0/z"].shape == (4, 2, 3, cfg.model.latent_dim)
+    assert draws["t0/x"].shape == (4, 2, 3, *cfg.model.image_size)
+
+
 def test_model_samples_images_from_the_prior():
     cfg = tiny_config("paper")
     system = Iodine(cfg)
-    tr = poutine.trace(system.model.model).get_trace(None, batch_size=4)
+    tr = poutine.trace(system.model).get_trace(None, batch_size=4)
     assert tr.nodes["t0/z"]["value"].shape == (4, 3, cfg.model.latent_dim)
     assert tr.nodes["t0/x"]["value"].shape == (4, 3, *cfg.model.image_size)
     assert tr.nodes["t0/z"]["fn"].event_shape == (3, cfg.model.latent_dim)   # slots, dims as event dims
@@ -298,7 +333,7 @@ def test_mixture_terms_is_the_one_likelihood():
     cfg = tiny_config("paper")
     system = Iodine(cfg)
     x = torch.rand(2, 3, *cfg.model.image_size)
-    tr = poutine.trace(system.model.model).get_trace(x)
+    tr = poutine.trace(system.model).get_trace(x)
     fn = tr.nodes["t0/x"]["fn"]
     terms = mixture_terms(x, fn.means, fn.mask_logits, "gaussian", 0.1)
     assert torch.allclose(tr.nodes["t0/x"]["fn"].log_prob(x), terms.log_px.sum((1, 2)))

@@ -3,6 +3,7 @@ data during training, a real guard against non-finite steps, full disks and read
 targets. Each case is one of docs/robustness.md."""
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -212,8 +213,9 @@ def leftovers(root: Path) -> list[str]:
 
 def test_fit_killed_at_every_phase_continues_with_the_same_command(tmp_path, tiny_toml):
     out = tmp_path / "run"
-    args = ["fit", "--config", tiny_toml, "--num-images", 16, "--out", out, "--steps", 4,
-            "--checkpoint-every", 2, "--log-every", 1, "--quiet"]
+    args = ["fit", "--preset", "paper", "--config", tiny_toml, "--num-images", 16, "--out", out, "--steps", 4,
+            "--checkpoint-every", 2, "--log-every", 1, "--quiet", "--threads", 1]   # as the reference below:
+    # fit()'s preset, and one thread (bit-identical parameters need the same thread count)
     pids = tmp_path / "pids"
     killed("generation", *args, pids=pids)                            # 1. generating its data
     assert_gone(pids)
@@ -422,3 +424,252 @@ def test_read_only_targets_give_one_line(tmp_path, tiny_runs):
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+# -- 7. one writer, bounded reads, recorded paths, pairs: what a second round of breaking found --
+
+
+def test_a_run_directory_has_one_writer_at_a_time(tmp_path, data, tiny_toml):
+    from iodine_pyro.io import lock_dir
+
+    out = tmp_path / "run"
+    args = ["fit", "--config", tiny_toml, "--data", data, "--out", out, "--steps", 2, "--log-every", 1, "--quiet"]
+    assert run_main(*args)[0] == 0
+    before = tree_state(out)
+    with lock_dir(out):                                               # a fit that is running (another open file)
+        for extra in ([], ["--resume", "--lr", "1e-5"], ["--overwrite"]):
+            code, err = run_main(*args, *extra)
+            assert_one_line(code, err, f"process {os.getpid()}", "is writing this run directory")
+        assert tree_state(out) == before                              # metrics and checkpoint untouched
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, out], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:                                                              # another process, killed while it holds it
+        assert holder.stdout.readline().strip() == "held"
+        assert_one_line(*run_main(*args, "--resume", "--lr", "1e-5"), f"process {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    args[args.index("--steps") + 1] = 3
+    assert run_main(*args)[0] == 0                                    # the lock ended with its holder: none stale
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+HOLDER = "import sys, time\nfrom iodine_pyro.io import lock_dir\nwith lock_dir(sys.argv[1]):\n" \
+         "    print('held', flush=True)\n    time.sleep(600)\n"
+
+
+def test_a_fit_that_fails_before_writing_leaves_no_directory(tmp_path, data):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ValueError, match="would need at least"):     # the networks' parameters alone
+        tiny_fit(out, data, overrides={"guide.mlp": (100_000, 100_000)})
+    with pytest.raises(ValueError, match="model.image_size"):         # found before generating anything
+        fit(out=out, steps=1, num_images=8, overrides={**TINY_OVERRIDES, "model.image_size": (12, 12)},
+            progress=False)
+    assert not (tmp_path / "new").exists()
+    fit(out=out, steps=1, num_images=8, overrides=TINY_OVERRIDES, progress=False)   # the corrected command
+    assert load_checkpoint(out)["step"] == 1
+
+
+def test_generation_workers_are_capped(monkeypatch):
+    gen = importlib.import_module("iodine_pyro.data.generate")       # the module, not its function
+
+    assert gen.worker_count(1000, 10) <= min(os.cpu_count() or 1, 10)
+    monkeypatch.setattr(gen, "_memory_available", lambda: 3 * gen.WORKER_BYTES)
+    assert gen.worker_count(1000, 1000) <= 3
+
+
+def test_ctrl_c_during_generation_prints_one_line_and_leaves_no_process(tmp_path):
+    for attempt, delay in enumerate((0.1, 1.5)):                     # the fork server importing; workers sending
+        out = tmp_path / f"store{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "iodine_pyro", "data", "generate", "tetrominoes",
+                                 "--num-images", "20000", "--workers", "2", "--out", str(out), "--quiet"],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV,
+                                start_new_session=True)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(f".store{attempt}.*.partial")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)                            # Ctrl-C: the terminal's whole group
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("Ctrl-C during generation hung")
+        assert proc.returncode == 130 and err.strip() == "interrupted", err
+        assert not is_store(out) and leftovers(tmp_path) == []
+        with contextlib.suppress(ProcessLookupError):                 # no worker or fork server left
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+            raise AssertionError("processes of the interrupted generation still run")
+
+
+def test_stopping_workers_never_waits_on_a_message_cut_short():
+    import struct
+    import threading
+
+    gen = importlib.import_module("iodine_pyro.data.generate")
+
+    pool = gen._process_pool(1)
+    pool.submit(gen._generate_chunk, "tetrominoes", np.random.SeedSequence(0), 1).result(timeout=120)
+    pool._result_queue._writer._send(struct.pack("!i", 1 << 20) + b"cut")   # a worker killed mid-send
+    time.sleep(0.5)                                                   # the pool's reader now waits for the rest
+    manager = pool._executor_manager_thread
+    gen._stop_workers(pool)
+    manager.join(timeout=20)
+    assert not manager.is_alive() and not [t for t in threading.enumerate() if t is manager]
+
+
+def test_a_removal_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    import iodine_pyro.io as io_module
+
+    out = tmp_path / "run"
+    fit(out=out, steps=1, num_images=8, overrides=TINY_OVERRIDES, progress=False)
+    real = shutil.rmtree
+
+    def cut_short(path, *a, **k):                                     # Ctrl-C half-way through the deletion
+        victims = sorted(Path(path).rglob("c.*"))
+        for victim in victims[: len(victims) // 2]:
+            victim.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_module.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        fit(out=out, steps=1, num_images=8, overrides={**TINY_OVERRIDES, "model.num_slots": 3}, progress=False,
+            overwrite=True)
+    monkeypatch.setattr(io_module.shutil, "rmtree", real)
+    assert not (out / "data" / "train").exists()                      # no half store under its name
+    for extra in ({"overwrite": True}, {}):                           # and every later run works
+        fit(out=out, steps=2, num_images=8, overrides={**TINY_OVERRIDES, "model.num_slots": 3}, progress=False,
+            **extra)
+    assert leftovers(out) == [] and load_checkpoint(out)["step"] == 2
+
+
+def test_an_in_progress_store_of_another_host_is_never_taken_for_stale(tmp_path):
+    import fcntl
+
+    out = tmp_path / "store"
+    theirs = tmp_path / ".store.999999999.abcd1234.partial"           # a pid that means nothing on this host
+    theirs.mkdir()
+    (theirs / "zarr.json").write_text("{}")
+    fd = os.open(theirs, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)                                    # its writer holds it
+    try:
+        generate("tetrominoes", 16, out, progress=False, workers=1)
+        assert (theirs / "zarr.json").is_file()
+    finally:
+        os.close(fd)
+    generate("tetrominoes", 16, tmp_path / "store", progress=False, workers=1, overwrite=True)
+    assert not theirs.exists()                                        # its writer gone: now it is stale
+
+
+def test_reads_are_bounded_by_what_the_files_hold(tmp_path, data):
+    import gzip
+    import struct
+
+    from iodine_pyro.data.store import _frame_size
+    from iodine_pyro.data.tfrecord import masked_crc32c
+
+    copy = shutil.copytree(data, tmp_path / "data")                   # a chunk declaring 4 GB
+    chunk = copy / "mask" / "c.0.0.0.0"
+    raw = bytearray(chunk.read_bytes())
+    fhd = raw[4]
+    at = 5 + (0 if fhd >> 5 & 1 else 1) + (0, 1, 2, 4)[fhd & 3]
+    width = (fhd >> 5 & 1, 2, 4, 8)[fhd >> 6]
+    assert width in (4, 8) and _frame_size(bytes(raw)) is not None
+    raw[at:at + width] = (2**32 - 1).to_bytes(width, "little")
+    chunk.write_bytes(bytes(raw))
+    assert_one_line(*run_main("data", "show", copy, "--out", tmp_path / "grid.png"), str(chunk), "declares")
+    other = shutil.copytree(data, tmp_path / "gzip")                  # a compressor stores never use
+    meta = json.loads((other / "mask" / "zarr.json").read_text())
+    meta["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}},
+                      {"name": "gzip", "configuration": {"level": 1}}]
+    (other / "mask" / "zarr.json").write_text(json.dumps(meta))
+    assert_one_line(*run_main("data", "show", other, "--out", tmp_path / "grid.png"), "GzipCodec")
+
+    for length in (2**64 - 1, 100 * 2**20):                           # a record's length field: huge, too large
+        head = struct.pack("<Q", length)
+        record = head + struct.pack("<I", masked_crc32c(head)) + b"\0" * 4096
+        path = tmp_path / f"bad{length}.tfrecords"
+        path.write_bytes(gzip.compress(record))
+        assert_one_line(*run_main("data", "convert", path, "--dataset", "tetrominoes", "--out",
+                                  tmp_path / "conv", "--quiet"), str(path), "record 0")
+        assert not (tmp_path / "conv").exists()
+
+
+def test_data_paths_recorded_in_a_checkpoint_stay_inside_the_run(tmp_path):
+    from iodine_pyro.checkpoint import CheckpointError
+    from iodine_pyro.run import Run
+
+    out = tmp_path / "theirs"
+    fit(out=out, steps=1, num_images=8, overrides=TINY_OVERRIDES, progress=False)
+    shutil.rmtree(out / "data")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for value, error in (("../elsewhere/test", CheckpointError), (str(tmp_path / "abs" / "test"), DatasetError)):
+        ckpt["data"]["eval"] = value
+        torch.save(ckpt, out / "checkpoint.pt")
+        with pytest.raises(error, match="pass --data"):
+            Run.open(out).data_path()
+        code, err = run_main("evaluate", out, "--num-images", 4)
+        assert_one_line(code, err, "pass --data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]   # nothing written outside the run
+
+
+def test_a_metrics_row_that_is_not_one_never_stops_a_run(tmp_path, data):
+    from iodine_pyro.checkpoint import read_metrics
+
+    out = tmp_path / "run"
+    tiny_fit(out, data, steps=2, log_every=1)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": "x", "loss": 1}\n{"step": 1.5}\n{"step": 2, "loss": "abc"}\n[1, 2]\n')
+    tiny_fit(out, data, steps=3, log_every=1)
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]
+
+
+def test_continuing_a_run_keeps_its_training_data(tmp_path, data):
+    from iodine_pyro.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    tiny_fit(out, data, steps=1)
+    other = shutil.copytree(data, tmp_path / "other")
+    before = tree_state(out)
+    for extra in ({}, {"resume": True}):
+        with pytest.raises(CheckpointError, match="is trained on"):
+            tiny_fit(out, other, steps=2, **extra)
+    assert tree_state(out) == before
+    tiny_fit(out, data, steps=2)
+
+
+PAIR_KILLER = r"""
+import os, signal, sys
+import iodine_pyro.io as io
+folder, version, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real, seen = os.replace, [0]
+def replace(src, dst, *a, **k):
+    if not str(dst).endswith(".pairs"):
+        seen[0] += 1
+        if seen[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+os.replace = replace
+io.stage_text(os.path.join(folder, "fig.json"), version, companion=os.path.join(folder, "fig.png"))
+io.stage_text(os.path.join(folder, "fig.md"), version, companion=os.path.join(folder, "fig.png"))
+io.write_text(os.path.join(folder, "fig.png"), version)
+io.commit(os.path.join(folder, "fig.png"))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3])
+def test_files_written_together_are_never_left_from_two_writes(tmp_path, kill_at):
+    from iodine_pyro.io import finish_pairs
+
+    def write(version, kill=0):
+        return subprocess.run([sys.executable, "-c", PAIR_KILLER, tmp_path, version, str(kill)], env=ENV,
+                              capture_output=True, text=True, timeout=60)
+
+    assert write("old").returncode == 0
+    assert write("new", kill_at).returncode == -signal.SIGKILL         # killed before the nth rename
+    finish_pairs(tmp_path)                                            # what the next write there does first
+    contents = {(tmp_path / n).read_text() for n in ("fig.png", "fig.json", "fig.md")}
+    assert contents == {"new"} and leftovers(tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

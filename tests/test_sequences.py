@@ -92,7 +92,7 @@ def test_sequence_loss_scores_each_frame_and_predicts_the_next(preset, one_threa
     assert len(weights) == 3
 
     pyro.set_rng_seed(1)
-    trace = poutine.trace(system.model.model).get_trace(x[:, :3], weights)
+    trace = poutine.trace(system.model).get_trace(x[:, :3], weights)
     sites = [n for n, s in trace.nodes.items() if s["type"] == "sample" and n != "images"]
     assert sites == ["t0/z", "t0/x", "t0/x_next", "t1/z", "t1/x", "t1/x_next", "t2/z", "t2/x"]
 
@@ -279,7 +279,7 @@ def test_fit_trains_a_sequence_run_with_recomputation(sequence_run):
 def test_evaluate_reports_per_frame_ari_and_slot_stability(sequence_run, one_thread):
     res = CliRunner().invoke(app, ["evaluate", str(sequence_run), "--num-images", "4", "--json"])
     assert res.exit_code == 0, res.output
-    r = json.loads(res.output)
+    r = json.loads(res.stdout)
     assert r["sequence"] is True and r["num_iters"] == 3
     assert len(r["fg_ari"]) == len(r["ari"]) == len(r["mse"]) == 3 and len(r["pred_nll"]) == 2
     assert 0.0 < r["slot_stability"] <= 1.0

@@ -59,6 +59,9 @@ def _one_line(e: BaseException | str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage errors and known errors print one line and exit with status 2,
     never a traceback; Ctrl-C prints one line and exits with status 130."""
+    from ..threads import prepare_environment
+
+    prepare_environment()                                # before torch is imported: threads sleep while they wait
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     rank0 = int(os.environ.get("RANK", "0")) == 0        # under torchrun, rank 0 speaks for all
     try:
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         if rank0:
             typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
+    if code == 130 and rank0:                            # typer turns Ctrl-C into exit status 130
+        typer.echo("interrupted", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .options import AsJson, BatchSize, Data, Device, NumImages, NumIters, NumSlots, RunRef, Seed
+from .options import AsJson, BatchSize, Data, Device, NumImages, NumIters, NumSlots, RunRef, Seed, Threads, use_threads
 
 
 def evaluate(
@@ -18,6 +18,7 @@ def evaluate(
     num_slots: NumSlots = None,
     seed: Seed = 0,
     device: Device = "cpu",
+    threads: Threads = None,
     as_json: AsJson = False,
 ):
     """FG-ARI, ARI, MSE, KL and NLL at every refinement step, on the run's held-out set.
@@ -26,6 +27,7 @@ def evaluate(
     from ..evaluate import evaluate as run_evaluate
     from ..evaluate import table
 
+    use_threads(threads, device, err=as_json)
     result = run_evaluate(run, num_images=num_images, batch_size=batch_size, data=data, num_iters=num_iters,
                           num_slots=num_slots, seed=seed, device=device, progress=not as_json)
     if as_json:

@@ -117,8 +117,9 @@ def check_device(value: str) -> str:
 
 # -- durations ---------------------------------------------------------------------------
 
-def parse_duration(text: Optional[str]) -> Optional[float]:
-    """Seconds from "90", "90s", "45m", "2h" or "1.5h" (None stays None)."""
+def parse_duration(text: Optional[str], option: str = "--time-limit") -> Optional[float]:
+    """Seconds from "90s", "45m", "2h" or "1.5h" (None stays None). A bare number is refused:
+    "--time-limit 4" read as seconds once stopped a run meant to train 4 minutes after 4 s."""
     if text is None:
         return None
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -127,9 +128,11 @@ def parse_duration(text: Optional[str]) -> Optional[float]:
     try:
         value = float(t[:-1] if scale else t) * (scale or 1.0)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a duration (e.g. 90s, 45m, 2h)", param_hint="--time-limit")
+        raise OptionError(f"{option} {text!r} is not a duration; write it with a unit: 90s, 45m or 2h") from None
+    if scale is None:
+        raise OptionError(f"{option} {text!r} has no unit; write {t}s, {t}m or {t}h (seconds, minutes, hours)")
     if not (value > 0 and math.isfinite(value)):
-        raise typer.BadParameter(f"must be a positive, finite duration, got {text!r}", param_hint="--time-limit")
+        raise OptionError(f"{option} must be a positive, finite duration, got {text!r}")
     return value
 
 
@@ -146,6 +149,10 @@ NumSlots = Annotated[Optional[int], typer.Option(callback=at_least("--num-slots"
 NumImages = Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Images to use (the first N of the dataset).")]
 BatchSize = Annotated[int, typer.Option(callback=at_least("--batch-size", 1), help="Images per batch.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Threads = Annotated[Optional[int], typer.Option(
+    callback=at_least("--threads", 1),
+    help="CPU threads (default: one per core that other work leaves free when the command starts; "
+         "the first line says what was chosen).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 RunRef = Annotated[str, typer.Argument(
     metavar="RUN", help="Run directory, checkpoint file, or a shipped model (pretrained:tetrominoes).")]
@@ -155,3 +162,16 @@ DatasetName = Annotated[str, typer.Option(
 PresetName = Annotated[str, typer.Option(
     help="paper (appendix C), deepmind (released code) or fast (learns fastest per hour).",
     callback=choice("--preset", preset_names, "preset"))]
+
+
+def use_threads(threads: Optional[int], device: str = "cpu", err: bool = False) -> None:
+    """Set torch's CPU threads (`iodine_pyro.threads.apply`) and say what was chosen: the
+    command's first line (on stderr with `err`, where stdout is JSON); under torchrun only
+    rank 0 says it."""
+    import os
+
+    from ..threads import apply
+
+    line = apply(threads, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(line, err=err)

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Data, Device, NumIters, Seed, UserError, at_least
+from .options import Data, Device, NumIters, Seed, Threads, UserError, at_least, use_threads
 
 
 class PlotKind(str, Enum):
@@ -43,6 +43,7 @@ _OPTION_KINDS = {
     "--data": _MODEL_KINDS,
     "--num-iters": _MODEL_KINDS,
     "--smooth": _CURVE_KINDS,
+    "--threads": _MODEL_KINDS,
 }
 _DEFAULT_IMAGES = {PlotKind.decomposition: 4, PlotKind.mask_logits: 4, PlotKind.projection: 256}
 
@@ -75,6 +76,7 @@ def plot(
     smooth: Annotated[Optional[int], typer.Option(
         callback=at_least("--smooth", 1), help="curves, ablation: moving average over this many logged points (default: 1, none).")] = None,
     device: Device = "cpu",
+    threads: Threads = None,
 ):
     """Draw one of the paper's figures of a trained run as a PNG (and the data behind it)."""
     from .. import figures
@@ -88,10 +90,12 @@ def plot(
     given = {"--num-images": num_images, "--all-steps": all_steps or None, "--image": image, "--slot": slot,
              "--range": value_range if value_range and None not in value_range else None,
              "--num-values": num_values, "--dims": dims, "--data": data, "--num-iters": num_iters,
-             "--smooth": smooth}
+             "--smooth": smooth, "--threads": threads}
     for option, value in given.items():
         if value is not None and kind not in _OPTION_KINDS[option]:
             raise UserError(f"{option} does not apply to plot {kind.value}")
+    if kind in _MODEL_KINDS:                        # the kinds that run the model
+        use_threads(threads, device)
     n = num_images or (2 if all_steps else _DEFAULT_IMAGES.get(kind, 0))
     common = {"seed": seed, "data": data, "num_iters": num_iters, "device": device}
     run = runs[0]

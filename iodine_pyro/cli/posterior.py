@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import AsJson, BatchSize, Data, Device, NumIters, NumSlots, RunRef, Seed, UserError, at_least, positive
+from .options import (AsJson, BatchSize, Data, Device, NumIters, NumSlots, RunRef, Seed, Threads, UserError, at_least,
+                      parse_duration, positive, use_threads)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def sample(
     batch_size: BatchSize = 32,
     seed: Seed = 0,
     device: Device = "cpu",
+    threads: Threads = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Posterior samples of every slot latent as an ArviZ-native netCDF file (groups
@@ -44,6 +46,7 @@ def sample(
     if multistability and out is not None and out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--multistability writes a picture; give --out a name ending in "
                         f"{', '.join(IMAGE_SUFFIXES)}, not {out.name}")
+    use_threads(threads, device)
     opened = Run.open(run, device)
     if multistability:
         batch, where = opened.images(image, image + 1, data, command="sample")
@@ -72,10 +75,18 @@ def compare(
     data: Annotated[Optional[Path], typer.Option(help="Dataset (default: the first run's held-out set).")] = None,
     num_iters: NumIters = None,
     num_slots: NumSlots = None,
-    iw_samples: Annotated[int, typer.Option(callback=at_least("--iw-samples", 1), help="Samples of every ELBO and importance-weighted estimate.")] = 16,
-    gap_steps: Annotated[int, typer.Option(callback=at_least("--gap-steps", 0), help="Adam steps of the per-image posterior (amortization gap).")] = 200,
+    iw_samples: Annotated[int, typer.Option(callback=at_least("--iw-samples", 1), help="Samples of every per-step ELBO and IWAE estimate.")] = 16,
+    evidence_samples: Annotated[int, typer.Option(callback=at_least("--evidence-samples", 0), help="S: importance samples of log p(x) (guide as proposal) and its k-hat; 0 for none.")] = 1000,
+    gap_steps: Annotated[int, typer.Option(callback=at_least("--gap-steps", 0), help="Most Adam steps of the per-image posterior q* (each start).")] = 1000,
     gap_lr: Annotated[float, typer.Option(help="Learning rate of the per-image posterior.",
                                           callback=positive("--gap-lr"))] = 0.01,
+    gap_check_every: Annotated[int, typer.Option(callback=at_least("--gap-check-every", 1), help="q*: steps between checks of each image's ELBO.")] = 25,
+    gap_patience: Annotated[int, typer.Option(callback=at_least("--gap-patience", 1), help="q*: an image has converged after this many checks without improvement.")] = 4,
+    generalize: Annotated[bool, typer.Option("--generalize/--no-generalize", help="Also score scenes merged from twice as many images, at K and (guides that can change K) 2K-1.")] = True,
+    time_limit: Annotated[Optional[str], typer.Option(
+        help="Time for the whole comparison (90s, 10m, 2h; 'none' for no limit): above it S, the q* step cap and "
+             "--iw-samples are lowered together, and the report says so. On a 2-core CPU three Tetrominoes "
+             "guides on 64 images then fit q* on a subset of the images (the report says so); give 'none' for the full protocol.")] = "10m",
     merge_scenes: Annotated[int, typer.Option(
         callback=at_least("--merge-scenes", 1), help="Merge the objects of M stored images into each scene "
                     "(more objects than training; uniform backgrounds only).")] = 1,
@@ -84,19 +95,24 @@ def compare(
     out: Annotated[Optional[Path], typer.Option(
         help="Directory for compare.json, compare.md and compare.png (default: compare/ beside the first run).")] = None,
     device: Device = "cpu",
+    threads: Threads = None,
     as_json: AsJson = False,
 ):
-    """ELBO, importance-weighted log p(x), amortization gap, FG-ARI, MSE and KL per guide,
-    at every refinement step."""
+    """Each guide against its own decoder: ELBO, IWAE, log p(x) by importance sampling, the
+    approximation and amortization gaps (q* fitted to convergence), Pareto k-hat, FG-ARI,
+    ARI, MSE and KL at every step, with standard errors, cost and generalisation."""
     from ..compare import compare as run_compare
     from ..compare import markdown_table, write_report
     from ..run import Run
 
+    limit = None if time_limit is not None and time_limit.strip().lower() == "none" else parse_duration(time_limit)
+    use_threads(threads, device, err=as_json)
     opened = [Run.open(r, device) for r in runs]        # every checkpoint read once, before any work
     result = run_compare(opened, num_images=num_images, num_iters=num_iters, num_slots=num_slots,
-                         iw_samples=iw_samples, gap_steps=gap_steps, gap_lr=gap_lr, seed=seed,
-                         data=data, batch_size=batch_size, merge=merge_scenes, device=device,
-                         progress=not as_json)
+                         iw_samples=iw_samples, evidence_samples=evidence_samples, gap_steps=gap_steps,
+                         gap_lr=gap_lr, gap_check_every=gap_check_every, gap_patience=gap_patience,
+                         generalize=generalize, time_limit=limit, seed=seed, data=data, batch_size=batch_size,
+                         merge=merge_scenes, device=device, progress=not as_json)
     first = opened[0]
     out = out or (first.home.resolve().parent / "compare" if first.home is not None else Path("compare"))
     paths = write_report(result, out)

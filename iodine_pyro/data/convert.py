@@ -304,6 +304,17 @@ def _object_count(arrays: dict[str, np.ndarray], layout: Layout) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def record_bound(layout: Layout) -> int:
+    """The most bytes a record of `layout` can take: its features' values, each byte of a
+    bytes feature stored as its own string (3 bytes with its tag and length, as in the
+    official files), each float as 5, with room for names and framing. A longer record is
+    refused before it is read (`tfrecord.read_records`)."""
+    values = math.prod(layout.image) + math.prod(layout.mask) + \
+        sum(math.prod(s) for s in layout.bytes_factors.values())
+    floats = sum(math.prod(s) for s in layout.floats.values())
+    return 4 * values + 8 * floats + (1 << 20)
+
+
 def _records(path: Path, name: str, layout: Layout, min_objects: int | None, max_objects: int | None,
              max_images: int | None, bar) -> Iterator[dict[str, np.ndarray]]:
     """Decoded records that pass the object-count filter, at most ``max_images``."""
@@ -315,7 +326,8 @@ def _records(path: Path, name: str, layout: Layout, min_objects: int | None, max
         bar.update(position - done[0])
         done[0] = position
 
-    for index, record in enumerate(tfrecord.read_examples(path, layout.compression, on_record=advance)):
+    for index, record in enumerate(tfrecord.read_examples(path, layout.compression, on_record=advance,
+                                                          max_length=record_bound(layout))):
         arrays = decode_record(record, name, where=_where(path, index))
         count = _object_count(arrays, layout)
         if (min_objects is not None and count < min_objects) or (max_objects is not None and count > max_objects):

@@ -12,10 +12,14 @@ when it is killed (`_watch_parent`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import multiprocessing
 import os
+import re
+import signal
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -48,8 +52,10 @@ class _InProcess(Executor):
 
 
 def _watch_parent(lifeline) -> None:
-    """Worker initialiser: end this worker as soon as the process that started the pool
-    is gone. Its parent is the fork server, which outlives a killed main process as long
+    """Worker initialiser: ignore Ctrl-C, and end this worker as soon as the process that
+    started the pool is gone. Ctrl-C reaches every process of the terminal's group; the
+    main process alone answers it (`_stop_workers`), so a worker prints no traceback.
+    A worker also ends as soon as the process that started the pool is gone. Its parent is the fork server, which outlives a killed main process as long
     as workers hold its pipe, and a worker waiting for tasks holds both ends of the task
     queue, so neither would ever notice. `lifeline` is the reading end of a pipe whose
     writing end only the main process holds: it reads end-of-file when that process dies,
@@ -61,6 +67,7 @@ def _watch_parent(lifeline) -> None:
             pass
         os._exit(1)
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=wait, name="watch-parent", daemon=True).start()
 
 
@@ -71,24 +78,128 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     ends with it (`_watch_parent`)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])               # the generators, imported once
+    _start_forkserver()
     lifeline, keep = context.Pipe(duplex=False)               # the workers read; only we hold `keep`
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_watch_parent, initargs=(lifeline,))
     pool._lifeline = (lifeline, keep)                          # alive as long as the pool
+    try:
+        with _interrupt_deferred():                            # every worker known before a Ctrl-C acts
+            pool.submit(int)                                   # starts them all (forkserver: at once)
+    except BaseException:
+        _stop_workers(pool)
+        raise
     return pool
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends, then raise it: a worker whose start it cut
+    short would be unknown to `_stop_workers` and fail noisily once this process left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
+
+
+def _start_forkserver() -> None:
+    """Start the fork server with Ctrl-C ignored: it inherits that (a new interpreter keeps
+    an ignored SIGINT ignored), so a Ctrl-C while it imports the generators (seconds: torch)
+    prints no traceback of it, and its workers inherit it from their first instruction."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop_workers(executor: Executor) -> None:
     """Cancel what is queued and end the workers now (an error or Ctrl-C in this process:
-    a worker may be minutes into a chunk that nobody will read)."""
-    executor.shutdown(wait=False, cancel_futures=True)
-    processes = getattr(executor, "_processes", None) or {}
-    for process in list(processes.values()):
+    a worker may be minutes into a chunk that nobody will read), without waiting on them.
+
+    A worker killed while it sends a chunk leaves part of a message in the result pipe, and
+    the pool's reader thread would wait for the rest forever (and the interpreter for that
+    thread at exit). This process holds the pipe's writing end too; closing it once the
+    workers are dead gives the reader end-of-file, and it ends."""
+    processes = dict(getattr(executor, "_processes", None) or {})
+    for process in processes.values():
         if process.is_alive():
             process.kill()
-    for process in list(processes.values()):
+    for process in processes.values():
         process.join(timeout=10)
+    queue = getattr(executor, "_result_queue", None)
+    if queue is not None:
+        with contextlib.suppress(OSError):
+            queue._writer.close()
+    executor.shutdown(wait=False, cancel_futures=True)
     for end in getattr(executor, "_lifeline", ()):
         end.close()
+
+
+WORKER_BYTES = 300 * 2**20    # what one generation worker holds (about 200 MB measured), with room
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory free for new processes (MemAvailable of /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def worker_count(workers: int | None, num_chunks: int) -> int:
+    """The worker processes to start: `workers` (default up to 4), at most one per CPU and
+    per chunk, and no more than the free memory holds (`WORKER_BYTES` each): more cannot
+    go faster, and each one costs memory. The data do not depend on it."""
+    cpus = os.cpu_count() or 1
+    count = min(workers or min(cpus, 4), cpus, num_chunks)
+    free = _memory_available()
+    if free is not None:
+        count = min(count, max(1, free // WORKER_BYTES))
+    if workers is not None and count < workers:
+        log.info("generating with %d worker processes instead of %d (CPUs, chunks, free memory)", count, workers)
+    if count > 1 and unguarded_script():
+        log.info("generating in this process: worker processes would run %s again, which has no "
+                 "`if __name__ == \"__main__\":` guard around its work", sys.modules["__main__"].__file__)
+        return 1
+    return max(count, 1)
+
+
+_MAIN_GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]|['"]__main__['"]\s*==\s*__name__""")
+
+
+def unguarded_script() -> bool:
+    """Whether the program is a script whose work has no ``if __name__ == "__main__":``
+    guard. A worker process starts by importing the main script (the fork server sends it
+    the script's path), so such a script's call of `generate` (or of `fit`, which generates)
+    would run again in every worker, which may not start processes while it starts: the
+    pool broke (`BrokenProcessPool`). A package's ``__main__`` run with ``-m`` and an
+    interactive session are not imported again."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if path is None or name == "__main__" or name.endswith(".__main__"):
+        return False
+    try:
+        source = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return _MAIN_GUARD.search(source) is None
 
 
 def _ordered_results(executor: Executor, tasks: list[tuple], window: int) -> Iterator[dict[str, np.ndarray]]:
@@ -138,8 +249,8 @@ def generate(
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
     out = Path(out)
-    workers = workers or min(os.cpu_count() or 1, 4)
     num_chunks = math.ceil(num_images / chunk_size)
+    workers = worker_count(workers, num_chunks)
     seeds = np.random.SeedSequence(seed).spawn(num_chunks)
     tasks = [(name, s, min(chunk_size, num_images - i * chunk_size)) for i, s in enumerate(seeds)]
     attrs = {
@@ -151,7 +262,7 @@ def generate(
         "num_images": int(num_images),
     }
     with new_store(out, overwrite) as tmp:
-        executor: Executor = _InProcess() if workers == 1 else _process_pool(min(workers, num_chunks))
+        executor: Executor = _InProcess() if workers == 1 else _process_pool(workers)
         try:
             with tqdm(total=num_images, disable=not progress, desc=f"generate {name}", unit="img") as bar:
                 chunks = _ordered_results(executor, tasks, window=2 * workers)

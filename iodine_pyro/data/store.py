@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,10 @@ def _check_chunks(path: Path) -> dict[str, tuple[Path, int, Callable[[int], str]
     for name, (present, total) in counts.items():
         if present != total:
             raise DatasetError(f"{path} is truncated: {name!r} has {present} of {total} chunks")
+    for name, array in arrays.items():        # images and masks: their frames are checked as read
+        _check_codecs(path / name, array.metadata)
+        _check_chunk_sizes(path / name, math.prod(array.chunks) * array.dtype.itemsize,
+                           frames=name not in ("image", "mask"))
     files = {}
     for name in ("image", "mask"):
         array = arrays.get(name)
@@ -284,8 +289,55 @@ def _check_chunks(path: Path) -> dict[str, tuple[Path, int, Callable[[int], str]
             continue
         rest = (0,) * (array.ndim - 1)
         files[name] = (path / name, int(array.chunks[0]),
-                       lambda i, meta=array.metadata, rest=rest: meta.encode_chunk_key((i, *rest)))
+                       lambda i, meta=array.metadata, rest=rest: meta.encode_chunk_key((i, *rest)),
+                       math.prod(array.chunks) * array.dtype.itemsize)
     return files
+
+
+MAX_RATIO = 2048            # decoded bytes per stored byte of a chunk, at most (real stores: 4 to 130)
+MAX_FLOOR = 256 * 2**20     # ... or this many decoded bytes, whatever the ratio: the largest chunk the
+                            # generators write, 256 Objects Room sequences' masks, is 117 MB from 10 kB
+
+
+CODECS = {"BytesCodec", "ZstdCodec"}      # what stores are written with (`_encoding`)
+
+
+def _check_codecs(folder: Path, metadata: Any) -> None:
+    """A chunk is decoded only by the codecs stores are written with (bytes, then zstd),
+    whose sizes `_check_frames` can check before decoding: another compressor named in a
+    store's metadata (a gzip or blosc bomb) is refused. Stores of zarr's format 2 name
+    theirs as ``compressor`` and ``filters``."""
+    if getattr(metadata, "zarr_format", 3) == 2:
+        compressor, filters = getattr(metadata, "compressor", None), getattr(metadata, "filters", None)
+        names = [] if compressor is None else [getattr(compressor, "codec_id", type(compressor).__name__)]
+        bad = [n for n in names if n != "zstd"] + [getattr(f, "codec_id", "filter") for f in filters or ()]
+    else:
+        bad = [type(c).__name__ for c in getattr(metadata, "codecs", ()) if type(c).__name__ not in CODECS]
+    if bad:
+        raise DatasetError(f"{folder} is encoded with {', '.join(bad)}, which iodine-pyro stores never use "
+                           f"(bytes and zstd only); convert or generate the data again")
+
+
+def _check_chunk_sizes(folder: Path, decoded: int, frames: bool = False) -> None:
+    """Memory stays bounded by what a store holds, not by what its metadata claims: a
+    chunk decodes to `decoded` bytes (its declared shape), which must be at most
+    `MAX_RATIO` times its file's size (or `MAX_FLOOR`). A few kilobytes declaring gigabytes
+    (a huge chunk shape, a compression bomb) are refused before anything is decoded. With
+    `frames`, each file's zstd frame must also declare `decoded` bytes (`_check_frames`)."""
+    if decoded <= MAX_FLOOR and not frames:
+        return
+    try:
+        entries = [e for e in os.scandir(folder) if e.name != "zarr.json" and not e.name.startswith(".")]
+    except OSError:
+        return                                           # read errors are named when read
+    for entry in entries:
+        if frames:
+            _check_frame(Path(entry.path), decoded)
+        with contextlib.suppress(OSError):
+            size = entry.stat(follow_symlinks=False).st_size
+            if decoded > max(MAX_RATIO * size, MAX_FLOOR):
+                raise DatasetError(f"{entry.path} would decode to {decoded:,} bytes from {size:,}: the store's "
+                                   f"metadata does not fit its data (damaged, or not written by iodine-pyro)")
 
 
 def open_store(path: str | Path) -> xr.Dataset:
@@ -326,8 +378,49 @@ def _chunk_files(ds: xr.Dataset, name: str, start: int, stop: int) -> list[Path]
     info = ds.encoding.get("chunk_files", {}).get(name)
     if info is None:
         return []
-    folder, length, key = info
+    folder, length, key = info[:3]
     return [folder / key(i) for i in range(start // length, -(-stop // length))]
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _frame_size(head: bytes) -> int | None:
+    """The content size a zstd frame header declares (None when it declares none)."""
+    if len(head) < 6 or head[:4] != _ZSTD_MAGIC:
+        return None
+    fhd = head[4]
+    single, dict_bytes = fhd >> 5 & 1, (0, 1, 2, 4)[fhd & 3]
+    fcs_bytes = (single, 2, 4, 8)[fhd >> 6]
+    at = 5 + (0 if single else 1) + dict_bytes
+    if fcs_bytes == 0 or len(head) < at + fcs_bytes:
+        return None
+    size = int.from_bytes(head[at:at + fcs_bytes], "little")
+    return size + 256 if fcs_bytes == 2 else size
+
+
+def _check_frames(ds: xr.Dataset, name: str, start: int, stop: int) -> None:
+    """Each chunk file of images [start, stop) declares (in its zstd frame header) the
+    size its chunk decodes to, and the decoder allocates that much: it must be the size
+    of the chunk's shape, checked before anything is decoded."""
+    info = ds.encoding.get("chunk_files", {}).get(name)
+    if info is None or len(info) < 4:
+        return
+    for file in _chunk_files(ds, name, start, stop):
+        _check_frame(file, info[3])
+
+
+def _check_frame(file: Path, decoded: int) -> None:
+    try:
+        with open(file, "rb") as f:
+            head = f.read(18)
+    except OSError:
+        return                                            # missing or unreadable: named by the read
+    size = _frame_size(head)
+    if size is not None and size != decoded or size is None and head[:4] == _ZSTD_MAGIC:
+        raise DatasetError(f"cannot read {file}: its compressed frame declares "
+                           f"{'no size' if size is None else f'{size:,} bytes'}, and its chunk holds "
+                           f"{decoded:,} (damaged, or not written by iodine-pyro)")
 
 
 def _read_var(ds: xr.Dataset, name: str, start: int, stop: int) -> np.ndarray:
@@ -336,6 +429,7 @@ def _read_var(ds: xr.Dataset, name: str, start: int, stop: int) -> np.ndarray:
     after the store was opened, so their presence is checked after the read. Errors are
     one-line DatasetErrors that name the chunk file."""
     source = ds.encoding.get("source", "dataset")
+    _check_frames(ds, name, start, stop)
     try:
         values = ds[name][start:stop].values
     except Exception as err:  # codec or OS errors of a damaged store

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -162,16 +163,28 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_RECORD = 1 << 30     # bytes of one record at most, whatever its length field says
+
+
 def read_records(
     path: str | Path, compression: str | None = "GZIP", *, verify: bool = True,
-    on_record: Callable[[int], None] | None = None,
+    on_record: Callable[[int], None] | None = None, max_length: int = MAX_RECORD,
 ) -> Iterator[bytes]:
     """Yield the raw payload of each record of a TFRecord file, checking both CRCs.
+
+    A record's length field is checked (after its CRC) before anything is read for it:
+    memory stays bounded by what the file can hold, not by what it claims. It must be at
+    most `max_length` (a reader knows how large its records can be) and, for an
+    uncompressed file, at most what is left of the file.
 
     `on_record(position)` is called after each record with the bytes of the file read so far
     (compressed bytes for a compressed file: a measure of progress)."""
     path = Path(path)
     stream, raw = _open(path, compression)
+    try:
+        size = os.fstat(raw.fileno()).st_size if stream is raw else None
+    except OSError:
+        size = None
     index = 0
     try:
         with stream:
@@ -185,6 +198,12 @@ def read_records(
                 (length_crc,) = struct.unpack("<I", header[8:])
                 if verify and masked_crc32c(header[:8]) != length_crc:
                     raise DatasetError(f"corrupted TFRecord file {path}: bad length CRC in record {index}")
+                if length > max_length:
+                    raise DatasetError(f"TFRecord file {path}: record {index} declares {length} bytes, more than a "
+                                       f"record can hold ({max_length}); not a file of this dataset, or damaged")
+                if size is not None and length + 4 > size - raw.tell():
+                    raise DatasetError(f"truncated TFRecord file {path}: record {index} declares {length} bytes "
+                                       f"and {max(size - raw.tell() - 4, 0)} are left")
                 body = _read_exact(stream, length + 4)
                 if len(body) < length + 4:
                     raise DatasetError(f"truncated TFRecord file {path}: record {index} cut short")
@@ -340,15 +359,17 @@ def parse_example(data: bytes | memoryview) -> dict[str, Feature]:
 
 
 def read_examples(path: str | Path, compression: str | None = "GZIP",
-                  on_record: Callable[[int], None] | None = None) -> Iterator[dict[str, Feature]]:
+                  on_record: Callable[[int], None] | None = None,
+                  max_length: int = MAX_RECORD) -> Iterator[dict[str, Feature]]:
     """Yield each ``tf.train.Example`` of a TFRecord file as ``{feature name: values}``.
 
     Args:
         path: the TFRecord file.
         compression: ``"GZIP"`` (the official multi-object datasets), ``"ZLIB"`` or
             ``None``/``""`` for an uncompressed file.
+        max_length: bytes of one record at most (`read_records`).
     """
-    for index, record in enumerate(read_records(path, compression, on_record=on_record)):
+    for index, record in enumerate(read_records(path, compression, on_record=on_record, max_length=max_length)):
         try:
             yield parse_example(record)
         except (_ProtoError, UnicodeDecodeError) as err:

@@ -2,11 +2,18 @@
 
 Every guide follows the contract of `base.Guide` and is registered under its ``kind``
 (the value of ``guide.kind`` in a configuration). The built-in ones are IODINE's
-iterative amortized posterior (``iterative``) and the one-shot amortized VAE baseline
-(``amortized``); `register_guide` adds another without editing any other module.
+iterative amortized posterior (``iterative``), the one-shot amortized VAE baseline
+(``amortized``) and slot attention followed by optional refinement steps
+(``slot_attention``); `register_guide` adds another without editing any other module.
 
 Importing this package costs nothing (the command line lists the kinds at start-up);
 `guide_class` imports a guide's module when it is first needed.
+
+A guide may declare its own configuration section (``[slot_attention]`` in a TOML file,
+``"slot_attention.iters"`` in overrides, a table of its own in checkpoints) with three
+class attributes: ``section`` (its name), ``Section`` (a dataclass of its fields and
+defaults) and ``section_rules`` (``{field: rule}``, rules as in `iodine_pyro.config`).
+`guide_sections` names them without importing the built-in guides' modules.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from __future__ import annotations
 import importlib
 
 # kind -> "module:class" of the built-in guides, imported on first use
-_BUILTIN = {"iterative": "iterative:IterativeGuide", "amortized": "amortized:AmortizedGuide"}
+_BUILTIN = {"iterative": "iterative:IterativeGuide", "amortized": "amortized:AmortizedGuide",
+            "slot_attention": "slot_attention:SlotAttentionGuide"}
+_BUILTIN_SECTIONS = {"slot_attention": "slot_attention"}     # section -> the built-in kind declaring it
 _REGISTERED: dict[str, type] = {}
 ITERATIVE = "iterative"        # the default kind: IODINE's guide
 
-__all__ = ["ITERATIVE", "build_guide", "guide_class", "guide_kinds", "register_guide"]
+__all__ = ["ITERATIVE", "build_guide", "guide_class", "guide_kinds", "guide_sections", "register_guide"]
 
 
 def register_guide(cls: type) -> type:
@@ -32,6 +41,13 @@ def register_guide(cls: type) -> type:
 def guide_kinds() -> list[str]:
     """The registered kinds, built-in first."""
     return [*_BUILTIN, *(k for k in _REGISTERED if k not in _BUILTIN)]
+
+
+def guide_sections() -> dict[str, str]:
+    """The configuration sections guides declare: {section name: kind}."""
+    out = dict(_BUILTIN_SECTIONS)
+    out.update({cls.section: kind for kind, cls in _REGISTERED.items() if getattr(cls, "section", "")})
+    return out
 
 
 def guide_class(kind: str) -> type:

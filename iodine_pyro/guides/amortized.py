@@ -68,7 +68,7 @@ class AmortizedGuide(Guide):
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
                 batch_size: int | None = None, num_slots: int | None = None,
                 kl_scale: float = 1.0) -> list[Step]:
-        pyro.module("guide", self)
+        pyro.module(self.model.pyro_name("guide"), self)
         if num_slots not in (None, self.encoder.num_slots):
             raise ValueError(f"the amortized guide was trained with K={self.encoder.num_slots} "
                              f"and cannot run with K={num_slots}")

@@ -105,6 +105,8 @@ class IterativeGuide(Guide):
         self.vector_inputs = [r for r in rows if not r.spatial]
         self.needs = {r.needs for r in rows if r.needs is not None}   # gradients to compute
         self.stop_gradient = set(g.stop_gradient)
+        self.differentiated_gradients = {r.name for r in rows          # gradient inputs the loss
+                                         if r.needs is not None and r.name not in self.stop_gradient}
         size = {r.name: r.channels(m.image_channels, self.n_z) for r in rows}
         self.norms = nn.ModuleDict({r.name: InputNorm(size[r.name]) for r in rows if r.layer_norm})
         s0 = initial_scale_param(g.posterior_scale, m.prior_var)
@@ -132,7 +134,10 @@ class IterativeGuide(Guide):
         """Run the T steps on images x [B, C, H, W], or on sequences x [B, F, C, H, W] with
         step t reading frame t (the LSTM state carries over the frames). `kl_scale` scales
         the latent sites as the model's do (the KL's weight)."""
-        pyro.module("guide", self)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("the iterative guide differentiates its ELBO at every step: run it under "
+                               "torch.no_grad(), not torch.inference_mode()")
+        pyro.module(self.model.pyro_name("guide"), self)
         model, training = self.model, torch.is_grad_enabled()
         weights = weights or self.weights()
         B, K = x.shape[0], num_slots or model.cfg.num_slots
@@ -248,7 +253,9 @@ class IterativeGuide(Guide):
         L_t is the sum over images of each image's -ELBO, -log p(x_b | z_b) + KL(q_b || p):
         image b's gradients are those of its own -ELBO. ``grad_reduction = "batch_mean"``
         differentiates the batch mean instead (each gradient carries 1/B), as the released
-        code does.
+        code does. A gradient input left out of ``stop_gradient`` is differentiated through
+        (second order: ``create_graph``); without it the input would carry no gradient
+        whatever the configuration says.
         """
         if not self.needs:
             return {}
@@ -257,5 +264,7 @@ class IterativeGuide(Guide):
         loss = per_image.mean() if self.cfg.grad_reduction == "batch_mean" else per_image.sum()
         targets = {"lam": lam, "means": decoded.means, "mask_logits": decoded.mask_logits}
         wanted = sorted(self.needs)
-        values = torch.autograd.grad(loss, [targets[k] for k in wanted], retain_graph=keep_graph)
+        second_order = keep_graph and bool(self.differentiated_gradients)
+        values = torch.autograd.grad(loss, [targets[k] for k in wanted], retain_graph=keep_graph,
+                                     create_graph=second_order)
         return dict(zip(wanted, values))

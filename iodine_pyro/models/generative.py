@@ -28,6 +28,8 @@ see `iodine_pyro.guides.recompute`.)
 from __future__ import annotations
 
 import contextlib
+import itertools
+import warnings
 from typing import TYPE_CHECKING, NamedTuple
 
 import pyro
@@ -51,7 +53,7 @@ class Decoded(NamedTuple):
     @property
     def masks(self) -> torch.Tensor:
         """pi = softmax over slots of the mask logits: [B, K, H, W]."""
-        return self.mask_logits.softmax(1)
+        return self.mask_logits.softmax(-3)
 
     def reconstruction(self, masks: torch.Tensor | None = None) -> torch.Tensor:
         """sum_k pi_k mu_k: [B, C, H, W] (`masks` when the caller has them already)."""
@@ -99,6 +101,13 @@ def frame(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
     return x[:, t] if x is not None and x.dim() == 5 else x
 
 
+_systems = itertools.count()
+
+
+def _param_prefix() -> str:
+    return f"iodine{next(_systems)}"
+
+
 class IodineModel(nn.Module):
     """p(x, z): prior over K slot latents, decoder, per-pixel mixture likelihood.
 
@@ -108,6 +117,9 @@ class IodineModel(nn.Module):
 
     amp_dtype: torch.dtype | None = None   # autocast dtype of the decoder (Iodine.use_fast_paths)
     recompute: bool = False                # recompute the likelihood in the backward pass (guide.recompute)
+    pixel_scale: float                     # the likelihood's sigma (or Logistic scale) in force: the
+                                           # configured one, or where training anneals it, its value
+                                           # at the run's step (`iodine_pyro.config.pixel_scale_at`)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,6 +132,22 @@ class IodineModel(nn.Module):
             self.decoder = DeconvDecoder(d_in, cfg.image_channels, cfg.image_size, cfg.deconv_mlp,
                                          cfg.deconv_start, cfg.decoder_channels, cfg.decoder_kernel)
         self._memo: dict[int, tuple[torch.Tensor, Decoded]] = {}
+        self.pixel_scale = float(cfg.pixel_scale)
+        self.param_prefix = _param_prefix()
+
+    def __setstate__(self, state):
+        """A copy (``copy.deepcopy``, unpickling) is another system: its own Pyro names."""
+        super().__setstate__(state)
+        self.param_prefix = _param_prefix()
+
+    def pyro_name(self, part: str) -> str:
+        """The name of `part` (``decoder``, ``guide``) in Pyro's global param store.
+
+        ``pyro.module`` looks parameters up by name in one store per process: under a shared
+        name, a second system's trace would use the first system's tensors and an SVI step
+        would change none of its own. Each model (and the guide that serves it) has its own
+        prefix."""
+        return f"{self.param_prefix}/{part}"
 
     # -- pieces shared with the guide ---------------------------------------------------
     def prior(self, batch_size: int, num_slots: int | None = None, like: torch.Tensor | None = None):
@@ -130,20 +158,22 @@ class IodineModel(nn.Module):
         return dist.Normal(loc, torch.full_like(loc, self.cfg.prior_var ** 0.5))
 
     def decode(self, z: torch.Tensor) -> Decoded:
-        """Decode all slots of all images in one call; reuse the guide's pass for this z."""
+        """Decode all slots of all images in one call; reuse the guide's pass for this z.
+
+        z is [..., B, K, n_z]: leading sample or particle dims pass through to the output."""
         hit = self._memo.pop(id(z), None)
         if hit is not None and hit[0] is z:
             return hit[1]
-        B, K, D = z.shape                                       # z: [B, K, n_z]
-        flat = z.reshape(B * K, D)                              # [B*K, n_z]
+        lead, D = z.shape[:-1], z.shape[-1]                     # z: [B, K, n_z]
+        flat = z.reshape(-1, D)                                 # [B*K, n_z]
         if self.cfg.decoder_constant is not None:
-            const = flat.new_full((B * K, 1), self.cfg.decoder_constant)
+            const = flat.new_full((flat.shape[0], 1), self.cfg.decoder_constant)
             flat = torch.cat([flat, const], 1)                  # [B*K, n_z + 1]
         with autocast(flat, self.amp_dtype):
             out = self.decoder(flat)                            # [B*K, C + 1, H, W]
         out = out.to(z.dtype)                                   # the likelihood runs in z's precision
-        out = out.view(B, K, *out.shape[1:])                    # [B, K, C + 1, H, W]
-        return Decoded(means=out[:, :, 1:], mask_logits=out[:, :, 0])
+        out = out.view(*lead, *out.shape[1:])                   # [B, K, C + 1, H, W]
+        return Decoded(means=out[..., 1:, :, :], mask_logits=out[..., 0, :, :])
 
     def remember(self, z: torch.Tensor, decoded: Decoded) -> None:
         """Offer the decoder output of sample `z` to the next `decode(z)` of the same tensor."""
@@ -153,15 +183,21 @@ class IodineModel(nn.Module):
         self._memo.clear()
 
     def likelihood(self, decoded: Decoded, recompute: bool = False) -> PixelMixture:
-        return PixelMixture(decoded.means, decoded.mask_logits, self.cfg.pixel, self.cfg.pixel_scale,
+        return PixelMixture(decoded.means, decoded.mask_logits, self.cfg.pixel, self.pixel_scale,
                             recompute=recompute)
 
     def terms(self, x: torch.Tensor, decoded: Decoded):
         """The per-pixel mixture terms the likelihood is made of (see `mixture_terms`)."""
-        return mixture_terms(x, decoded.means, decoded.mask_logits, self.cfg.pixel, self.cfg.pixel_scale)
+        return mixture_terms(x, decoded.means, decoded.mask_logits, self.cfg.pixel, self.pixel_scale)
 
     # -- the Pyro model -----------------------------------------------------------------
-    def model(self, x: torch.Tensor | None = None, weights: list[float] | None = None,
+    def model(self, *args, **kwargs):
+        """Deprecated: the model itself is the Pyro model (``system.model(x, weights)``)."""
+        warnings.warn("IodineModel.model is deprecated: call the model itself, system.model(x, ...)",
+                      DeprecationWarning, stacklevel=2)
+        return self(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor | None = None, weights: list[float] | None = None,
               batch_size: int | None = None, num_slots: int | None = None, kl_scale: float = 1.0):
         """Pyro model: one copy of the generative model per weight (one per refinement step).
 
@@ -175,7 +211,7 @@ class IodineModel(nn.Module):
         Returns:
             the list of per-step `Decoded` outputs.
         """
-        pyro.module("decoder", self.decoder)
+        pyro.module(self.pyro_name("decoder"), self.decoder)
         weights = weights or [1.0]
         B = x.shape[0] if x is not None else batch_size
         num_frames = x.shape[1] if x is not None and x.dim() == 5 else 0
@@ -200,13 +236,3 @@ def autocast(like: torch.Tensor, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(like.device.type, dtype=dtype)
-
-
-@contextlib.contextmanager
-def no_memo(model: IodineModel):
-    """Run with an empty decoder memo and leave none behind."""
-    model.forget()
-    try:
-        yield
-    finally:
-        model.forget()

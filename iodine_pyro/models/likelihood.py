@@ -5,6 +5,10 @@ p(x_hw | z) = sum_k pi_khw prod_c p(x_hwc | mu_khwc),  pi_hw = softmax_k(m_hw)
 One function, `mixture_terms`, computes it; the model scores observations through the
 `PixelMixture` distribution built on it and the guide differentiates the very same
 function for its refinement inputs. Nothing else in the package evaluates p(x | z).
+
+Every function here counts dimensions from the right (slots at -4 of the means, -3 of
+the masks), so any leading dimensions (Pyro's sample and particle dimensions in front
+of the images) pass through: shapes below write [B, ...] for [..., B, ...].
 """
 
 from __future__ import annotations
@@ -28,20 +32,20 @@ def component_log_prob(x: torch.Tensor, means: torch.Tensor, pixel: str, scale: 
     Returns:
         [B, K, H, W]
     """
-    u = (x.unsqueeze(1) - means) / scale                       # u: [B, K, C, H, W]
+    u = (x.unsqueeze(-4) - means) / scale                      # u: [B, K, C, H, W]
     if pixel == "gaussian":
         lp = -0.5 * u * u - math.log(scale) - 0.5 * math.log(2 * math.pi)
     elif pixel == "logistic":
         lp = -u - math.log(scale) - 2.0 * F.softplus(-u)
     else:
         raise ValueError(f"unknown pixel distribution {pixel!r}")
-    return lp.sum(2)                                           # [B, K, H, W]
+    return lp.sum(-3)                                          # [B, K, H, W]
 
 
 def reconstruction(means: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """The mixture's mean image sum_k pi_k mu_k: means [B, K, C, H, W], masks [B, K, H, W]
     -> [B, C, H, W]."""
-    return (masks.unsqueeze(2) * means).sum(1)
+    return (masks.unsqueeze(-3) * means).sum(-4)
 
 
 class MixtureTerms(NamedTuple):
@@ -58,15 +62,16 @@ def mixture_terms(x: torch.Tensor, means: torch.Tensor, mask_logits: torch.Tenso
         x: [B, C, H, W]; means: [B, K, C, H, W]; mask_logits: [B, K, H, W].
     """
     comp = component_log_prob(x, means, pixel, scale)          # [B, K, H, W]
-    log_masks = F.log_softmax(mask_logits, dim=1)              # [B, K, H, W]
-    log_px = torch.logsumexp(log_masks + comp, dim=1)          # [B, H, W]
+    log_masks = F.log_softmax(mask_logits, dim=-3)             # [B, K, H, W]
+    log_px = torch.logsumexp(log_masks + comp, dim=-3)         # [B, H, W]
     return MixtureTerms(log_px, comp, log_masks)
 
 
 class PixelMixture(TorchDistribution):
     """Images as independent per-pixel mixtures over K slots.
 
-    batch_shape = [B], event_shape = [C, H, W]. ``log_prob`` sums the per-pixel
+    batch_shape = the means' dims before [K, C, H, W] ([B] for a batch of images, [S, B]
+    under a sample or particle plate), event_shape = [C, H, W]. ``log_prob`` sums the per-pixel
     mixture log-likelihood of `mixture_terms` over pixels; ``sample`` draws a slot per
     pixel from pi and then each channel from that slot's component. With `recompute`,
     ``log_prob`` keeps only its inputs for the backward pass and recomputes the mixture
@@ -75,7 +80,7 @@ class PixelMixture(TorchDistribution):
     """
 
     arg_constraints = {"means": constraints.real, "mask_logits": constraints.real}
-    support = constraints.real
+    support = constraints.independent(constraints.real, 3)    # an image [C, H, W] per event
     has_rsample = False
 
     def __init__(self, means: torch.Tensor, mask_logits: torch.Tensor, pixel: str = "gaussian",
@@ -85,38 +90,40 @@ class PixelMixture(TorchDistribution):
         self.pixel = pixel
         self.scale = float(scale)
         self.recompute = recompute
-        B, K, C, H, W = means.shape
-        super().__init__(torch.Size([B]), torch.Size([C, H, W]), validate_args=validate_args)
+        if means.dim() < 5 or mask_logits.shape[-3:] != means.shape[-4:-3] + means.shape[-2:]:
+            raise ValueError(f"PixelMixture needs means [..., K, C, H, W] and mask logits [..., K, H, W], "
+                             f"got {tuple(means.shape)} and {tuple(mask_logits.shape)}")
+        batch = torch.broadcast_shapes(means.shape[:-4], mask_logits.shape[:-3])
+        super().__init__(batch, means.shape[-3:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         if batch_shape == self.batch_shape:                    # what the images plate asks for
             return self
-        if len(batch_shape) != 1:
-            raise ValueError(f"PixelMixture has one batch dim (images); cannot expand to {batch_shape}")
-        B = batch_shape[0]
-        return PixelMixture(self.means.expand(B, *self.means.shape[1:]),
-                            self.mask_logits.expand(B, *self.mask_logits.shape[1:]),
+        return PixelMixture(self.means.expand(batch_shape + self.means.shape[-4:]),
+                            self.mask_logits.expand(batch_shape + self.mask_logits.shape[-3:]),
                             self.pixel, self.scale, recompute=self.recompute)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)                       # shape and finiteness of the images
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._log_prob, value, self.means, self.mask_logits, use_reentrant=False)
         return self._log_prob(value, self.means, self.mask_logits)
 
     def _log_prob(self, value, means, mask_logits) -> torch.Tensor:
         terms = mixture_terms(value, means, mask_logits, self.pixel, self.scale)
-        return terms.log_px.sum((-2, -1))                      # [B]
+        return terms.log_px.sum((-2, -1))                      # batch_shape
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        if sample_shape != torch.Size():
-            raise NotImplementedError("PixelMixture.sample takes no sample_shape; use a plate")
+        shape = torch.Size(sample_shape) + self.batch_shape    # [S..., B]
         with torch.no_grad():
-            B, K, C, H, W = self.means.shape
-            logits = self.mask_logits.permute(0, 2, 3, 1)     # [B, H, W, K]
-            k = torch.distributions.Categorical(logits=logits).sample()  # [B, H, W]
-            idx = k[:, None, None].expand(B, 1, C, H, W)       # [B, 1, C, H, W]
-            mu = self.means.gather(1, idx).squeeze(1)          # [B, C, H, W]
+            K, C, H, W = self.means.shape[-4:]
+            logits = self.mask_logits.expand(self.batch_shape + (K, H, W)).movedim(-3, -1)  # [B, H, W, K]
+            k = torch.distributions.Categorical(logits=logits).sample(sample_shape)        # [S..., B, H, W]
+            idx = k[..., None, None, :, :].expand(*shape, 1, C, H, W)                     # [S..., B, 1, C, H, W]
+            means = self.means.expand(shape + (K, C, H, W))                                # [S..., B, K, C, H, W]
+            mu = means.gather(-4, idx).squeeze(-4)             # [S..., B, C, H, W]
             if self.pixel == "gaussian":
                 noise = torch.randn_like(mu)
             else:
@@ -126,4 +133,4 @@ class PixelMixture(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        return reconstruction(self.means, self.mask_logits.softmax(1))   # [B, C, H, W]
+        return reconstruction(self.means, self.mask_logits.softmax(-3))  # [B, C, H, W]
