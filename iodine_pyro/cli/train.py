@@ -68,8 +68,8 @@ def fit(
         help="Held-out dataset for evaluate (default: generated in OUT/data/test).")] = None,
     num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Images to generate when --data is not given.")] = 4096,
     guide: Annotated[Optional[str], typer.Option(
-        help=f"Guide: {', '.join(guide_names())} (IODINE's iterative guide; the one-shot amortized VAE "
-             f"baseline) (default: the configuration's).", callback=choice("--guide", guide_names, "guide"))] = None,
+        help=f"Guide: {', '.join(guide_names())} (iterative: IODINE's; amortized: the one-shot VAE baseline; "
+             f"slot_attention: a slot-attention encoder, optionally refined) (default: the configuration's).", callback=choice("--guide", guide_names, "guide"))] = None,
     decoder: Annotated[Optional[str], typer.Option(
         help="broadcast (default) or deconv (the ablation).", callback=choice("--decoder", lambda: ["broadcast", "deconv"], "decoder"))] = None,
     num_slots: Annotated[Optional[int], typer.Option(callback=at_least("--num-slots", 1), help="K (default: the dataset's).")] = None,
