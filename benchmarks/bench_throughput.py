@@ -118,7 +118,6 @@ def measure(cfg, a, device: torch.device) -> dict[str, float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(system.parameters(), cfg.train.clip_norm)
         opt.step()
-        system.model.forget()
 
     def decoder():
         from iodine_pyro.models.generative import autocast

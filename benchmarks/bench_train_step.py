@@ -90,7 +90,6 @@ def main():
     l_pyro = float(system.loss(x).detach())
     torch.manual_seed(1)
     l_plain = float(plain_loss(system, x).detach())
-    system.model.forget()
     same = abs(l_pyro - l_plain) <= 1e-4 * abs(l_plain)
 
     pyro_fn = lambda s, x: s.loss(x)  # noqa: E731

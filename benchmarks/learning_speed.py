@@ -64,6 +64,8 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
                      "train.pixel_anneal_steps": 1000}, True),
     "fast-geco-release": ("fast, GECO's beta back to 1 from step 1,000", "fast",
                           {"train.geco_release_step": 1000}, True),
+    "fast-last-2": ("fast, gradient through the last 2 decoder passes only (first-order before them)", "fast",
+                    {"guide.grad_steps": 2}, True),
 }
 METRICS = ("fg_ari", "ari", "bg_slots", "mse", "kl")
 

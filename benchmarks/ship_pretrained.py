@@ -89,8 +89,8 @@ def write_table() -> None:
     """The README's table of shipped models, between its two markers, from their JSON files."""
     rows = ["| model | guide | held-out set | images | FG-ARI | ARI | bg slots | MSE | KL | steps | training | "
             "trained with |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(PRETRAINED_DIR.glob("*.json")):
-        info = json.loads(path.read_text())
+    shipped = [json.loads(p.read_text()) for p in PRETRAINED_DIR.glob("*.json")]
+    for info in sorted(shipped, key=lambda i: (i.get("guide", "iterative") != "iterative", i["name"])):
         hours = f"{info['train_minutes'] / 60:.1f} h on {info.get('hardware') or 'a CPU'}"
         for key in ("held_out", "official"):
             ev = info.get(key)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKPOINT, load_checkpoint
-from .config import make_config
+from .config import held_out, make_config
 from .data import DATASETS, ensure_generated
 from .train import fit
 
@@ -90,7 +90,7 @@ def ablate(dataset: str, steps: int, out: str | Path, inputs: Sequence[str] | No
         inputs: the inputs to leave out one at a time (default: all of the configuration's).
         seed: seed of the data and of every run.
         preset, batch_size, overrides: the configuration (as `iodine_pyro.train.fit`).
-        num_images: training images to generate (held-out: ``min(1024, num_images)``).
+        num_images: training images to generate (held-out: `iodine_pyro.config.held_out`).
         log_every, checkpoint_every, device, progress: passed to `iodine_pyro.train.fit`.
         report: called with an `AblationRun` before and after every run.
 
@@ -107,8 +107,8 @@ def ablate(dataset: str, steps: int, out: str | Path, inputs: Sequence[str] | No
     runs = plan(dataset, inputs, preset=preset, overrides=overrides)
     out = Path(out)
     train = ensure_generated(dataset, num_images, out / "data" / "train", seed=seed, progress=progress)
-    test = ensure_generated(dataset, min(1024, num_images), out / "data" / "test", seed=seed + 10_000,
-                            progress=progress)
+    n, held_out_seed = held_out(num_images, seed)
+    test = ensure_generated(dataset, n, out / "data" / "test", seed=held_out_seed, progress=progress)
     report = report or (lambda r: log.info("%s %s at step %d", r.name, r.status, r.step))
     results = []
     for index, (name, disabled) in enumerate(runs):

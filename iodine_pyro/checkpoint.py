@@ -128,7 +128,7 @@ def check_resumable(ckpt: dict[str, Any], path: Path) -> None:
     optimiser state, RNG states, data position and data, each named when it is not."""
     if "optimizer" not in ckpt:
         raise CheckpointError(f"{path} holds a model's weights only (no optimiser or data state): "
-                              f"it cannot be resumed; train into another --out")
+                              f"it cannot be resumed; train into another `out`")
     missing = [k for k in ("rng", "data_state", "data") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it cannot be resumed")

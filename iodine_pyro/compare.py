@@ -52,8 +52,7 @@ from .config import check_memory
 from .data import load_images
 from .evaluate import METRICS as TABLE
 from .evaluate import score_steps
-from .figures import draw_comparison
-from .models.generative import step_scale
+from .models.generative import site_plates, step_scale
 from .posterior import check_slots, rng_devices
 from .run import IMAGES, Run
 from .system import Iodine
@@ -141,7 +140,9 @@ def fit_gaussian(log_joint, q0: Normal, *, lr: float = 0.01, check_every: int = 
     its best by `tol` nats (Cremer et al., 2018: checks every 100 steps, 10 of them, lr
     1e-3), and the fit stops when every image has, or after `max_steps`. The images share
     the loss but not their parameters, and Adam's steps are per element, so each image is
-    fitted on its own. `tick()` is called after every step.
+    fitted on its own. `tick(n)` reports its work in evaluations of one image's log-joint
+    (`fit_cost`): after every step, and when it stops early, the rest of what it could
+    have taken, so that a run's reported work does not depend on when it converges.
 
     Returns:
         (q*, each image's parameters at its best check; the steps each image took to its
@@ -170,7 +171,7 @@ def fit_gaussian(log_joint, q0: Normal, *, lr: float = 0.01, check_every: int = 
             optimizer.step()
             step += 1
             if tick is not None:
-                tick()
+                tick(B * (FIT_STEP + (check_samples if step % check_every == 0 else 0)))
             if step % check_every == 0:
                 value, live = check(), bad < patience
                 better = live & (value > best + tol)
@@ -180,7 +181,17 @@ def fit_gaussian(log_joint, q0: Normal, *, lr: float = 0.01, check_every: int = 
                 best = torch.where(better, value, best)
                 bad = torch.where(better, 0, bad + live.long())
                 steps = torch.where(live & (bad >= patience), step, steps)
+    if tick is not None and step < max_steps:                           # stopped early: the rest
+        tick(B * (fit_cost(max_steps, check_every, check_samples) - fit_cost(step, check_every, check_samples)))
     return Normal(best_loc, F.softplus(best_raw)), steps
+
+
+FIT_STEP = 4                  # log-joint evaluations of one image per Adam step (forward and backward)
+
+
+def fit_cost(steps: int, check_every: int, check_samples: int = 16) -> int:
+    """Work of `fit_gaussian` on one image over `steps` steps, in log-joint evaluations."""
+    return FIT_STEP * steps + check_samples * (steps // check_every)
 
 
 def decomposition(log_px: torch.Tensor, elbo_star: torch.Tensor, elbo_q: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -208,15 +219,16 @@ def model_log_joint(system: Iodine, x: torch.Tensor):
 
 def _proposal(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
     """A mean-field Gaussian over the one-step model's latent site ``t0/z``."""
-    B = x.shape[0]
-    with pyro.plate("images", B), step_scale(1.0, B):
-        pyro.sample("t0/z", dist.Normal(loc, scale).to_event(2))      # [B, K, n_z]
+    B, K = loc.shape[:2]
+    plates = site_plates(B, K)
+    with plates.images, plates.slots, step_scale(1.0, B):
+        pyro.sample("t0/z", dist.Normal(loc, scale).to_event(1))      # [B, K, n_z]
 
 
 def _site_log_prob(trace, name: str) -> torch.Tensor:
-    """Unscaled log density of one site, per image: [B]."""
+    """Unscaled log density of one site, per image (summed over slots): [B]."""
     site = trace.nodes[name]
-    return site["fn"].log_prob(site["value"])
+    return site["fn"].log_prob(site["value"]).flatten(1).sum(1)
 
 
 @torch.no_grad()
@@ -249,7 +261,6 @@ def importance_terms(system: Iodine, x: torch.Tensor, q: Normal,
         lq_z = _site_log_prob(guide_tr, "t0/z")                         # [n*B]
         log_w.append((lp_z + lp_x - lq_z).view(n, B))
         log_lik.append(lp_x.view(n, B))
-    model.forget()
     return torch.cat(log_w), torch.cat(log_lik)                         # [S, B] each
 
 
@@ -294,7 +305,6 @@ def optimize_posterior(system: Iodine, x: torch.Tensor, q0: Normal, *, steps: in
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
-        system.model.forget()
     return Normal(loc.detach(), F.softplus(raw).detach())
 
 
@@ -327,7 +337,7 @@ def merge_scenes(images: torch.Tensor, masks: torch.Tensor, merge: int) -> tuple
         all-zero group, which the ARI ignores.
     """
     if merge < 1:
-        raise ValueError(f"--merge-scenes must be at least 1, got {merge}")
+        raise ValueError(f"`merge` must be at least 1, got {merge}")
     if merge == 1:
         return images, masks
     N, G = images.shape[0] // merge, masks.shape[1]
@@ -408,7 +418,8 @@ def evaluate_guide(system: Iodine, x: torch.Tensor, masks: torch.Tensor | None, 
     step T (the last step when fewer are run) and, separately, from the prior; per image
     the better of the two is q*. With `evidence_samples` S > 0, log p(x) is estimated by
     importance sampling with the guide's posterior at that step as proposal (S samples),
-    with the Pareto k-hat of its weights. `tick(n)` reports n units of work done.
+    with the Pareto k-hat of its weights. `tick(n)` reports work done in decodings of one
+    image's slots (`step_cost`, `fit_cost`, S per image for log p(x)).
 
     Returns:
         {metric: [L, B]} for `METRICS`; [B] each: ``optimized_{elbo,iwae,kl,nll}`` (q*),
@@ -417,6 +428,7 @@ def evaluate_guide(system: Iodine, x: torch.Tensor, masks: torch.Tensor | None, 
         (the guide's inference, shared equally by the batch's images).
     """
     tick = tick or (lambda n=1: None)
+    B = x.shape[0]
     c0 = time.process_time()
     steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)    # L x StepResult
     cpu = (time.process_time() - c0) / x.shape[0]
@@ -426,7 +438,7 @@ def evaluate_guide(system: Iodine, x: torch.Tensor, masks: torch.Tensor | None, 
         q = system.guide.posterior(s.lam)                                 # batch [B, K, n_z]
         for k, v in _elbo_iwae(system, x, q, iw_samples).items():
             per[k].append(v.double())
-        tick(1)
+        tick(B * step_cost(iw_samples))
     nan = torch.full((len(steps), x.shape[0]), float("nan"), dtype=torch.float64)
     table = score_steps(system, x, steps, masks, background, [k for k in METRICS if k in TABLE and k not in OWN])
     q_guide = system.guide.posterior(steps[trained].lam)
@@ -437,9 +449,10 @@ def evaluate_guide(system: Iodine, x: torch.Tensor, masks: torch.Tensor | None, 
         prior = system.model.prior(x.shape[0], K, like=x)
         for start, q0 in (("guide", q_guide), ("prior", Normal(prior.loc, prior.scale))):
             q_star, took = fit_gaussian(log_joint, q0, lr=gap_lr, check_every=gap_check_every,
-                                        patience=gap_patience, max_steps=gap_steps, tick=lambda: tick(1))
+                                        patience=gap_patience, max_steps=gap_steps, tick=tick)
             opt.update({f"optimized_{k}_from_{start}": v.double()
                         for k, v in _elbo_iwae(system, x, q_star, iw_samples).items()})
+            tick(B * iw_samples)
             opt[f"gap_steps_from_{start}"] = took.double()
         better = opt["optimized_elbo_from_guide"] >= opt["optimized_elbo_from_prior"]   # [B]
         for k in ("elbo", "iwae", "kl", "nll"):
@@ -449,8 +462,7 @@ def evaluate_guide(system: Iodine, x: torch.Tensor, masks: torch.Tensor | None, 
             log_w = importance_log_weights(log_joint, q_guide, evidence_samples, _chunk(x, K)).double()   # [S, B]
             opt["log_px"], opt["khat"] = log_mean_exp(log_w), pareto_khat(log_w)
             opt["approximation_gap"] = opt["log_px"] - opt["optimized_elbo"]
-            tick(1)
-    system.model.forget()
+            tick(B * evidence_samples)
     per["amortization_gap"] = [opt["optimized_elbo"] - e for e in per["elbo"]]
     lp = opt.get("log_px", torch.full_like(per["elbo"][0], float("nan")))
     per["inference_gap"] = [lp - e for e in per["elbo"]]
@@ -528,17 +540,17 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
     """
     if not runs:
         raise ValueError("give at least one run directory")
-    for name, value in [("--num-images", num_images), ("--iw-samples", iw_samples),
-                        ("--batch-size", batch_size), ("--merge-scenes", merge),
-                        ("--gap-check-every", gap_check_every), ("--gap-patience", gap_patience)]:
+    for name, value in [("num_images", num_images), ("iw_samples", iw_samples),
+                        ("batch_size", batch_size), ("merge", merge),
+                        ("gap_check_every", gap_check_every), ("gap_patience", gap_patience)]:
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise ValueError(f"`{name}` must be at least 1, got {value}")
     if gap_steps < 0 or not gap_lr > 0 or evidence_samples < 0:
-        raise ValueError(f"--gap-steps and --evidence-samples must be >= 0 and --gap-lr > 0, "
+        raise ValueError(f"`gap_steps` and `evidence_samples` must be >= 0 and `gap_lr` > 0, "
                          f"got {gap_steps}, {evidence_samples} and {gap_lr}")
-    for name, value in [("--num-iters", num_iters), ("--num-slots", num_slots)]:
+    for name, value in [("num_iters", num_iters), ("num_slots", num_slots)]:
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise ValueError(f"`{name}` must be at least 1, got {value}")
     opened = []
     for run in runs:                               # open (and check) every run before any work
         run = run if isinstance(run, Run) else Run.open(run, device)
@@ -562,10 +574,11 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
         L = len(run.system.weights(iters))
         plans.append((run, iters, L))
     est = dict(iw_samples=iw_samples, evidence_samples=evidence_samples, gap_steps=gap_steps)
-    planned, reduced = plan(plans, N, num_slots, est, gap_check_every, generalize, time_limit, x_all, batch_size)
+    planned, reduced, rates = plan(plans, N, num_slots, est, gap_check_every, generalize, time_limit, x_all,
+                                   batch_size)
     if time_limit is not None and planned > time_limit:
         log.warning("compare: even at its lowest settings this comparison needs about %.0f s, more than the "
-                    "time limit of %.0f s; lower --num-images or give --no-generalize", planned, time_limit)
+                    "time limit of %.0f s; lower `num_images` or leave out the generalisation", planned, time_limit)
     settings = {"num_images": N, "data": where, "merge_scenes": merge, "objects_per_image": objects,
                 "background_groups": background, "num_iters": num_iters, "num_slots": num_slots,
                 **est, "gap_lr": gap_lr, "gap_check_every": gap_check_every, "gap_patience": gap_patience,
@@ -573,12 +586,17 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
                 "planned_seconds": planned, "reduced_for_time": reduced, "decoders": DECODERS}
     iw_samples, evidence_samples, gap_steps = est["iw_samples"], est["evidence_samples"], est["gap_steps"]
     gap_images = est["gap_images"]
-    work = sum(math.ceil(N / batch_size) * (L + 1) + math.ceil(gap_images / batch_size)   # steps, log p(x);
-               * (2 * gap_steps + (L * (1 + r.system.guide.can_change_slots) if generalize else 0))   # q*, more
-               for r, _, L in plans)
-    bar = tqdm(total=work, disable=not progress, desc="compare", unit="step", dynamic_ncols=True)
+    seconds = []                                                          # each run's planned seconds
+    for (r, _, L), rate in zip(plans, rates):
+        every, subset = work(L, r.system.guide.can_change_slots, iw_samples, evidence_samples, gap_steps,
+                             gap_check_every, generalize)
+        seconds.append(rate * (N * every + gap_images * subset))
+    # the bar counts planned seconds: each run's work in decodings, at its measured rate
+    bar = tqdm(total=round(sum(seconds), 1), disable=not progress, desc="compare", dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     results: dict[str, Any] = {}
-    for run, iters, L in plans:
+    for (run, iters, L), rate in zip(plans, rates):
+        tick = lambda n, rate=rate: bar.update(n * rate)
         name = _run_name(run, set(results))
         system, cfg = run.system, run.cfg
         try:
@@ -591,7 +609,7 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
         options = dict(num_iters=iters, iw_samples=iw_samples, gap_lr=gap_lr, gap_check_every=gap_check_every,
                        gap_patience=gap_patience, background=background)
         joined = _batches(system, x_all, m_all, batch_size, seed, gap_images, num_slots=num_slots,
-                          gap_steps=gap_steps, evidence_samples=evidence_samples, tick=bar.update, **options)
+                          gap_steps=gap_steps, evidence_samples=evidence_samples, tick=tick, **options)
         result: dict[str, Any] = {k: [metrics.summarize(row) for row in joined[k]] for k in METRICS}
         result.update({f"{k}_se": [mean_and_se(row)[1] for row in joined[k]] for k in METRICS})
         for k in joined:
@@ -616,7 +634,7 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
                       steps=L, trained_step=trained, final_step=final, can_change_slots=system.guide.can_change_slots)
         if generalize:
             result["generalization"] = _generalization(run, data, gap_images, merge, batch_size, seed,
-                                                       tick=bar.update, **{**options, "num_iters": iters})
+                                                       tick=tick, **{**options, "num_iters": iters})
         results[name] = result
     bar.close()
     return {"settings": settings, "runs": results}
@@ -670,18 +688,35 @@ def _generalization(run: Run, data, num_images: int, merge: int, batch_size: int
     return out
 
 
-def plan(plans, num_images: int, num_slots: int | None, est: dict[str, int], check_every: int,
-         generalize: bool, time_limit: float | None, x: torch.Tensor, batch_size: int) -> tuple[float, bool]:
-    """The seconds the comparison is expected to take, from one timed decoder call per
-    run, and whether `est` (iw_samples, evidence_samples, gap_steps, gap_images; changed
-    in place) was lowered to fit `time_limit`.
+def step_cost(iw_samples: int) -> int:
+    """Decodings of one image's slots per guide step scored: its ELBO / IWAE samples, and
+    about 3 for the guide's own pass (decoder, refinement network, gradient inputs)."""
+    return iw_samples + 3
 
-    Cost in decodings of an image's slots: per image L (iw + 3) for the guide's steps and
-    their ELBO / IWAE and S for log p(x); per image of the q* subset (``gap_images``), per
-    start 4 per Adam step (forward and backward) plus 16 per check and 2 iw for its ELBO,
-    and 3 L iw when generalising. First iw, S and the q* cap are scaled by one factor, with
-    floors of 4, 32 and 50; if that is not enough, q* and the generalisation run on fewer
-    images (whole batches, at least one)."""
+
+def work(L: int, can_change_slots: bool, iw: int, S: int, G: int, check_every: int,
+         generalize: bool) -> tuple[int, int]:
+    """A run's work in decodings of one image's slots: (per image, and in addition per
+    image of the q* subset), as `evaluate_guide` reports it. Every image: L scored steps, S
+    samples of log p(x) and the ELBO / IWAE of both starts of q*; each q* image: the two
+    starts' `fit_cost` and, when generalising, the same scoring at each K tried."""
+    scored = L * step_cost(iw) + 2 * iw
+    every = scored + S
+    subset = 2 * fit_cost(G, check_every) + (scored * (1 + can_change_slots) if generalize else 0)
+    return every, subset
+
+
+def plan(plans, num_images: int, num_slots: int | None, est: dict[str, int], check_every: int,
+         generalize: bool, time_limit: float | None, x: torch.Tensor,
+         batch_size: int) -> tuple[float, bool, list[float]]:
+    """The seconds the comparison is expected to take, from one timed decoder call per
+    run; whether `est` (iw_samples, evidence_samples, gap_steps, gap_images; changed in
+    place) was lowered to fit `time_limit`; and each run's seconds per decoding of one
+    image's slots (the rate that turns `work` into seconds).
+
+    First iw, S and the q* cap are scaled by one factor, with floors of 4, 32 and 50; if
+    that is not enough, q* and the generalisation run on fewer images (whole batches, at
+    least one)."""
     rates = []
     for run, _, L in plans:
         K = num_slots or run.cfg.model.num_slots
@@ -693,10 +728,9 @@ def plan(plans, num_images: int, num_slots: int | None, est: dict[str, int], che
         rates.append((time.perf_counter() - t0) / 16)                     # seconds per image's slots
 
     def parts(iw, S, G):                                                  # seconds: all images, per subset image
-        every = sum(rate * (L * (iw + 3) + S) for (_, _, L), rate in zip(plans, rates)) * num_images
-        subset = sum(rate * (2 * (4 * G + 16 * G / check_every + 2 * iw) + (3 * L * iw if generalize else 0))
-                     for (_, _, L), rate in zip(plans, rates))
-        return every, subset
+        costs = [(rate, work(L, run.system.guide.can_change_slots, iw, S, G, check_every, generalize))
+                 for (run, _, L), rate in zip(plans, rates)]
+        return sum(r * every for r, (every, _) in costs) * num_images, sum(r * sub for r, (_, sub) in costs)
 
     def seconds(iw, S, G, M=num_images):
         every, subset = parts(iw, S, G)
@@ -706,7 +740,7 @@ def plan(plans, num_images: int, num_slots: int | None, est: dict[str, int], che
     est["gap_images"] = num_images
     need = seconds(iw, S, G)
     if time_limit is None or need <= time_limit:
-        return need, False
+        return need, False, rates
     lo, hi = 0.0, 1.0
     for _ in range(30):                                                   # bisect the common factor
         f = (lo + hi) / 2
@@ -716,7 +750,7 @@ def plan(plans, num_images: int, num_slots: int | None, est: dict[str, int], che
         every, subset = parts(*scaled)
         fit = int((time_limit - every) / subset) if subset > 0 else num_images
         est["gap_images"] = min(num_images, max(batch_size, fit // batch_size * batch_size))
-    return seconds(*scaled, est["gap_images"]), True
+    return seconds(*scaled, est["gap_images"]), True, rates
 
 
 def _scaled(f: float, iw: int, S: int, G: int) -> tuple[int, int, int]:
@@ -806,6 +840,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 def write_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """compare.json, compare.md and compare.png in directory `out`: all three whole or none
     (the JSON and the table are staged and put in place with the picture, `iodine_pyro.io`)."""
+    from .figures import draw_comparison          # here, not at the top: comparing loads no matplotlib
     from .io import stage_text
 
     out = Path(out)

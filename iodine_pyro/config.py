@@ -19,10 +19,11 @@ import copy
 import dataclasses
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fields import (FLOAT32_MAX, INT_MAX, Rule, boolean, choice, integer, integers, names, number, odd, optional,
+                     ruled, rules)
 from .guides import ITERATIVE, guide_class, guide_kinds, guide_sections
 from .guides.inputs import INPUTS, PAPER_INPUTS, PAPER_STOP_GRADIENT
 
@@ -41,44 +42,53 @@ DEEPMIND_COSINE_INPUTS = ("image", "means", "mask", "mask_logits", "mask_posteri
 class ModelConfig:
     """The generative model p(x, z) = prod_k N(z_k; 0, prior_var I) p(x | z)."""
 
-    image_channels: int = 3
-    image_size: tuple[int, int] = (35, 35)
-    num_slots: int = 4                       # K
-    latent_dim: int = 32                     # n_z
-    pixel: str = "gaussian"                  # "gaussian" | "logistic"
-    pixel_scale: float = 0.1                 # sigma of the Gaussian / scale of the Logistic
-    prior_var: float = 1.0                   # N(0, prior_var); deepmind: softplus(0) = ln 2
-    decoder: str = "broadcast"               # "broadcast" | "deconv" (ablation, Sec. 4.3)
-    decoder_channels: tuple[int, ...] = (32, 32, 32, 32)
-    decoder_kernel: int = 5
-    decoder_constant: float | None = None    # deepmind appends a constant 5.0 to z
-    deconv_mlp: tuple[int, ...] = (512, 512)
-    deconv_start: tuple[int, int, int] = (8, 8, 8)   # channels, height, width after reshape
+    image_channels: int = ruled(3, integer(1, 64))
+    image_size: tuple[int, int] = ruled((35, 35), integers(2))
+    num_slots: int = ruled(4, integer(1))                           # K
+    latent_dim: int = ruled(32, integer(1))                         # n_z
+    pixel: str = ruled("gaussian", choice("gaussian", "logistic"))
+    pixel_scale: float = ruled(0.1, number(0))                      # sigma of the Gaussian / scale of the Logistic
+    prior_var: float = ruled(1.0, number(0))                        # N(0, prior_var); deepmind: softplus(0) = ln 2
+    decoder: str = ruled("broadcast", choice("broadcast", "deconv"))   # deconv: the ablation of Sec. 4.3
+    decoder_channels: tuple[int, ...] = ruled((32, 32, 32, 32), integers(nonempty=False))
+    decoder_kernel: int = ruled(5, odd())
+    decoder_constant: float | None = ruled(None, optional(number(-FLOAT32_MAX, lo_open=False)))
+                                                                    # deepmind appends a constant 5.0 to z
+    deconv_mlp: tuple[int, ...] = ruled((512, 512), integers(nonempty=False))
+    deconv_start: tuple[int, int, int] = ruled((8, 8, 8), integers(3))   # channels, height, width after reshape
 
 
 @dataclass
 class GuideConfig:
     """IODINE's iterative amortized posterior q(z | lambda_T)."""
 
-    kind: str = ITERATIVE                    # a registered guide (iodine_pyro.guides): IODINE's
-                                             # iterative guide, or the amortized VAE baseline
-    num_iters: int = 5                       # T
-    loss_weights: str = "paper"              # "paper": t/T, t=1..T; "deepmind": linspace(0,1,T+1)
-    posterior_scale: str = "softplus"        # sigma = softplus(s) | "sqrt_softplus": sqrt(softplus(s))
-    mask_posterior: str = "responsibility"   # | "normalized_likelihood" (deepmind)
-    conv_channels: tuple[int, ...] = (32, 32, 32)
-    conv_kernel: int = 5
-    conv_stride: int = 1                     # deepmind: 2 (SAME padding)
-    mlp: tuple[int, ...] = (128,)            # after pooling, ELU after each layer ...
-    mlp_linear_last: bool = False            # ... but the last (CLEVR; the released code everywhere)
-    lstm: int | None = None                  # hidden size; None = no LSTM (Tetrominoes)
-    inputs: tuple[str, ...] = PAPER_INPUTS   # rows of guides.inputs.INPUTS, by name
-    stop_gradient: tuple[str, ...] = PAPER_STOP_GRADIENT  # inputs the loss does not differentiate through
-    grad_reduction: str = "image"            # gradient inputs of "image": each image's own -ELBO |
-                                             # "batch_mean": the batch mean's (released code)
-    disabled_inputs: tuple[str, ...] = ()    # names from `inputs` left out (ablations)
-    recompute: bool = False                  # training: recompute each step's activations in the
-                                             # backward pass instead of storing them (memory flat in T)
+    kind: str = ruled(ITERATIVE, lambda v: None if isinstance(v, str) else "a guide's name")
+                                                                    # a registered guide (iodine_pyro.guides)
+    num_iters: int = ruled(5, integer(1))                           # T
+    loss_weights: str = ruled("paper", choice("paper", "deepmind"))
+                                                                    # "paper": t/T, t=1..T; "deepmind": linspace(0,1,T+1)
+    posterior_scale: str = ruled("softplus", choice("softplus", "sqrt_softplus"))
+                                                                    # sigma = softplus(s) | sqrt(softplus(s))
+    mask_posterior: str = ruled("responsibility", choice("responsibility", "normalized_likelihood"))
+                                                                    # normalized_likelihood: deepmind
+    conv_channels: tuple[int, ...] = ruled((32, 32, 32), integers())
+    conv_kernel: int = ruled(5, integer(1))
+    conv_stride: int = ruled(1, integer(1))                         # deepmind: 2 (SAME padding)
+    mlp: tuple[int, ...] = ruled((128,), integers(nonempty=False))  # after pooling, ELU after each layer ...
+    mlp_linear_last: bool = ruled(False, boolean)                   # ... but the last (CLEVR; deepmind everywhere)
+    lstm: int | None = ruled(None, optional(integer(1)))            # hidden size; None = no LSTM (Tetrominoes)
+    inputs: tuple[str, ...] = ruled(PAPER_INPUTS, names)            # rows of guides.inputs.INPUTS, by name
+    stop_gradient: tuple[str, ...] = ruled(PAPER_STOP_GRADIENT, names)   # inputs the loss does not
+                                                                    # differentiate through
+    grad_reduction: str = ruled("image", choice("image", "batch_mean"))
+                                                                    # gradient inputs of "image": each image's own
+                                                                    # -ELBO | "batch_mean": the batch mean's (released code)
+    disabled_inputs: tuple[str, ...] = ruled((), names)             # names from `inputs` left out (ablations)
+    recompute: bool = ruled(False, boolean)                         # training: recompute each step's activations in
+                                                                    # the backward pass (memory flat in T)
+    grad_steps: int | None = ruled(None, optional(integer(1)))      # training: differentiate only the last this many
+                                                                    # decoder passes, lambda detached before them
+                                                                    # (None: all of them, the paper)
 
     def active_inputs(self) -> tuple[str, ...]:
         return tuple(n for n in self.inputs if n not in self.disabled_inputs)
@@ -88,25 +98,25 @@ class GuideConfig:
 class TrainConfig:
     """Optimisation: Adam, global gradient-norm clipping."""
 
-    lr: float = 3e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    batch_size: int = 32
-    clip_norm: float = 5.0
-    lr_decay: float = 1.0                    # multiply lr by this every lr_decay_steps
-    lr_decay_steps: int = 1_000_000
-    max_bad_steps: int = 20                  # non-finite steps in a row before stopping
-    warmup_steps: int = 0                    # lr rises linearly from 0 over this many steps
-    init: str = "torch"                      # initial weights: "torch" (PyTorch's defaults) |
-                                             # "sonnet" (truncated normal 1/sqrt(fan_in), zero bias)
-    geco_goal: float | None = None           # GECO: target reconstruction MSE; None = the plain ELBO
-    geco_rate: float = 0.01                  # GECO: step of log(beta) per unit relative violation
-    geco_ema: float = 0.99                   # GECO: smoothing of the measured MSE
-    geco_release_step: int | None = None     # GECO: from this step on beta returns to 1 (the ELBO)
-                                             # at geco_rate per step, whatever the MSE
-    pixel_scale_final: float | None = None   # anneal model.pixel_scale geometrically to this ...
-    pixel_anneal_start: int = 0              # ... from this step ...
-    pixel_anneal_steps: int = 1              # ... over this many steps (`pixel_scale_at`)
+    lr: float = ruled(3e-4, number(0))
+    beta1: float = ruled(0.9, number(0, 1, lo_open=False, hi_open=True))
+    beta2: float = ruled(0.999, number(0, 1, lo_open=False, hi_open=True))
+    batch_size: int = ruled(32, integer(1))
+    clip_norm: float = ruled(5.0, number(0))
+    lr_decay: float = ruled(1.0, number(0, 1))                      # multiply lr by this every lr_decay_steps
+    lr_decay_steps: int = ruled(1_000_000, integer(1))
+    max_bad_steps: int = ruled(20, integer(1))                      # non-finite steps in a row before stopping
+    warmup_steps: int = ruled(0, integer(0))                        # lr rises linearly from 0 over this many steps
+    init: str = ruled("torch", choice("torch", "sonnet"))           # initial weights: PyTorch's defaults |
+                                                                    # truncated normal 1/sqrt(fan_in), zero bias
+    geco_goal: float | None = ruled(None, optional(number(0)))      # GECO: target reconstruction MSE; None = the ELBO
+    geco_rate: float = ruled(0.01, number(0))                       # GECO: step of log(beta) per unit violation
+    geco_ema: float = ruled(0.99, number(0, 1, lo_open=False, hi_open=True))   # GECO: smoothing of the MSE
+    geco_release_step: int | None = ruled(None, optional(integer(0)))   # GECO: from this step on beta returns
+                                                                    # to 1 (the ELBO) at geco_rate per step
+    pixel_scale_final: float | None = ruled(None, optional(number(0)))  # anneal model.pixel_scale geometrically
+    pixel_anneal_start: int = ruled(0, integer(0))                  # ... from this step ...
+    pixel_anneal_steps: int = ruled(1, integer(1))                  # ... over this many steps (`pixel_scale_at`)
 
 
 @dataclass
@@ -277,9 +287,9 @@ def section_class(name: str) -> type:
     return klass
 
 
-def section_rules(name: str) -> dict[str, Callable[[Any], str | None]]:
-    """``{field: rule}`` of a guide's own section, as `FIELD_RULES`' rules."""
-    return dict(getattr(guide_class(guide_sections()[name]), "section_rules", {}))
+def section_rules(name: str) -> dict[str, Rule]:
+    """``{field: rule}`` of a guide's own section: the rules declared with its fields."""
+    return rules(section_class(name))
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
@@ -370,131 +380,35 @@ def resumed_config(stored: Config, overrides: dict[str, Any] | None) -> tuple[Co
     if refused:
         raise ValueError(f"a resumed run keeps its settings, and {'; '.join(refused)} would change it; "
                          f"a resumed run may change only {', '.join(SCHEDULE_FIELDS)} "
-                         f"(train a new run in another --out for the rest)")
+                         f"(train a new run in another `out` for the rest)")
     return cfg, changed
 
 
 # ---------------------------------------------------------------------------------------
 # Validation: every field by type and range, then the fields together
 # ---------------------------------------------------------------------------------------
-INT_MAX = 2**31 - 1                      # torch's sizes and numpy's seeds stay below this
-FLOAT32_MAX = 3.4028234663852886e38      # parameters are float32: a larger step is an infinite one
+HELD_OUT_IMAGES = 1024                   # a generated held-out set: at most this many images,
+HELD_OUT_SEED = 10_000                   # generated from the run's seed plus this
+SEED_MAX = 2**32 - 1 - HELD_OUT_SEED     # numpy's seeds, with room for the held-out set's
 
 
-def _int(lo: int, hi: int = INT_MAX) -> Callable[[Any], str | None]:
-    def check(v):
-        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-        return None if ok else f"an integer from {lo} to {hi}" if hi != INT_MAX else f"an integer >= {lo}"
-    return check
+def held_out(num_images: int, seed: int) -> tuple[int, int]:
+    """(images, seed) of the held-out set generated for a run trained on `num_images`
+    generated images from `seed`: the one convention of `fit`, `ablate` and the shipped
+    models."""
+    return min(HELD_OUT_IMAGES, num_images), seed + HELD_OUT_SEED
 
 
-def _odd(lo: int = 1) -> Callable[[Any], str | None]:
-    def check(v):
-        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= INT_MAX and v % 2 == 1
-        return None if ok else f"an odd integer >= {lo} ('same' padding)"
-    return check
-
-
-def _float(lo: float, hi: float = FLOAT32_MAX, *, lo_open: bool = True, hi_open: bool = False
-           ) -> Callable[[Any], str | None]:
-    def check(v):
-        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-              and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi))
-        if ok:
-            return None
-        if hi == FLOAT32_MAX:
-            return "a finite number" if lo == -FLOAT32_MAX else f"a finite number {'>' if lo_open else '>='} {lo:g}"
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        return f"a finite number in {left}{lo:g}, {hi:g}{right}"
-    return check
-
-
-def _bool(v) -> str | None:
-    return None if isinstance(v, bool) else "true or false"
-
-
-def _choice(*names: str) -> Callable[[Any], str | None]:
-    def check(v):
-        return None if isinstance(v, str) and v in names else f"one of {', '.join(names)}"
-    return check
-
-
-def _optional(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    def check(v):
-        what = rule(v) if v is not None else None
-        return None if what is None else f"{what}, or none"
-    return check
-
-
-def _ints(length: int | None = None, lo: int = 1, nonempty: bool = True) -> Callable[[Any], str | None]:
-    def check(v):
-        ok = (isinstance(v, (tuple, list)) and (length is None or len(v) == length)
-              and (len(v) > 0 or not nonempty) and all(_int(lo)(x) is None for x in v))
-        if ok:
-            return None
-        n = f"{length} " if length else "a list of " if nonempty else "a (possibly empty) list of "
-        return f"{n}integers >= {lo}"
-    return check
-
-
-def _names(v) -> str | None:
-    ok = isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)
-    return None if ok else "a list of names"
-
-
-FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
-    "model.image_channels": _int(1, 64),
-    "model.image_size": _ints(2),
-    "model.num_slots": _int(1),
-    "model.latent_dim": _int(1),
-    "model.pixel": _choice("gaussian", "logistic"),
-    "model.pixel_scale": _float(0),
-    "model.prior_var": _float(0),
-    "model.decoder": _choice("broadcast", "deconv"),
-    "model.decoder_channels": _ints(nonempty=False),
-    "model.decoder_kernel": _odd(),
-    "model.decoder_constant": _optional(_float(-FLOAT32_MAX, lo_open=False)),
-    "model.deconv_mlp": _ints(nonempty=False),
-    "model.deconv_start": _ints(3),
-    "guide.kind": lambda v: None if isinstance(v, str) else "a guide's name",
-    "guide.num_iters": _int(1),
-    "guide.loss_weights": _choice("paper", "deepmind"),
-    "guide.posterior_scale": _choice("softplus", "sqrt_softplus"),
-    "guide.mask_posterior": _choice("responsibility", "normalized_likelihood"),
-    "guide.conv_channels": _ints(),
-    "guide.conv_kernel": _int(1),
-    "guide.conv_stride": _int(1),
-    "guide.mlp": _ints(nonempty=False),
-    "guide.mlp_linear_last": _bool,
-    "guide.lstm": _optional(_int(1)),
-    "guide.inputs": _names,
-    "guide.stop_gradient": _names,
-    "guide.grad_reduction": _choice("image", "batch_mean"),
-    "guide.disabled_inputs": _names,
-    "guide.recompute": _bool,
-    "train.lr": _float(0),
-    "train.beta1": _float(0, 1, lo_open=False, hi_open=True),
-    "train.beta2": _float(0, 1, lo_open=False, hi_open=True),
-    "train.batch_size": _int(1),
-    "train.clip_norm": _float(0),
-    "train.lr_decay": _float(0, 1),
-    "train.lr_decay_steps": _int(1),
-    "train.max_bad_steps": _int(1),
-    "train.warmup_steps": _int(0),
-    "train.init": _choice("torch", "sonnet"),
-    "train.geco_goal": _optional(_float(0)),
-    "train.geco_rate": _float(0),
-    "train.geco_ema": _float(0, 1, lo_open=False, hi_open=True),
-    "train.geco_release_step": _optional(_int(0)),
-    "train.pixel_scale_final": _optional(_float(0)),
-    "train.pixel_anneal_start": _int(0),
-    "train.pixel_anneal_steps": _int(1),
-}
+# {"section.field": rule}: each declared with its field (`iodine_pyro.fields.ruled`)
+FIELD_RULES: dict[str, Rule] = {f"{section}.{name}": rule
+                                for section, cls in (("model", ModelConfig), ("guide", GuideConfig),
+                                                     ("train", TrainConfig))
+                                for name, rule in rules(cls).items()}
 
 
 def validate(cfg: Config) -> None:
     """Raise ValueError (one line naming the field) unless every field has its type and
-    range (`FIELD_RULES`) and the fields agree with each other.
+    range (the rule declared with it, `FIELD_RULES`) and the fields agree with each other.
 
     Every configuration passes here before it is used: those of `make_config` (presets,
     overrides from the command line and TOML files) and those stored in checkpoints
@@ -564,7 +478,7 @@ def memory_needed(cfg: Config, *, batch: int | None = None, num_slots: int | Non
     T = num_iters or g.num_iters
     H, W = m.image_size
     channels = (sum(m.decoder_channels) if m.decoder == "broadcast" else 0) + m.image_channels + 1
-    passes = T if training and not g.recompute else 1
+    passes = min(T, g.grad_steps or T) if training and not g.recompute else 1
     return 2 * B * K * H * W * channels * passes + 4 * (7 if training else 1) * parameter_count(cfg)
 
 
@@ -613,4 +527,4 @@ def check_memory(cfg: Config, device: Any = "cpu", *, batch: int | None = None, 
             f"{what} would need at least {_gib(need)} for one step (batch {batch or cfg.train.batch_size}, "
             f"{num_slots or m.num_slots} slots, {num_iters or cfg.guide.num_iters} refinement steps, "
             f"{m.image_size[0]}x{m.image_size[1]} images) and {device} has {_gib(have)}: "
-            f"lower --batch-size, --num-slots or --num-iters")
+            f"lower `batch_size`, `num_slots` or `num_iters`")

@@ -146,7 +146,7 @@ def evaluate(run: Run | str | Path, *, num_images: int = 256, batch_size: int = 
     ``sequence``; plus the settings used (``data``, ``num_images``, ``step``, ...).
     """
     if num_images < 1 or batch_size < 1:
-        raise ValueError("--num-images and --batch-size must be at least 1")
+        raise ValueError("`num_images` and `batch_size` must be at least 1")
     run = run if isinstance(run, Run) else Run.open(run, device)
     check_memory(run.cfg, run.device, batch=batch_size, num_slots=num_slots, num_iters=num_iters, training=False,
                  what="evaluate")

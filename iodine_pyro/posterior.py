@@ -14,39 +14,55 @@ and `Predictive(guide, num_samples=S)` draws S of them, each from its own refine
 Samples of one image can therefore land in different modes (different decompositions of
 the same scene): the paper's multi-stability experiment, `plot_multistability`.
 
-With ``predictive=True`` the model is replayed on those samples with ``x=None``
-(`Predictive(model, posterior_samples=...)`, which is what ``Predictive(model, guide=guide)``
-does internally) and the posterior predictive comes from its final site:
+Every draw is then scored (`draw_samples`, a chunk of draws at a time, in float64):
+
+    log p(x | z)            model.likelihood(model.decode(z)).log_prob(x), the final step's likelihood
+    log p(x, z)             log p(x | z) + log N(z; 0, prior_var I), summed over slots and latents
+    log w = log p(x, z) - log q(z | lambda_T)
+
+where q(z | lambda_T) is the Normal(loc, scale) that drew this z: the final step's q, not the
+(intractable) marginal of z over the refinement path. The same decoding gives the masks and
+the reconstruction, deterministic functions of z; they are stored only with
+``predictive=True``, as they cost nothing to compute but (K + C) x H x W floats per draw
+and image to keep. With ``predictive=True`` the model is also replayed on the samples with
+``x=None`` (`Predictive(model, posterior_samples=...)`, which is what
+``Predictive(model, guide=guide)`` does internally) and the replicated images come from
+its final site:
 
     x_rep ~ p(x | z_T)                      site f"t{T-1}/x"  [B, C, H, W]
-    masks = softmax_k(mask logits(z_T))     recorded with `pyro.deterministic`
-    reconstruction = sum_k masks_k mu_k(z_T)
 
 The file
 --------
 `sample_posterior` returns an `xarray.DataTree`; `write_samples` stores it as netCDF-4 with
-one group per ArviZ group, in ArviZ's own layout: ``arviz.from_netcdf(path)`` reads it and
-``az.summary``, ``az.plot_posterior``, ``az.plot_trace`` and ``az.plot_ppc`` work on it as
-they are (``xarray.open_datatree`` reads it too).
+one group per ArviZ group, in ArviZ's InferenceData schema: ``arviz.from_netcdf(path)``
+reads it and ``az.summary``, ``az.plot_posterior``, ``az.plot_trace``, ``az.plot_ppc``,
+``az.loo`` and ``az.waic`` work on it as they are (``xarray.open_datatree`` reads it too).
 
-========================  ==================================================  ==========================
-group / variable          dims                                                meaning
-========================  ==================================================  ==========================
-posterior/z               (chain, draw, image, slot, latent)                  z ~ q(z | lambda_T)
-posterior/loc, scale      (chain, draw, image, slot, latent)                  that draw's lambda_T
-posterior_predictive/x    (chain, draw, image, channel, height, width)        x_rep ~ p(x | z)
-.../masks                 (chain, draw, image, slot, height, width)           mixing weights pi(z)
-.../reconstruction        (chain, draw, image, channel, height, width)        sum_k pi_k mu_k(z)
-observed_data/x           (image, channel, height, width)                     the images, [0, 1]
-observed_data/true_masks  (image, group, height, width)                       ground truth, when known
-========================  ==================================================  ==========================
+==============================  ============================================  ===================================
+group / variable                dims                                          meaning
+==============================  ============================================  ===================================
+posterior/z                     (chain, draw, image, slot, latent)            z ~ q(z | lambda_T)
+posterior/masks                 (chain, draw, image, slot, height, width)     mixing weights pi(z) [predictive]
+posterior/reconstruction        (chain, draw, image, channel, height, width)  sum_k pi_k mu_k(z) [predictive]
+posterior_predictive/x          (chain, draw, image, channel, height, width)  x_rep ~ p(x | z) [predictive]
+log_likelihood/x                (chain, draw, image)                          log p(x | z)
+sample_stats/log_joint          (chain, draw, image)                          log p(x, z)
+sample_stats/log_weight         (chain, draw, image)                          log p(x, z) - log q(z | lambda_T)
+sample_stats/loc, scale         (chain, draw, image, slot, latent)            that draw's lambda_T
+observed_data/x                 (image, channel, height, width)               the images, [0, 1]
+constant_data/true_masks        (image, group, height, width)                 ground truth, when known
+==============================  ============================================  ===================================
 
 There is one chain (every draw is an independent run of the refinement, not a Markov
 chain); ``draw`` counts the samples. Every dimension has coordinate values; ``image``
-holds dataset indices; images are channel-first, as the model sees them. The
-posterior_predictive group is present only with ``predictive=True``. Every group and the
-root carry the provenance attributes (checkpoint, step, dataset, preset, guide, num_iters,
-num_slots, data, seed, created_by).
+holds dataset indices; images are channel-first, as the model sees them. The variables
+marked [predictive] are present only with ``predictive=True``. The log densities are
+float64, the rest float32. Every group and the root carry the provenance attributes
+(checkpoint, step, dataset, preset, guide, num_iters, num_slots, data, seed, created_by).
+
+Each image has latents of its own, so ``az.loo`` here measures how well q's draws
+importance-sample each image's own posterior, not prediction of held-out images; the Pareto
+k-hat of ``log_weight`` (``az.psislw``) tells how far q is from the posterior.
 """
 
 from __future__ import annotations
@@ -68,13 +84,15 @@ from pyro.infer import Predictive
 from tqdm.auto import tqdm
 
 from .config import check_memory, memory_available
-from .figures import draw_decomposition
+from .models import Decoded
 from .system import Iodine
 
 log = logging.getLogger(__name__)
 
 TRACE_BUDGET = 2 ** 26       # decoded floats held by the model traces of one `Predictive` call
+SCORE_BUDGET = 2 ** 24       # decoded floats of one chunk of draws scored by `draw_samples`
 SAMPLE_CHUNK = 10            # samples drawn per `Predictive` call (the unit of progress)
+LOG_DENSITIES = ("log_likelihood", "log_joint", "log_weight")   # [S, B] per draw, kept in float64
 
 __all__ = ["draw_samples", "sample_posterior", "write_samples",
            "plot_multistability", "version"]
@@ -97,7 +115,7 @@ def check_slots(system: Iodine, num_slots: int | None) -> None:
     K = system.cfg.model.num_slots
     if not system.guide.can_change_slots and num_slots not in (None, K):
         raise ValueError(f"the {system.guide.kind} guide outputs its trained K={K} slots; "
-                         f"--num-slots {num_slots} needs a guide that can change K (the iterative guide)")
+                         f"`num_slots` {num_slots} needs a guide that can change K (the iterative guide)")
 
 
 class _Programs:
@@ -105,12 +123,11 @@ class _Programs:
 
     The guide program runs the system's guide on x and records the final posterior's
     parameters with `pyro.deterministic`; the model program is the system's model with
-    ``x=None`` (so that its observation sites are sampled) and records the final step's
-    masks, reconstruction and, on request, the slots' means.
+    ``x=None``, so that its observation sites are sampled.
     """
 
-    def __init__(self, system: Iodine, keep_means: bool = False):
-        self.system, self.keep_means = system, keep_means
+    def __init__(self, system: Iodine):
+        self.system = system
 
     def guide(self, x, weights, num_slots=None):
         steps = self.system.guide(x, weights, num_slots=num_slots)
@@ -119,33 +136,59 @@ class _Programs:
         pyro.deterministic("scale", q.scale.detach(), event_dim=2)        # [B, K, n_z]
 
     def model(self, x, weights, num_slots=None):
-        B = x.shape[0]
-        decoded = self.system.model(None, weights, batch_size=B, num_slots=num_slots)[-1]
-        masks = decoded.masks                                             # [B, K, H, W]
-        recon = decoded.reconstruction(masks)                             # [B, C, H, W]
-        pyro.deterministic("masks", masks, event_dim=3)
-        pyro.deterministic("reconstruction", recon, event_dim=3)
-        if self.keep_means:
-            pyro.deterministic("means", decoded.means, event_dim=4)       # [B, K, C, H, W]
+        self.system.model(None, weights, batch_size=x.shape[0], num_slots=num_slots)
+
+
+def _score(system: Iodine, x: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+           keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Log densities of draws z [S, B, K, n_z] of q = Normal(loc, scale) given images x [B, C, H, W]
+    (float64, [S, B] each), and the decoded quantities named in `keep` (masks, reconstruction,
+    means), a chunk of draws at a time."""
+    model = system.model
+    (S, B, K), (C, H, W) = z.shape[:3], x.shape[1:]
+    chunk = max(1, SCORE_BUDGET // (B * K * (C + 1) * H * W))
+    x64 = x.double()
+    log_prior = model.prior(B, K, like=x64)                              # batch [B, K, n_z]
+    parts: list[dict[str, torch.Tensor]] = []
+    for s0 in range(0, S, chunk):
+        zc = z[s0:s0 + chunk]                                             # [s, B, K, n_z]
+        decoded = model.decode(zc)                                        # means [s, B, K, C, H, W]
+        pixels = model.likelihood(Decoded(decoded.means.double(), decoded.mask_logits.double()))
+        log_lik = pixels.log_prob(x64)                                    # [s, B]
+        z64 = zc.double()
+        log_joint = log_lik + log_prior.log_prob(z64).sum((-2, -1))      # [s, B]
+        q = torch.distributions.Normal(loc[s0:s0 + chunk].double(), scale[s0:s0 + chunk].double())
+        part = {"log_likelihood": log_lik, "log_joint": log_joint,
+                "log_weight": log_joint - q.log_prob(z64).sum((-2, -1))}  # [s, B]
+        masks = decoded.masks                                             # [s, B, K, H, W]
+        extra = {"masks": masks, "reconstruction": decoded.reconstruction(masks),  # [s, B, C, H, W]
+                 "means": decoded.means}                                  # [s, B, K, C, H, W]
+        part.update({k: extra[k] for k in keep})
+        parts.append(part)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 @torch.no_grad()
 def draw_samples(system: Iodine, x: torch.Tensor, num_samples: int, *, num_iters: int | None = None,
                  num_slots: int | None = None, predictive: bool = False,
                  keep_means: bool = False) -> dict[str, torch.Tensor]:
-    """S posterior samples of one batch with Pyro's `Predictive` (uses the global RNG).
+    """S posterior samples of one batch with Pyro's `Predictive` (uses the global RNG), scored.
 
     Args:
         x: [B, C, H, W] images in [0, 1].
         num_samples: S, each from its own run of the guide's refinement.
         num_iters: refinement iterations (default: the trained T; may exceed it).
         num_slots: K at test time (iterative guide only).
-        predictive: also replay the model with x=None on each sample.
+        predictive: also return each draw's masks and reconstruction, and replay the model
+            with x=None on each sample for replicated images.
         keep_means: with `predictive`, also return the slots' means.
     Returns:
-        ``z``, ``loc``, ``scale`` [S, B, K, n_z]; with `predictive` also ``x`` [S, B, C, H, W],
-        ``masks`` [S, B, K, H, W], ``reconstruction`` [S, B, C, H, W] (and ``means``
-        [S, B, K, C, H, W]); all detached, on x's device.
+        ``z``, ``loc``, ``scale`` [S, B, K, n_z]; ``log_likelihood`` (log p(x | z) under the
+        final step's likelihood), ``log_joint`` (log p(x, z)) and ``log_weight``
+        (log p(x, z) - log Normal(z; loc, scale)), [S, B] in float64; with `predictive` also
+        ``x`` [S, B, C, H, W] (x_rep ~ p(x | z)), ``masks`` [S, B, K, H, W],
+        ``reconstruction`` [S, B, C, H, W] (and ``means`` [S, B, K, C, H, W]); all detached,
+        on x's device.
     """
     if num_samples < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
@@ -153,30 +196,28 @@ def draw_samples(system: Iodine, x: torch.Tensor, num_samples: int, *, num_iters
     system.check_batch(x)
     weights = system.weights(num_iters)
     last = f"t{len(weights) - 1}"
-    programs = _Programs(system, keep_means)
+    programs = _Programs(system)
     z_sites = [f"t{t}/z" for t in range(len(weights))]
     with pyro.get_param_store().scope():                  # leave the caller's param store alone
-        try:
-            post = Predictive(programs.guide, num_samples=num_samples,
-                              return_sites=(z_sites if predictive else [f"{last}/z"]) + ["loc", "scale"],
-                              )(x, weights, num_slots)    # each: [S, B, K, n_z]
-            out = {"z": post[f"{last}/z"], "loc": post["loc"], "scale": post["scale"]}
-            if predictive:
-                sites = [f"{last}/x", "masks", "reconstruction"] + (["means"] if keep_means else [])
-                # Predictive keeps every sample's trace, whose pixel distributions hold the
-                # decoded slots of all T steps: replay the samples a chunk at a time
-                (B, K), (C, H, W) = out["z"].shape[1:3], x.shape[1:]
-                chunk = max(1, TRACE_BUDGET // (len(weights) * B * K * (C + 1) * H * W))
-                parts = [Predictive(programs.model, posterior_samples={s: post[s][s0:s0 + chunk] for s in z_sites},
-                                    return_sites=sites)(x, weights, num_slots)
-                         for s0 in range(0, num_samples, chunk)]
-                pred = {k: torch.cat([p[k] for p in parts]) for k in sites}   # [S, ...]
-                out.update(x=pred[f"{last}/x"], masks=pred["masks"],   # [S, B, C, H, W], [S, B, K, H, W]
-                           reconstruction=pred["reconstruction"])      # [S, B, C, H, W]
-                if keep_means:
-                    out["means"] = pred["means"]                       # [S, B, K, C, H, W]
-        finally:
-            system.model.forget()
+        post = Predictive(programs.guide, num_samples=num_samples,
+                          return_sites=(z_sites if predictive else [f"{last}/z"]) + ["loc", "scale"],
+                          )(x, weights, num_slots)        # each: [S, (1,) B, K, n_z]
+        # Predictive pads sites to its plate nesting ([S, 1, B, ...]): read each as [S, B, K, n_z]
+        shape = (num_samples, x.shape[0]) + post[f"{last}/z"].shape[-2:]
+        out = {"z": post[f"{last}/z"].reshape(shape), "loc": post["loc"].reshape(shape),
+               "scale": post["scale"].reshape(shape)}
+        loc, scale = out["loc"], out["scale"]
+        keep = (("masks", "reconstruction") + (("means",) if keep_means else ())) if predictive else ()
+        out.update(_score(system, x, out["z"], loc, scale, keep))
+        if predictive:
+            # Predictive keeps every sample's trace, whose pixel distributions hold the
+            # decoded slots of all T steps: replay the samples a chunk at a time
+            (B, K), (C, H, W) = out["z"].shape[1:3], x.shape[1:]
+            chunk = max(1, TRACE_BUDGET // (len(weights) * B * K * (C + 1) * H * W))
+            parts = [Predictive(programs.model, posterior_samples={s: post[s][s0:s0 + chunk] for s in z_sites},
+                                return_sites=[f"{last}/x"])(x, weights, num_slots)[f"{last}/x"]
+                     for s0 in range(0, num_samples, chunk)]
+            out["x"] = torch.cat([p.reshape(p.shape[0], B, C, H, W) for p in parts])   # [S, B, C, H, W]
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -194,12 +235,16 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
                      true_masks: torch.Tensor | None = None,
                      image_index: Sequence[int] | None = None, batch_size: int | None = None,
                      attrs: dict[str, Any] | None = None, progress: bool = False) -> xr.DataTree:
-    """S posterior samples of every slot latent of every image, as an ArviZ-style DataTree.
+    """S posterior samples of every slot latent of every image, scored, as an ArviZ
+    InferenceData-schema DataTree.
 
-    The posterior is the final refinement step's q(z | lambda_T); each sample re-runs the
-    guide from scratch (see the module docstring). Sampling is seeded with `seed` inside a
-    forked RNG (the caller's RNG state is left as it was): the same seed, images and
-    `batch_size` give the same samples.
+    The draws are of the guide's q, the final refinement step's q(z | lambda_T), not of the
+    exact posterior; each sample re-runs the guide from scratch (see the module docstring).
+    Every draw's log-likelihood, log joint and log importance weight are always stored; the
+    masks and reconstruction (deterministic functions of z) and the replicated images only
+    with `predictive`, as they take (2C + K) x H x W floats per draw and image. Sampling is
+    seeded with `seed` inside a forked RNG (the caller's RNG state is left as it was): the
+    same seed, images and `batch_size` give the same samples.
 
     Args:
         system: a trained `Iodine` (e.g. from `evaluate.load_run`).
@@ -207,15 +252,17 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
         num_samples: S >= 1.
         num_iters: refinement iterations (default: the trained T; may exceed it).
         num_slots: K at test time (default: the trained K; iterative guide only).
-        predictive: also sample the posterior predictive (images, masks, reconstructions).
+        predictive: also store each draw's masks and reconstruction and sample replicated
+            images x_rep ~ p(x | z) (the posterior predictive).
         seed: seed of the samples.
-        true_masks: [N, G, H, W] ground-truth masks, stored under observed_data.
+        true_masks: [N, G, H, W] ground-truth masks, stored under constant_data.
         image_index: the images' dataset indices (default 0..N-1), the ``image`` coordinate.
         batch_size: images per guide run (default: all N at once).
         attrs: provenance attributes to add (checkpoint, data, ...).
         progress: a progress bar with an estimate of the time left.
     Returns:
-        a DataTree with groups ``posterior``, ``observed_data`` and, with `predictive`,
+        a DataTree with groups ``posterior``, ``log_likelihood``, ``sample_stats``,
+        ``observed_data``, ``constant_data`` (with `true_masks`) and, with `predictive`,
         ``posterior_predictive``.
     """
     N = x.shape[0]
@@ -223,14 +270,15 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
         raise ValueError("no images to sample")
     if num_samples < 1:
         raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
+    check_slots(system, num_slots)                        # before any work (and any progress bar)
     check_memory(system.cfg, x.device, batch=batch_size or N, num_slots=num_slots, num_iters=num_iters,
                  training=False, what="sample")
     K, (C, H, W) = num_slots or system.cfg.model.num_slots, x.shape[1:]
-    per_draw = 3 * K * system.cfg.model.latent_dim + ((2 * C + K) * H * W if predictive else 0)   # floats
+    per_draw = 3 * K * system.cfg.model.latent_dim + 6 + ((2 * C + K) * H * W if predictive else 0)   # floats
     need, have = 4 * num_samples * N * per_draw, memory_available(x.device if x.is_cuda else "cpu")
     if have is not None and need > have:
         raise ValueError(f"{num_samples} samples of {N} images would hold {need / 2**30:,.1f} GiB "
-                         f"(this machine has {have / 2**30:,.1f} GiB): ask for fewer --num-samples or --num-images")
+                         f"(this machine has {have / 2**30:,.1f} GiB): ask for fewer `num_samples` or `num_images`")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     image_index = np.arange(N) if image_index is None else np.asarray(image_index, dtype=np.int64)
@@ -255,7 +303,8 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
                 bar.update(n * xb.shape[0])
             chunks.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})   # samples on axis 0
     bar.close()
-    arrays = {k: torch.cat([c[k] for c in chunks], 1).float().numpy() for k in chunks[0]}  # image axis 1
+    arrays = {k: torch.cat([c[k] for c in chunks], 1) for k in chunks[0]}              # image axis 1
+    arrays = {k: (v.double() if k in LOG_DENSITIES else v.float()).numpy() for k, v in arrays.items()}
 
     cfg = system.cfg
     K = arrays["z"].shape[2]
@@ -276,33 +325,53 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
     info = {k: _attr_value(v) for k, v in info.items() if v is not None}
 
     S, C, H, W = num_samples, x.shape[1], x.shape[2], x.shape[3]
+    site = f"t{len(weights) - 1}"
     arrays = {k: v[None] for k, v in arrays.items()}                   # one chain: [1, S, ...]
     coords = {"chain": np.arange(1), "draw": np.arange(S), "image": image_index, "slot": np.arange(K),
-              "latent": np.arange(arrays["z"].shape[-1])}
-    zdims = ("chain", "draw", "image", "slot", "latent")
-    posterior = xr.Dataset({k: (zdims, arrays[k]) for k in ("z", "loc", "scale")}, coords=coords, attrs=info)
-    posterior["z"].attrs["description"] = "z ~ q(z | lambda_T), one refinement path per sample"
-    posterior["loc"].attrs["description"] = "mean of that sample's final posterior q(z | lambda_T)"
-    posterior["scale"].attrs["description"] = "standard deviation of that sample's final posterior"
-    obs_coords = {"image": image_index, "channel": np.arange(C), "height": np.arange(H), "width": np.arange(W)}
-    observed = xr.Dataset({"x": (("image", "channel", "height", "width"), x.detach().cpu().float().numpy())},
-                          coords=obs_coords, attrs=info)
-    observed["x"].attrs["description"] = "observed images in [0, 1], channel-first"
+              "latent": np.arange(arrays["z"].shape[-1]), "channel": np.arange(C), "height": np.arange(H),
+              "width": np.arange(W)}
     if true_masks is not None:
-        observed = observed.assign_coords(group=np.arange(true_masks.shape[1]))
-        observed["true_masks"] = (("image", "group", "height", "width"), true_masks.detach().cpu().float().numpy())
-        observed["true_masks"].attrs["description"] = "ground-truth masks; group 0 is the background"
-    groups = {"/": xr.Dataset(attrs=info), "posterior": posterior, "observed_data": observed}
+        coords["group"] = np.arange(true_masks.shape[1])
+
+    def dataset(variables: dict[str, tuple[tuple[str, ...], np.ndarray, str]]) -> xr.Dataset:
+        """A group: its variables (dims, values, description), the coordinates of their dims."""
+        dims = {d for v in variables.values() for d in v[0]}
+        ds = xr.Dataset({k: (v[0], v[1]) for k, v in variables.items()},
+                        coords={d: c for d, c in coords.items() if d in dims}, attrs=info)
+        for k, v in variables.items():
+            ds[k].attrs["description"] = v[2]
+        return ds
+
+    zdims = ("chain", "draw", "image", "slot", "latent")
+    draw_image = ("chain", "draw", "image")
+    images = ("chain", "draw", "image", "channel", "height", "width")
+    posterior = {"z": (zdims, arrays["z"], "z ~ q(z | lambda_T), one refinement path per sample")}
     if predictive:
-        img = ("chain", "draw", "image", "channel", "height", "width")
-        pp = xr.Dataset({"x": (img, arrays["x"]),
-                         "masks": (("chain", "draw", "image", "slot", "height", "width"), arrays["masks"]),
-                         "reconstruction": (img, arrays["reconstruction"])},
-                        coords={**coords, **obs_coords}, attrs=info).drop_vars("latent")
-        pp["x"].attrs["description"] = f"x ~ p(x | z), site t{len(weights) - 1}/x of the model"
-        pp["masks"].attrs["description"] = "softmax over slots of the decoded mask logits"
-        pp["reconstruction"].attrs["description"] = "sum_k masks_k * means_k"
-        groups["posterior_predictive"] = pp
+        posterior.update(
+            masks=(("chain", "draw", "image", "slot", "height", "width"), arrays["masks"],
+                   "mixing weights pi(z): softmax over slots of the decoded mask logits"),
+            reconstruction=(images, arrays["reconstruction"], "sum_k masks_k * means_k(z)"))
+    groups = {"/": xr.Dataset(attrs=info), "posterior": dataset(posterior)}
+    if predictive:
+        groups["posterior_predictive"] = dataset(
+            {"x": (images, arrays["x"], f"x_rep ~ p(x | z), site {site}/x of the model")})
+    groups["log_likelihood"] = dataset(
+        {"x": (draw_image, arrays["log_likelihood"],
+               "log p(x | z) of each observed image under the final step's likelihood")})
+    groups["sample_stats"] = dataset({
+        "log_joint": (draw_image, arrays["log_joint"], "log p(x, z) = log p(x | z) + log p(z)"),
+        "log_weight": (draw_image, arrays["log_weight"],
+                       "log p(x, z) - log q(z | lambda_T), q the final step's Normal(loc, scale) of this "
+                       "draw, not the intractable marginal of z over the refinement path"),
+        "loc": (zdims, arrays["loc"], "mean of that sample's final posterior q(z | lambda_T)"),
+        "scale": (zdims, arrays["scale"], "standard deviation of that sample's final posterior")})
+    groups["observed_data"] = dataset(
+        {"x": (("image", "channel", "height", "width"), x.detach().cpu().float().numpy(),
+               "observed images in [0, 1], channel-first")})
+    if true_masks is not None:
+        groups["constant_data"] = dataset(
+            {"true_masks": (("image", "group", "height", "width"), true_masks.detach().cpu().float().numpy(),
+                            "ground-truth masks; group 0 is the background")})
     return xr.DataTree.from_dict(groups)
 
 
@@ -335,6 +404,8 @@ def plot_multistability(system: Iodine, x: torch.Tensor, path: str | Path, num_s
     Args:
         x: [1, C, H, W] or [C, H, W], one image in [0, 1].
     """
+    from .figures import draw_decomposition      # here, not at the top: sampling loads no matplotlib
+
     if x.dim() == 3:
         x = x.unsqueeze(0)                                                # [1, C, H, W]
     if x.shape[0] != 1:

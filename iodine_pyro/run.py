@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metrics
-from .config import Config, pixel_scale_at
+from .config import Config, held_out, pixel_scale_at
 from .data import DatasetError, background_groups, ensure_generated, is_sequence, is_store, load_images, open_dataset
 from .system import Iodine
 
@@ -34,7 +34,9 @@ __all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset
 PRETRAINED_PREFIX = "pretrained:"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # name -> (checkpoint file in PRETRAINED_DIR, images of its generated held-out set, their seed)
-PRETRAINED = {"tetrominoes": ("tetrominoes.pt", 1024, 10_000)}
+# (each trained on 20,000 generated images from seed 0, with its held-out set by `held_out`)
+PRETRAINED = {name: (f"{name}.pt", *held_out(20_000, 0))
+              for name in ("tetrominoes", "tetrominoes-amortized", "tetrominoes-slot_attention")}
 IMAGES, SEQUENCES = "images", "sequences"
 
 
@@ -73,18 +75,18 @@ def recorded_data(data: dict[str, Any], which: str, out: Path, progress: bool) -
     if not value:
         return None
     if not isinstance(value, str) or "\0" in value:
-        raise CheckpointError(f"the checkpoint in {out} names its {which} data oddly ({value!r}); pass --data")
+        raise CheckpointError(f"the checkpoint in {out} names its {which} data oddly ({value!r}); pass `data`")
     made = data.get("generated")
     if Path(value).is_absolute():
         path = Path(value)
         if made and which in made and not is_store(path):
             raise DatasetError(f"the {which} data recorded in {out}, {value}, is gone and lies outside the run "
-                               f"directory, where nothing is generated; pass --data")
+                               f"directory, where nothing is generated; pass `data`")
         return str(path)
     path = _inside_run(Path(out), value)
     if path is None:
         raise CheckpointError(f"the checkpoint in {out} records {which} data at {value!r}, outside its run "
-                              f"directory (through '..' or a symbolic link); pass --data")
+                              f"directory (through '..' or a symbolic link); pass `data`")
     if not is_store(path) and made and which in made:
         n, seed = made[which]
         ensure_generated(made["dataset"], int(n), path, seed=int(seed), progress=progress)
@@ -200,7 +202,7 @@ class Run:
             return recorded
         name = self.ref[len(PRETRAINED_PREFIX):] if self.ref.startswith(PRETRAINED_PREFIX) else None
         if name is None:
-            raise DatasetError(f"{self.ref} records no held-out set; pass --data")
+            raise DatasetError(f"{self.ref} records no held-out set; pass `data`")
         _, n, seed = PRETRAINED[name]
         path = cache_dir() / "heldout" / f"{self.cfg.dataset}-{n}-seed{seed}"
         return str(ensure_generated(self.cfg.dataset, n, path, seed=seed, progress=False))

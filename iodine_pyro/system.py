@@ -73,7 +73,7 @@ class Iodine(nn.Module):
         if x.shape[1] < len(weights):
             raise ValueError(f"{len(weights)} frames needed ({self.cfg.guide.loss_weights} weights for "
                              f"{num_iters or self.cfg.guide.num_iters} steps), the sequences have "
-                             f"{x.shape[1]}; pass fewer --num-iters")
+                             f"{x.shape[1]}; pass fewer `num_iters`")
         return x[:, :len(weights)], weights
 
     def check_batch(self, x: torch.Tensor) -> None:
@@ -150,7 +150,6 @@ class Iodine(nn.Module):
         self.check_batch(x)
         x, weights = self.clip(x, num_iters)
         steps: list[Step] = self.guide(x, weights, num_slots=num_slots)
-        self.model.forget()
         return [self.summarize(frame(x, t), s) for t, s in enumerate(steps)]
 
     def summarize(self, x: torch.Tensor, step: Step) -> StepResult:

@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (CHECKPOINT, METRICS, CheckpointError, check_resumable, load_checkpoint,
                          save_checkpoint, set_rng_state, truncate_metrics)
-from .config import INT_MAX, Config, check_memory, field_differences, make_config, pixel_scale_at, resumed_config
+from .config import (INT_MAX, SEED_MAX, Config, check_memory, field_differences, held_out, make_config,
+                     pixel_scale_at, resumed_config)
 from .data import DATASETS, Batches, DatasetError, background_groups, ensure_generated, is_store
 from .evaluate import batch_metrics
 from .io import TEMP_SUFFIX, WriteError, in_use, lock_dir, open_append, remove_stale, remove_tree, write_text
@@ -541,7 +542,7 @@ def default_datasets(out: Path, dataset: str, num_images: int, seed: int,
                            f"(generators: {', '.join(DATASETS)})")
     data = out / DATA_DIR
     paths = []
-    for name, n, s in (("train", num_images, seed), ("test", min(1024, num_images), seed + 10_000)):
+    for name, n, s in (("train", num_images, seed), ("test", *held_out(num_images, seed))):
         record_store(out, data / name)
         paths.append(ensure_generated(dataset, n, data / name, seed=s, progress=progress))
     return paths[0], paths[1]
@@ -580,8 +581,8 @@ def held_out_for(ds, out: Path, seed: int, progress: bool) -> Path | None:
         log.warning("no generator for %r: the run records no held-out set (evaluate it with --data)", name)
         return None
     record_store(out, out / DATA_DIR / "test")
-    return ensure_generated(name, min(1024, ds.sizes["image"]), out / DATA_DIR / "test", seed=seed + 10_000,
-                            progress=progress)
+    n, held_out_seed = held_out(ds.sizes["image"], seed)
+    return ensure_generated(name, n, out / DATA_DIR / "test", seed=held_out_seed, progress=progress)
 
 
 def fit(*, out: str | Path, steps: int | None, dataset: str = "tetrominoes", preset: str = "paper",
@@ -666,7 +667,7 @@ def _check_arguments(a: dict[str, Any]) -> None:
     integer("num_images", 1)
     integer("log_every", 1)
     integer("checkpoint_every", 1)
-    integer("seed", 0, 2**32 - 1 - 10_000)        # numpy's seeds; the held-out set uses seed + 10000
+    integer("seed", 0, SEED_MAX)                  # numpy's seeds, with room for the held-out set's
     limit = a["time_limit"]
     if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
                                   and 0 < limit < math.inf):
@@ -722,7 +723,7 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
             check_memory(ckpt["config"], device, what="fit")
         cfg, schedule_changes = resumed_config(ckpt["config"], overrides) if resuming else (ckpt["config"], [])
         stored_seed = ckpt.get("extra", {}).get("seed", seed)
-        if not isinstance(stored_seed, int) or isinstance(stored_seed, bool) or not 0 <= stored_seed < 2**32 - 10_000:
+        if not isinstance(stored_seed, int) or isinstance(stored_seed, bool) or not 0 <= stored_seed <= SEED_MAX:
             raise CheckpointError(f"checkpoint {ckpt_path} has an invalid seed {stored_seed!r}")
         seed = stored_seed
         generated = ckpt["data"].get("generated")
@@ -735,7 +736,7 @@ def _fit(processes: distributed.Processes, *, out, steps, dataset, preset, overr
         data, gen_eval = processes.main_first(default_datasets, out, cfg.dataset, num_images, seed,
                                               progress and processes.is_main)
         eval_data = eval_data or gen_eval
-        generated = {"dataset": cfg.dataset, "train": [num_images, seed], "eval": [min(1024, num_images), seed + 10_000]}
+        generated = {"dataset": cfg.dataset, "train": [num_images, seed], "eval": list(held_out(num_images, seed))}
     ds = open_checked(data, cfg, command="fit")
     if eval_data is None and ckpt is None:             # --data without --eval-data: a held-out set
         eval_data = processes.main_first(held_out_for, ds, out, seed, progress and processes.is_main)

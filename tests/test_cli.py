@@ -285,3 +285,17 @@ def test_the_default_thread_count_leaves_busy_cores_alone():
     assert proc.returncode == 0, proc.stderr
     n, rest = proc.stdout.split(" ", 1)
     assert 1 <= int(n) <= (os.cpu_count() or 1) and "cores" in rest and rest.strip().endswith("PASSIVE"), proc.stdout
+
+
+def test_library_errors_name_parameters_and_the_command_line_shows_flags(tiny_runs, tmp_path):
+    """The library names its parameters (`num_slots`); the command line shows the flag of
+    the command that ran (--num-slots)."""
+    from iodine_pyro.posterior import check_slots
+    from iodine_pyro.run import Run
+
+    with pytest.raises(ValueError, match="`num_slots` 5 needs"):
+        check_slots(Run.open(tiny_runs["amortized"]).system, 5)
+    proc = cli("sample", tiny_runs["amortized"], "--num-slots", 5, "--num-images", 2, "--num-samples", 2,
+               "--out", tmp_path / "p.nc", "-q")
+    assert_one_line_error(proc, "--num-slots 5 needs a guide that can change K")
+    assert "`" not in proc.stderr

@@ -227,3 +227,21 @@ def test_a_tight_time_limit_fits_q_star_on_fewer_images(runs):
     assert s["gap_images"] == 4 and s["reduced_for_time"]
     assert math.isfinite(r["optimized_elbo"]) and math.isfinite(r["amortization_gap"][0])
     assert "on the first 4 images" in markdown_table(out)
+
+
+@pytest.mark.parametrize("gap_steps,patience", [(60, 1), (60, 50), (0, 4)])
+def test_progress_counts_exactly_the_planned_work(gap_steps, patience):
+    """`evaluate_guide` reports its work in decodings, and q* stopped early reports the rest
+    of its cap: the total is `work`'s whatever the convergence, so the bar's estimate holds."""
+    from iodine_pyro.compare import evaluate_guide, work
+    from iodine_pyro.system import Iodine
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    system = Iodine(tiny_config("paper")).eval()
+    done = []
+    evaluate_guide(system, torch.rand(3, 3, 12, 12), None, iw_samples=4, evidence_samples=20, gap_steps=gap_steps,
+                   gap_check_every=10, gap_patience=patience, tick=done.append)
+    L = len(system.weights())
+    every, subset = work(L, True, 4, 20, gap_steps, 10, generalize=False)
+    assert sum(done) == 3 * (every + subset)

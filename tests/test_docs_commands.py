@@ -54,3 +54,15 @@ def test_a_shown_command_exists_with_its_options(page, line):
     for word in rest:
         if word.startswith("--"):
             assert word.split("=")[0] in names, f"{page}: {line!r}: {word} is not an option of {cmd.name}"
+
+
+def test_the_readmes_python_runs_as_written(one_thread):
+    """The README's first two Python blocks (the system, then the Pyro program: parallel
+    Predictive, vectorised particles, SVI) run as a user pastes them."""
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile("\n".join(blocks[:2]), "README.md", "exec"), scope)
+    assert scope["draws"]["t4/z"].shape == (10, 8, 4, 32)

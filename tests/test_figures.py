@@ -238,3 +238,33 @@ def test_one_line_errors(run_dir, tmp_path, monkeypatch, capsys, args, needle):
 def test_out_must_be_png(run_dir, tmp_path):
     with pytest.raises(ValueError, match=".png"):
         figures.decomposition(run_dir, tmp_path / "x.jpg")
+
+
+def test_sampling_comparing_and_evaluating_load_no_matplotlib():
+    code = "import sys, iodine_pyro.posterior, iodine_pyro.compare, iodine_pyro.evaluate; " \
+           "assert 'matplotlib' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_figure_is_computed_without_matplotlib(run_dir):
+    code = "import sys; sys.modules['matplotlib'] = None\n" \
+           "from iodine_pyro import figures\n" \
+           "a = figures.decomposition_arrays(sys.argv[1], num_images=1)\n" \
+           "assert a['masks'].shape == (1, 1, 4, 35, 35), a['masks'].shape\n"
+    proc = subprocess.run([sys.executable, "-c", code, run_dir], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_drawing_that_fails_leaves_neither_file(run_dir, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(figures, "draw_decomposition", fail)          # called through the package
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        figures.decomposition(run_dir, tmp_path / "d.png", num_images=1)
+    assert list(tmp_path.iterdir()) == []                             # no data file without its PNG
+    monkeypatch.undo()
+    files = figures.decomposition(run_dir, tmp_path / "d.png", num_images=1)
+    assert files.data == tmp_path / "d.npz" and files.data.is_file() and files.png.is_file()

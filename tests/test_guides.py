@@ -7,13 +7,12 @@ import pyro
 import pytest
 import torch
 import torch.nn as nn
-from pyro.contrib.autoname import scope
 
 from iodine_pyro.config import make_config
 from iodine_pyro.evaluate import evaluate
 from iodine_pyro.guides import build_guide, guide_kinds, register_guide
 from iodine_pyro.guides.base import Guide, Step
-from iodine_pyro.models.generative import step_scale
+from iodine_pyro.models.generative import site_plates
 from iodine_pyro.posterior import sample_posterior
 from iodine_pyro.run import Run
 from iodine_pyro.system import Iodine
@@ -38,9 +37,7 @@ class MeanFieldGuide(Guide):
         pyro.module("guide", self)
         B = x.shape[0]
         lam = self.lam.expand(B, *self.lam.shape)                      # [B, K, 2 n_z]
-        q = self.posterior(lam)
-        with pyro.plate("images", B), scope(prefix="t0"), step_scale(1.0, B, kl_scale):
-            z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
+        z = self.sample(0, 1.0, self.posterior(lam), site_plates(B, self.lam.shape[0]), kl_scale)
         return [Step(lam, z, self.hand_over(z, self.model.decode(z), torch.is_grad_enabled()))]
 
 
@@ -201,14 +198,15 @@ def test_a_registered_guide_declares_its_own_section(registered):
     """Any registered guide may declare a section: defaults, rules, overrides, checkpoints."""
     from dataclasses import dataclass
 
-    from iodine_pyro.config import Config, _int
+    from iodine_pyro.config import Config
+    from iodine_pyro.fields import integer, ruled
 
     @dataclass
     class Width:
-        width: int = 2
+        width: int = ruled(2, integer(1))
 
     class Sectioned(MeanFieldGuide):
-        kind, section, Section, section_rules = "test-sectioned", "test_sectioned", Width, {"width": _int(1)}
+        kind, section, Section = "test-sectioned", "test_sectioned", Width
 
     register_guide(Sectioned)
     cfg = make_config("tetrominoes", overrides={"guide.kind": Sectioned.kind, "test_sectioned.width": 5})

@@ -171,3 +171,42 @@ def test_presets_name_inputs_of_the_table():
                                     "iodine_pyro.cli_posterior"])
 def test_old_modules_are_gone(module):
     assert module not in modules()
+
+
+def written_layout() -> list[list[str]]:
+    """The layout block of docs/design.md, top to bottom: per line, the paths it names
+    (``config.py``, ``models/``, ``guides/__init__.py``; continuation lines name none)."""
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    block = text.split("## The layout: who owns what", 1)[1].split("```", 2)[1]
+    layers = []
+    for line in block.splitlines():
+        head = line.split("  ", 1)[0].strip()
+        if line[:1].strip() and head:
+            layers.append([p.strip() for p in head.split(",")])
+    return layers
+
+
+def layer_of(name: str, path: Path, layers: list[list[str]]) -> int | None:
+    """The line of the layout that owns a module: its file named exactly, else its folder."""
+    rel = path.relative_to(PACKAGE).as_posix()
+    for i, paths in enumerate(layers):
+        if rel in paths:
+            return i
+    for i, paths in enumerate(layers):
+        if any(p.endswith("/") and rel.startswith(p) for p in paths):
+            return i
+    return None
+
+
+def test_the_written_layout_is_the_import_order():
+    """docs/design.md lists every module, and a module imports (at its top) only modules of
+    its own line or of lines above it."""
+    layers, mods = written_layout(), modules()
+    rank = {name: layer_of(name, path, layers) for name, path in mods.items()}
+    unlisted = sorted(name for name, r in rank.items() if r is None and name != "iodine_pyro")
+    assert unlisted == [], "modules the layout in docs/design.md does not list"
+    upward = [f"{name}:{line} imports {target} (listed below it)"
+              for name, path in mods.items() if name != "iodine_pyro"
+              for target, line in imports_of(name, path, top_level_only=True)
+              if target in rank and target != "iodine_pyro" and rank[target] > rank[name]]
+    assert upward == []

@@ -36,7 +36,6 @@ def test_kl_scale_weighs_only_the_kl_terms():
     loss = system.loss(x, kl_scale=0.25)
     pyro.set_rng_seed(1)
     steps = system.guide(x, weights)
-    system.model.forget()
     total = torch.zeros((), dtype=torch.float64)
     for w, step in zip(weights, steps):
         nll = -system.model.terms(x, step.decoded).log_px.sum((1, 2))
@@ -54,7 +53,6 @@ def test_objective_reports_the_final_steps_reconstruction_mse():
     loss, mse = system.objective(x)
     pyro.set_rng_seed(3)
     steps = system.guide(x, system.weights())
-    system.model.forget()
     want = (steps[-1].decoded.reconstruction() - x).pow(2).mean()
     assert not mse.requires_grad and torch.allclose(mse, want.detach())
     assert loss.requires_grad

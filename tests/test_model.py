@@ -54,7 +54,6 @@ def test_training_loss_equals_weighted_sum_of_step_elbos(preset):
     loss = system.loss(x)
     pyro.set_rng_seed(1)
     steps = system.guide(x, weights)                                 # the same draws, in order
-    system.model.forget()
 
     total = torch.zeros((), dtype=torch.float64)
     for w, step in zip(weights, steps):
@@ -284,7 +283,7 @@ def test_decode_and_the_model_take_leading_sample_dims():
     assert torch.allclose(d.means[1], one.means, atol=1e-6) and torch.allclose(d.reconstruction()[1], one.reconstruction(), atol=1e-6)
     draws = Predictive(system.model, num_samples=4, parallel=True)(None, batch_size=2)
     assert draws["t0/z"].shape == (4, 2, 3, cfg.model.latent_dim)
-    assert draws["t0/x"].shape == (4, 2, 3, *cfg.model.image_size)
+    assert draws["t0/x"].shape == (4, 2, 1, 3, *cfg.model.image_size)       # not in the slots plate
 
 
 def test_model_samples_images_from_the_prior():
@@ -292,8 +291,8 @@ def test_model_samples_images_from_the_prior():
     system = Iodine(cfg)
     tr = poutine.trace(system.model).get_trace(None, batch_size=4)
     assert tr.nodes["t0/z"]["value"].shape == (4, 3, cfg.model.latent_dim)
-    assert tr.nodes["t0/x"]["value"].shape == (4, 3, *cfg.model.image_size)
-    assert tr.nodes["t0/z"]["fn"].event_shape == (3, cfg.model.latent_dim)   # slots, dims as event dims
+    assert tr.nodes["t0/x"]["value"].shape == (4, 1, 3, *cfg.model.image_size)
+    assert tr.nodes["t0/z"]["fn"].event_shape == (cfg.model.latent_dim,)      # slots are a plate
 
 
 def test_inference_keeps_no_graph_and_runs_at_other_k_and_t():
@@ -334,9 +333,10 @@ def test_mixture_terms_is_the_one_likelihood():
     system = Iodine(cfg)
     x = torch.rand(2, 3, *cfg.model.image_size)
     tr = poutine.trace(system.model).get_trace(x)
-    fn = tr.nodes["t0/x"]["fn"]
-    terms = mixture_terms(x, fn.means, fn.mask_logits, "gaussian", 0.1)
-    assert torch.allclose(tr.nodes["t0/x"]["fn"].log_prob(x), terms.log_px.sum((1, 2)))
+    site = tr.nodes["t0/x"]
+    fn = site["fn"]                                                  # batch [B, 1]: not in the slots plate
+    terms = mixture_terms(x, fn.means[:, 0], fn.mask_logits[:, 0], "gaussian", 0.1)
+    assert torch.allclose(fn.log_prob(site["value"]), terms.log_px.sum((1, 2))[:, None])
 
 
 def test_full_size_presets_build():
@@ -358,3 +358,39 @@ def test_broadcast_decoder_equals_convolving_the_tiled_input(kernel, size):
     g_fast = torch.autograd.grad(fast.square().sum(), [z, dec.net[0].weight])
     g_ref = torch.autograd.grad(ref.square().sum(), [z, dec.net[0].weight])
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_fast, g_ref))
+
+
+def test_grad_steps_differentiates_the_last_passes_only():
+    """``guide.grad_steps`` = 1: the same loss value, but lambda_1 (used before the last
+    pass) gets no gradient, while the refinement network (its update into the last pass)
+    and the decoder still do; without it every pass is differentiated."""
+    grads = {}
+    for n in (None, 1):
+        cfg = tiny_config("paper", **{"guide.grad_steps": n})
+        torch.manual_seed(0)
+        system = Iodine(cfg)
+        x = torch.rand(2, 3, *cfg.model.image_size)
+        pyro.set_rng_seed(1)
+        loss = system.loss(x)
+        loss.backward()
+        grads[n] = (float(loss.detach()), system.guide.lambda0.grad,
+                    [p.grad for p in system.guide.net.parameters()], [p.grad for p in system.model.decoder.parameters()])
+    (full, lam_full, net_full, dec_full), (last, lam_last, net_last, dec_last) = grads[None], grads[1]
+    assert last == pytest.approx(full, rel=1e-6)
+    assert lam_full is not None and lam_full.abs().sum() > 0
+    assert lam_last is None or lam_last.abs().sum() == 0
+    assert all(g is not None and g.abs().sum() > 0 for g in net_last + dec_last)
+    assert not torch.allclose(dec_last[0], dec_full[0])
+
+
+def test_inference_runs_the_last_pass_without_autograd():
+    """Under no_grad the earlier passes need autograd for the refinement's gradient inputs;
+    the last pass feeds no refinement, so it runs without any graph."""
+    cfg = tiny_config("paper")
+    system = Iodine(cfg)
+    seen = []
+    hook = lambda module, inputs, output: seen.append(output.requires_grad)
+    system.model.decoder.register_forward_hook(hook)
+    with torch.no_grad():
+        system.guide(torch.rand(2, 3, *cfg.model.image_size))
+    assert len(seen) == 3 and seen[-1] is False              # the last pass needs no gradient at all

@@ -608,7 +608,7 @@ def test_data_paths_recorded_in_a_checkpoint_stay_inside_the_run(tmp_path):
     for value, error in (("../elsewhere/test", CheckpointError), (str(tmp_path / "abs" / "test"), DatasetError)):
         ckpt["data"]["eval"] = value
         torch.save(ckpt, out / "checkpoint.pt")
-        with pytest.raises(error, match="pass --data"):
+        with pytest.raises(error, match="pass `data`"):
             Run.open(out).data_path()
         code, err = run_main("evaluate", out, "--num-images", 4)
         assert_one_line(code, err, "pass --data")

@@ -3,6 +3,7 @@
 import copy
 
 import pyro
+from pyro.infer import Predictive, TraceMeanField_ELBO
 import pytest
 import torch
 
@@ -96,3 +97,82 @@ def test_the_guide_under_inference_mode_says_so_in_one_line():
         system.guide(_images())
     with torch.no_grad():
         assert len(system.guide(_images())) == 3
+
+
+def _plates(site):
+    return {f.name: (f.dim, f.size) for f in site["cond_indep_stack"]}
+
+
+@pytest.mark.parametrize("kind", ["iterative", "amortized", "slot_attention"])
+def test_slots_are_a_plate_in_model_and_guide(kind):
+    """Each ``t{t}/z`` sits in the plates images (dim -2) x slots (dim -1); an image site in
+    images only, its batch shape [B, 1] (Pyro's nested-plate convention)."""
+    system, x = _system(**{"guide.kind": kind}), _images(n=2)
+    guide_tr = pyro.poutine.trace(system.guide).get_trace(x, system.weights())
+    model_tr = pyro.poutine.trace(pyro.poutine.replay(system.model, trace=guide_tr)).get_trace(x, system.weights())
+    for t in range(len(system.weights())):
+        for tr in (guide_tr, model_tr):
+            z = tr.nodes[f"t{t}/z"]
+            assert _plates(z) == {"images": (-2, 2), "slots": (-1, 3)}
+            assert z["fn"].batch_shape == (2, 3) and z["fn"].event_shape == (4,)
+        obs = model_tr.nodes[f"t{t}/x"]
+        assert _plates(obs) == {"images": (-2, 2)} and obs["fn"].batch_shape == (2, 1)
+        assert obs["value"].shape == (2, 1, 3, 12, 12)
+    model_tr.compute_log_prob()                                       # Pyro's shape checks pass
+
+
+@pytest.mark.parametrize("kind", ["iterative", "amortized", "slot_attention"])
+def test_predictive_in_parallel_and_vectorised_particles(kind):
+    system, x = _system(**{"guide.kind": kind}), _images(n=2)
+    T = len(system.weights())
+    with torch.no_grad():
+        draws = Predictive(system.model, guide=system.guide, num_samples=5, parallel=True)(x, system.weights())
+    assert draws[f"t{T - 1}/z"].shape == (5, 2, 3, 4) and draws[f"t{T - 1}/x"].shape == (5, 2, 1, 3, 12, 12)
+    elbo = TraceMeanField_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=2)
+    loss = elbo.differentiable_loss(system.model, system.guide, x, system.weights())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in system.guide.parameters())
+
+
+def test_each_vectorised_sample_is_its_own_run_of_the_refinement(monkeypatch):
+    """Under a vectorised plate of S samples, sample s's refinement path is exactly the
+    guide's run on the images alone with the same standard-normal draws."""
+    from iodine_pyro.guides import iterative
+
+    system, x = _system(), _images(n=2)
+    weights = system.weights()
+    noise = [torch.randn(3, 2, 3, 4) for _ in weights]                # per step: [S, B, K, n_z]
+
+    def draws(picks):
+        it = iter(picks)
+        return lambda shape, dtype, device: next(it)
+
+    monkeypatch.setattr(iterative, "_standard_normal", draws(noise))
+    with torch.no_grad(), pyro.plate("samples", 3, dim=-3):
+        steps = system.guide(x, weights)                              # lam, z: [S, B, K, ...]
+    for s in range(3):
+        monkeypatch.setattr(iterative, "_standard_normal", draws([n[s] for n in noise]))
+        with torch.no_grad():
+            alone = system.guide(x, weights)
+        for t in range(len(weights)):
+            assert torch.allclose(alone[t].lam, steps[t].lam[s], atol=1e-5)
+            assert torch.allclose(alone[t].z, steps[t].z[s], atol=1e-5)
+            assert torch.allclose(alone[t].decoded.means, steps[t].decoded.means[s], atol=1e-5)
+
+
+def test_the_decoding_is_handed_over_once_and_dies_with_its_sample():
+    """The model's memo lives on the sample: the model reuses the guide's pass for that very
+    tensor, once; a copy of z is decoded afresh; no system keeps anything."""
+    system, x = _system(), _images(n=2)
+    calls = []
+    system.model.decoder.register_forward_hook(lambda *a: calls.append(1))
+    steps = system.guide(x, system.weights())                         # training: steps hold the sites
+    n = len(calls)
+    z = steps[-1].z
+    with torch.no_grad():
+        system.model.decode(z)
+        assert len(calls) == n                                        # the guide's pass
+        system.model.decode(z)
+        system.model.decode(z.clone())
+        assert len(calls) == n + 2                                    # used once; copies decode
+    assert not hasattr(system.model, "_memo") and not hasattr(system.model, "forget")

@@ -2,13 +2,16 @@
 
 One module per command group (`train`: fit, ablate; `evaluate`; `posterior`: sample,
 compare; `plot`; `data`), the options they share in `options`. `main` turns every error a
-user can cause into one line on stderr and exit status 2.
+user can cause into one line on stderr and exit status 2. The library's errors name its
+parameters in backticks (`num_images`); `main` shows them as the flags of the command that
+ran (``--num-images``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import typer
@@ -82,11 +85,35 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, RuntimeError) and not _users_to_fix(e):
             raise
         if rank0:
-            typer.echo(f"error: {_one_line(e)}", err=True)
+            typer.echo(f"error: {_as_flags(_one_line(e), argv)}", err=True)
         sys.exit(2)
     if code == 130 and rank0:                            # typer turns Ctrl-C into exit status 130
         typer.echo("interrupted", err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+# library parameters whose command-line option has another name
+PARAMETER_OPTIONS = {"merge": "merge_scenes"}
+
+
+def _as_flags(text: str, argv: list[str] | None) -> str:
+    """A library message as the command line says it: each parameter named in backticks
+    (`num_images`) becomes the option of the command in `argv` that sets it (--num-images);
+    a name the command has no option for keeps its backticks."""
+    command = typer.main.get_command(app)
+    for word in (sys.argv[1:] if argv is None else argv):
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None and hasattr(command, "commands") and not word.startswith("-"):
+            break
+        command = sub or command
+    options = {p.name: max(p.opts, key=len) for p in getattr(command, "params", [])
+               if getattr(p, "param_type_name", "") == "option" and p.opts}
+
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        return options.get(PARAMETER_OPTIONS.get(name, name), m.group(0))
+
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", flag, text)
 
 
 def _users_to_fix(e: RuntimeError) -> bool:

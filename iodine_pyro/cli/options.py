@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import SEED_MAX
+
 
 class UserError(Exception):
     """An error the user can fix; printed as one line."""
@@ -66,16 +68,14 @@ def at_least(option: str, low: int) -> Callable[[Optional[int]], Optional[int]]:
 
 
 def seed_value(option: str = "--seed") -> Callable[[Optional[int]], Optional[int]]:
-    """A callback that accepts a seed: an integer from 0 to 2**32 - 10001 (numpy's seeds;
-    generated held-out sets use seed + 10000)."""
+    """A callback that accepts a seed: an integer from 0 to `SEED_MAX` (numpy's seeds, with
+    room for the generated held-out set's, `iodine_pyro.config.held_out`)."""
     def check(value: Optional[int]) -> Optional[int]:
         if value is not None and not 0 <= value <= SEED_MAX:
             raise OptionError(f"{option} must be an integer from 0 to {SEED_MAX}, got {value}")
         return value
     return check
 
-
-SEED_MAX = 2**32 - 1 - 10_000
 
 
 def positive(option: str) -> Callable[[Optional[float]], Optional[float]]:

@@ -24,7 +24,7 @@ def sample(
     out: Annotated[Optional[Path], typer.Option(
         help="netCDF file (default RUN/posterior.nc); with --multistability a picture "
              "(default RUN/multistability.png).")] = None,
-    predictive: Annotated[bool, typer.Option("--predictive", help="Also sample posterior-predictive images and masks.")] = False,
+    predictive: Annotated[bool, typer.Option("--predictive", help="Also store each draw's masks and reconstruction and sample posterior-predictive images.")] = False,
     multistability: Annotated[bool, typer.Option(
         "--multistability", help="Draw one image's decompositions from different initial samples.")] = False,
     image: Annotated[int, typer.Option(callback=at_least("--image", 0), help="With --multistability: the dataset index of the image.")] = 0,
@@ -37,9 +37,10 @@ def sample(
     threads: Threads = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
-    """Posterior samples of every slot latent as an ArviZ-native netCDF file (groups
-    posterior, posterior_predictive, observed_data; dims chain and draw): az.from_netcdf
-    reads it."""
+    """Posterior samples (draws of the guide's q) of every slot latent as an ArviZ
+    InferenceData netCDF file (groups posterior, log_likelihood, sample_stats,
+    observed_data, constant_data and, with --predictive, posterior_predictive; dims chain
+    and draw): az.from_netcdf reads it, az.loo and az.waic run on it."""
     from ..posterior import plot_multistability, sample_posterior, write_samples
     from ..run import Run
 

@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import HELD_OUT_IMAGES
+
 from .options import (DatasetName, Device, PresetName, Quiet, Threads, UserError, at_least, choice, guide_names,
                       parse_duration, positive, preset_names, use_threads)
 
@@ -248,7 +250,7 @@ def ablate_command(
         help="Comma-separated refinement inputs to leave out one at a time (default: all).")] = None,
     preset: PresetName = "paper",
     batch_size: Annotated[Optional[int], typer.Option(callback=at_least("--batch-size", 1), help="Images per step (default: the preset's).")] = None,
-    num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help="Training images to generate (held-out: up to 1024).")] = 4096,
+    num_images: Annotated[int, typer.Option(callback=at_least("--num-images", 1), help=f"Training images to generate (held-out: up to {HELD_OUT_IMAGES}).")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the data and of every run.")] = 0,
     log_every: Annotated[int, typer.Option(callback=at_least("--log-every", 1), help="Log metrics every N steps.")] = 25,
     checkpoint_every: Annotated[int, typer.Option(callback=at_least("--checkpoint-every", 1), help="Write a checkpoint every N steps.")] = 250,

@@ -11,8 +11,8 @@ Importing this package costs nothing (the command line lists the kinds at start-
 
 A guide may declare its own configuration section (``[slot_attention]`` in a TOML file,
 ``"slot_attention.iters"`` in overrides, a table of its own in checkpoints) with three
-class attributes: ``section`` (its name), ``Section`` (a dataclass of its fields and
-defaults) and ``section_rules`` (``{field: rule}``, rules as in `iodine_pyro.config`).
+class attributes: ``section`` (its name) and ``Section`` (a dataclass of its fields, each
+declared with its default and its rule by `iodine_pyro.fields.ruled`).
 `guide_sections` names them without importing the built-in guides' modules.
 """
 

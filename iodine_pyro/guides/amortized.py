@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING
 import pyro
 import torch
 import torch.nn as nn
-from pyro.contrib.autoname import scope
 
 from ..models.decoders import coordinate_grid
-from ..models.generative import IodineModel, autocast, step_scale
+from ..models.generative import IodineModel, autocast, site_plates
 from ..nets import conv_stack, mlp
 from .base import Guide, Step
 
@@ -74,12 +73,9 @@ class AmortizedGuide(Guide):
                              f"and cannot run with K={num_slots}")
         model, training = self.model, torch.is_grad_enabled()
         B, C, H, W = x.shape
-        model.forget()
         coords = coordinate_grid(H, W, x.device, x.dtype).expand(B, 2, H, W)   # [B, 2, H, W]
         with autocast(x, self.amp_dtype):
             lam = self.encoder(torch.cat([x, coords], 1))                      # [B, K, 2 n_z]
         lam = lam.to(x.dtype)
-        q = self.posterior(lam)
-        with pyro.plate("images", B), scope(prefix="t0"), step_scale(1.0, B, kl_scale):
-            z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
+        z = self.sample(0, 1.0, self.posterior(lam), site_plates(B, self.encoder.num_slots), kl_scale)             # [..., B, K, n_z]
         return [Step(lam, z, self.hand_over(z, model.decode(z), training))]

@@ -3,8 +3,12 @@
 A guide is an `nn.Module` and a Pyro guide program. Built as ``cls(model, cfg)`` with the
 `IodineModel` it serves (held by reference: the model owns the decoder and its memo), it
 
-* samples one latent site per decoder pass, ``t{t}/z`` with batch shape [B, K, n_z], in a
-  plate ``images`` of size B, scaled by `step_scale` (the model's own sites match);
+* samples one latent site per decoder pass, ``t{t}/z`` of batch shape [B, K] and event
+  [n_z], in the plates ``images`` x ``slots`` (`site_plates`), scaled by `step_scale`
+  (the model's own sites match) (`Guide.sample`);
+* runs under enclosing vectorised plates (``Predictive(..., parallel=True)``, vectorised
+  particles): its sites and outputs then have their dimensions on the left, and each
+  sample is its own run of the guide;
 * hands each decoding of its samples to the model (`IodineModel.remember`), so that the
   model's `decode` of the same sample tensor costs nothing;
 * returns one `Step` per decoder pass: the posterior parameters, the sample, its decoding.
@@ -23,7 +27,10 @@ import torch
 import torch.nn as nn
 from torch.distributions import Normal
 
-from ..models.generative import Decoded, IodineModel
+import pyro
+from pyro.contrib.autoname import scope
+
+from ..models.generative import Decoded, IodineModel, Plates, step_scale
 from .refinement import posterior_scale
 
 if TYPE_CHECKING:
@@ -52,7 +59,7 @@ class Guide(nn.Module):
     reads_sequences: ClassVar[bool] = False
     amp_dtype: torch.dtype | None = None     # autocast dtype of the guide's networks (Iodine.use_fast_paths)
 
-    normal: ClassVar[type] = Normal          # the posterior's distribution class
+    normal: ClassVar[type] = pyro.distributions.Normal         # the posterior's distribution class
 
     def __init__(self, model: IodineModel, cfg: "Config"):
         super().__init__()
@@ -68,6 +75,14 @@ class Guide(nn.Module):
         """q(z | lambda) with batch shape [B, K, n_z]: lambda = (mean, scale parameter s)."""
         loc, s = lam.split(self.n_z, -1)                        # [B, K, n_z] each
         return self.normal(loc, posterior_scale(s, self.cfg.posterior_scale))
+
+    @staticmethod
+    def sample(t: int, weight: float, q: Normal, plates: Plates, kl_scale: float = 1.0) -> torch.Tensor:
+        """The latent site ``t{t}/z`` of step t, drawn from q (batch [..., B, K, n_z]) in the
+        run's `Plates`, scaled as the model's (`step_scale`): its value, [..., B, K, n_z]."""
+        B = plates.images.size
+        with plates.images, plates.slots, scope(prefix=f"t{t}"), step_scale(weight, B, kl_scale):
+            return pyro.sample("z", q.to_event(1))
 
     def hand_over(self, z: torch.Tensor, decoded: Decoded, training: bool) -> Decoded:
         """Give the model the decoding of sample `z` (its `decode(z)` then costs nothing);

@@ -37,11 +37,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn as nn
-from pyro.contrib.autoname import scope
 from torch.distributions import kl_divergence
 from torch.distributions.utils import _standard_normal
 
-from ..models.generative import Decoded, IodineModel, autocast, frame, frame_weights, loss_weights, step_scale
+from ..models.generative import Decoded, IodineModel, autocast, frame, frame_weights, loss_weights, sample_shape, site_plates
 from . import ITERATIVE
 from .base import Guide, Step
 from .inputs import INPUTS, Context, leave_one_out
@@ -128,43 +127,68 @@ class IterativeGuide(Guide):
         """The refinement inputs in use: image-sized ones in order, then the vectors."""
         return [r.name for r in self.spatial_inputs + self.vector_inputs]
 
+    def initial_lambda(self, x: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """lambda_1 [N, K, 2 n_z] of images x [N, C, H, W] (frames [N, F, C, H, W]): the
+        trained vector, tiled."""
+        return self.lambda0.expand(x.shape[0], num_slots, 2 * self.n_z)
+
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
                 batch_size: int | None = None, num_slots: int | None = None,
                 kl_scale: float = 1.0) -> list[Step]:
         """Run the T steps on images x [B, C, H, W], or on sequences x [B, F, C, H, W] with
         step t reading frame t (the LSTM state carries over the frames). `kl_scale` scales
-        the latent sites as the model's do (the KL's weight)."""
+        the latent sites as the model's do (the KL's weight).
+
+        Under enclosing vectorised plates of sizes [S...] each of the S x B images runs its
+        own refinement: the networks see them as one batch, the sites and the returned
+        steps have shape [S..., B, ...]."""
         if torch.is_inference_mode_enabled():
-            raise RuntimeError("the iterative guide differentiates its ELBO at every step: run it under "
+            raise RuntimeError("the guide differentiates its ELBO at every step: run it under "
                                "torch.no_grad(), not torch.inference_mode()")
         pyro.module(self.model.pyro_name("guide"), self)
-        model, training = self.model, torch.is_grad_enabled()
+        training = torch.is_grad_enabled()
         weights = weights or self.weights()
-        B, K = x.shape[0], num_slots or model.cfg.num_slots
-        model.forget()
-        lam = self.lambda0.expand(B, K, 2 * self.n_z)           # lam: [B, K, 2 n_z]
-        state, steps = None, []
-        with pyro.plate("images", B):
-            for t, w in enumerate(weights):
-                last = t == len(weights) - 1
-                with torch.enable_grad():
-                    if not training:                            # keep no earlier activations
-                        lam = lam.detach().requires_grad_()
-                    q = self.posterior(lam)
-                    with scope(prefix=f"t{t}"), step_scale(w, B, kl_scale):
-                        z = pyro.sample("z", q.to_event(2))     # [B, K, n_z]
-                    decoded, delta, state = self.step(frame(x, t), lam, z, q.noise, state, last, training)
-                if not training:
-                    state = tuple(s.detach() for s in state) if state is not None else None
-                    delta = delta.detach() if not last else None
-                decoded = self.hand_over(z, decoded, training)
-                steps.append(Step(lam if training else lam.detach(), z if training else z.detach(), decoded))
-                if not last:
-                    lam = lam + delta.view(B, K, -1)            # [B, K, 2 n_z]
+        B, K = x.shape[0], num_slots or self.model.cfg.num_slots
+        lead = sample_shape()                                   # [S...]: () outside vectorised plates
+        x = x.expand(*lead, *x.shape).reshape(-1, *x.shape[1:])   # [N, ...], N = S... x B
+        shaped = lambda v: v.view(*lead, B, *v.shape[1:])         # [N, ...] -> [S..., B, ...]
+        lam = self.initial_lambda(x, K)                         # lam: [N, K, 2 n_z]
+        plates, state, steps = site_plates(B, K), None, []
+        first = self.first_graph_step(len(weights)) if training else len(weights)
+        for t, w in enumerate(weights):
+            last = t == len(weights) - 1
+            graph = t >= first                                  # feeds: its update starts the graph
+            feeds = training and t == first - 1
+            with torch.set_grad_enabled(graph or feeds or not last):   # refinement reads dL/dlambda
+                if not graph:                                   # keep no earlier activations
+                    lam = lam.detach().requires_grad_(not last)
+                q = self.posterior(shaped(lam))                 # batch [S..., B, K, n_z]
+                z = self.sample(t, w, q, plates, kl_scale)      # [S..., B, K, n_z]
+                flat = lam.shape[:2] + (self.n_z,)              # [N, K, n_z]
+                noise = getattr(q, "noise", None)               # the draw, when q drew it
+                decoded, delta, state = self.step(frame(x, t), lam, z.reshape(flat),
+                                                  None if noise is None else noise.reshape(flat),
+                                                  state, last, graph, feeds)
+            if not (graph or feeds):
+                state = tuple(s.detach() for s in state) if state is not None else None
+                delta = delta.detach() if not last else None
+            decoded = self.hand_over(z, Decoded(*map(shaped, decoded)), graph)
+            steps.append(Step(shaped(lam if graph else lam.detach()), z if graph else z.detach(), decoded))
+            if not last:
+                lam = lam + delta.view(lam.shape)               # [N, K, 2 n_z]
         return steps
 
+    def first_graph_step(self, num_steps: int) -> int:
+        """The first decoder pass that training differentiates: 0 (all of them, the paper),
+        or with ``guide.grad_steps`` = n the last n only. The passes before run as at
+        inference (no graph kept: cheaper, memory flat in T) and lambda enters the first
+        differentiated pass detached, so no gradient crosses into the earlier steps; the
+        refinement update that produces it is still trained (its inputs detached)."""
+        n = self.cfg.grad_steps
+        return 0 if n is None else max(0, num_steps - n)
+
     def step(self, x: torch.Tensor, lam: torch.Tensor, z: torch.Tensor, noise: torch.Tensor | None,
-             state, last: bool, training: bool):
+             state, last: bool, training: bool, feeds: bool = False):
         """One step's networks: decode z and, unless `last`, compute lambda's update.
 
         Args:
@@ -172,13 +196,15 @@ class IterativeGuide(Guide):
             lam: [B, K, 2 n_z]; z: [B, K, n_z] its sample; noise: the standard-normal draw
                 with z = loc + noise * scale (None when z was given, not drawn).
             state: the refinement network's LSTM state, or None.
+            training: keep the graph of this step; `feeds`: not, but train the refinement
+                network's update on detached inputs (`first_graph_step`).
         Returns:
             (Decoded, delta [B*K, 2 n_z] or None, state)
         With ``recompute`` (training only) the networks' activations are not kept: they run
         again in the backward pass, from lambda and the noise (`recompute`).
         """
         if not (training and self.cfg.recompute and noise is not None):
-            return self.networks(x, lam, z, state, last, training)
+            return self.networks(x, lam, z, state, last, training, feeds)
         has_state = state is not None
 
         def rerun(x, lam, noise, *state):
@@ -194,13 +220,14 @@ class IterativeGuide(Guide):
             return decoded, None, state
         return decoded, out[2], (tuple(out[3:]) or None)
 
-    def networks(self, x, lam, z, state, last: bool, keep_graph: bool):
-        """decoder(z), then (unless `last`) f_phi on the stop-gradient refinement inputs."""
+    def networks(self, x, lam, z, state, last: bool, keep_graph: bool, feeds: bool = False):
+        """decoder(z), then (unless `last`) f_phi on the stop-gradient refinement inputs
+        (with `feeds`, f_phi keeps its graph though its inputs have none)."""
         decoded = self.model.decode(z)                          # [B, K, C, H, W], [B, K, H, W]
         if last:
             return decoded, None, state
         spatial, vector = self.refinement_inputs(x, lam, self.posterior(lam), decoded, keep_graph)
-        with torch.set_grad_enabled(keep_graph):                # no graph at inference
+        with torch.set_grad_enabled(keep_graph or feeds):       # no graph at inference
             delta, state = self.refine(spatial, vector, state)  # [B*K, 2 n_z]
         return decoded, delta, state
 
@@ -255,7 +282,9 @@ class IterativeGuide(Guide):
         differentiates the batch mean instead (each gradient carries 1/B), as the released
         code does. A gradient input left out of ``stop_gradient`` is differentiated through
         (second order: ``create_graph``); without it the input would carry no gradient
-        whatever the configuration says.
+        whatever the configuration says. The graph is kept (``retain_graph``): the loss
+        may still backpropagate through the sample's part of it (its KL term), even for a
+        step training does not differentiate, and nothing else holds it once the step ends.
         """
         if not self.needs:
             return {}
@@ -265,6 +294,6 @@ class IterativeGuide(Guide):
         targets = {"lam": lam, "means": decoded.means, "mask_logits": decoded.mask_logits}
         wanted = sorted(self.needs)
         second_order = keep_graph and bool(self.differentiated_gradients)
-        values = torch.autograd.grad(loss, [targets[k] for k in wanted], retain_graph=keep_graph,
+        values = torch.autograd.grad(loss, [targets[k] for k in wanted], retain_graph=True,
                                      create_graph=second_order)
         return dict(zip(wanted, values))

@@ -11,7 +11,8 @@ few of IODINE's refinement steps (EfficientMORL's direction).
     for t = 2..1 + refine_steps: IODINE's refinement step       (site f"t{t-1}/z")
 
 The encoder reads no ELBO gradient; the refinement steps are the iterative guide's own
-(`IterativeGuide.step`: its inputs, gradients and network, from ``[guide]``). The slots
+(its loop, inputs, gradients and network, from ``[guide]``): this guide replaces only
+`IterativeGuide.initial_lambda`. The slots
 start from independent draws of one Gaussian and compete for pixels through the softmax
 over slots, so permuting the initial noise permutes the posteriors, and any K runs.
 EfficientMORL reports 6-10x cheaper training steps than IODINE at a similar segmentation.
@@ -25,16 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import pyro
 import torch
 import torch.nn as nn
-from pyro.contrib.autoname import scope
 
-from ..config import _int, _ints, _odd
+from ..fields import integer, integers, odd, ruled
 from ..models.decoders import coordinate_grid
-from ..models.generative import IodineModel, autocast, loss_weights, step_scale
+from ..models.generative import IodineModel, autocast, loss_weights
 from ..nets import conv_stack
-from .base import Guide, Step
+from .base import Guide
 from .iterative import IterativeGuide, initial_scale_param
 
 if TYPE_CHECKING:
@@ -45,16 +44,12 @@ if TYPE_CHECKING:
 class SlotAttentionConfig:
     """The slot-attention encoder and the refinement steps after it."""
 
-    iters: int = 3                                 # slot-attention iterations
-    slot_size: int = 64                            # S
-    mlp_size: int = 128                            # hidden size of the slot update MLP
-    encoder_channels: tuple[int, ...] = (32, 32, 32, 32)   # CNN, 'same' padding, ReLU
-    encoder_kernel: int = 5
-    refine_steps: int = 0                          # IODINE refinement steps after the encoder
-
-
-RULES = {"iters": _int(1), "slot_size": _int(1), "mlp_size": _int(1), "encoder_channels": _ints(),
-         "encoder_kernel": _odd(), "refine_steps": _int(0, 64)}
+    iters: int = ruled(3, integer(1))              # slot-attention iterations
+    slot_size: int = ruled(64, integer(1))         # S
+    mlp_size: int = ruled(128, integer(1))         # hidden size of the slot update MLP
+    encoder_channels: tuple[int, ...] = ruled((32, 32, 32, 32), integers())   # CNN, 'same' padding, ReLU
+    encoder_kernel: int = ruled(5, odd())
+    refine_steps: int = ruled(0, integer(0, 64))   # IODINE refinement steps after the encoder
 
 
 class SlotAttention(nn.Module):
@@ -128,7 +123,7 @@ class SlotAttentionGuide(IterativeGuide):
     can_change_slots = True
     reads_sequences = False
     normal = Guide.normal
-    section, Section, section_rules = "slot_attention", SlotAttentionConfig, RULES
+    section, Section = "slot_attention", SlotAttentionConfig
 
     def __init__(self, model: IodineModel, cfg: Config):
         super().__init__(model, cfg)
@@ -159,31 +154,3 @@ class SlotAttentionGuide(IterativeGuide):
         with autocast(x, self.amp_dtype):
             lam = self.encoder(x, noise)                        # [B, K, 2 n_z]
         return lam.to(x.dtype)
-
-    def forward(self, x: torch.Tensor, weights: list[float] | None = None,
-                batch_size: int | None = None, num_slots: int | None = None,
-                kl_scale: float = 1.0) -> list[Step]:
-        pyro.module(self.model.pyro_name("guide"), self)
-        model, training = self.model, torch.is_grad_enabled()
-        weights = weights or self.weights()
-        B, K = x.shape[0], num_slots or model.cfg.num_slots
-        model.forget()
-        lam = self.initial_lambda(x, K)                         # [B, K, 2 n_z]
-        state, steps, images = None, [], pyro.plate("images", B)   # one plate, entered per step
-        for t, w in enumerate(weights):
-            last = t == len(weights) - 1
-            with torch.set_grad_enabled(training or not last):  # refinement reads dL/dlambda
-                if not training:
-                    lam = lam.detach().requires_grad_(not last)
-                q = self.posterior(lam)
-                with images, scope(prefix=f"t{t}"), step_scale(w, B, kl_scale):
-                    z = pyro.sample("z", pyro.distributions.Normal(q.loc, q.scale).to_event(2))
-                decoded, delta, state = self.step(x, lam, z, None, state, last, training)
-            if not training:
-                state = tuple(s.detach() for s in state) if state is not None else None
-                delta = delta.detach() if not last else None
-            decoded = self.hand_over(z, decoded, training)
-            steps.append(Step(lam if training else lam.detach(), z if training else z.detach(), decoded))
-            if not last:
-                lam = lam + delta.view(B, K, -1)                # [B, K, 2 n_z]
-        return steps

@@ -2,10 +2,16 @@
 
 Generative story, for each image b (plate ``images``):
 
-    z_bk ~ N(0, prior_var I)                  k = 1..K      (site ``z``, event dims [K, n_z])
+    z_bk ~ N(0, prior_var I)                  k = 1..K      (site ``z``: plates images x slots)
     (m_bk, mu_bk) = decoder(z_bk)             all B*K slots in one decoder call
     pi_b = softmax_k(m_b)                     per pixel
     x_bhw ~ sum_k pi_bkhw prod_c p(x_bhwc | mu_bkhwc)   (site ``x``, `PixelMixture`)
+
+Plates and shapes, Pyro's nested-plate convention (`site_plates`): ``images`` at dim -2,
+``slots`` at dim -1. A latent site ``t{t}/z`` has batch shape [B, K] and event [n_z]; an
+image site ``t{t}/x`` sits in the images plate only, so its batch shape is [B, 1] (its
+value [B, 1, C, H, W]) and event [C, H, W]. Enclosing sample or particle plates
+(``Predictive(..., parallel=True)``, vectorised particles) add dimensions on the left.
 
 Training scores T copies of this one-step model, one per refinement step t, under
 ``scope(prefix=f"t{t}")`` and a scale w_t / B: with the guide scaling its step-t site
@@ -21,7 +27,8 @@ prediction, frame t+1 under the same decoding (site ``t{t}/x_next``, for t < F-1
 The guide decodes each of its samples to build its refinement inputs; it hands the
 decoder output to the model with `remember`, and `decode` returns it for that very
 sample tensor, so a training step runs the decoder once per z, not twice, in the forward
-pass. (With ``guide.recompute`` the backward pass runs it once more per z, deliberately:
+pass. The decoding is kept on the sample itself (the model's one memo): it lives as long
+as that tensor and is used once, so there is nothing to clear. (With ``guide.recompute`` the backward pass runs it once more per z, deliberately:
 see `iodine_pyro.guides.recompute`.)
 """
 
@@ -94,6 +101,33 @@ def step_scale(weight: float, batch_size: int, kl_scale: float = 1.0):
     return poutine.scale(scale=weight * kl_scale / batch_size)
 
 
+class Plates(NamedTuple):
+    """The plates of a program run's sites: ``images`` (dim -2) and ``slots`` (dim -1).
+
+    A latent site sits in both, an image site in ``images`` only. Made once per run of a
+    program and entered at every site (Pyro records one site per plate instance)."""
+
+    images: pyro.plate
+    slots: pyro.plate
+
+
+def site_plates(batch_size: int, num_slots: int) -> Plates:
+    """`Plates` of B images and K slots: model and guides use these, so their sites line
+    up under Pyro's shape checks and under enclosing vectorised plates."""
+    return Plates(pyro.plate("images", batch_size, dim=-2), pyro.plate("slots", num_slots, dim=-1))
+
+
+def sample_shape() -> torch.Size:
+    """The sizes of the vectorised plates enclosing a model or guide call, beyond its own
+    two (images at -2, slots at -1): ``Predictive(..., parallel=True)``'s samples,
+    ``vectorize_particles``'s particles; [] outside them."""
+    dims = {f.dim: f.size for f in pyro.poutine.runtime.get_plates()
+            if f.vectorized and f.dim is not None and f.dim < -2}
+    if not dims:
+        return torch.Size()
+    return torch.Size(dims.get(d, 1) for d in range(min(dims), -2))
+
+
 def frame(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
     """The image that step t sees: x itself for images [B, ...], frame t of sequences [B, F, ...].
 
@@ -102,6 +136,7 @@ def frame(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
 
 
 _systems = itertools.count()
+_MEMO = "_iodine_decoded"       # the attribute of a sample that holds its decoding
 
 
 def _param_prefix() -> str:
@@ -131,7 +166,6 @@ class IodineModel(nn.Module):
         else:
             self.decoder = DeconvDecoder(d_in, cfg.image_channels, cfg.image_size, cfg.deconv_mlp,
                                          cfg.deconv_start, cfg.decoder_channels, cfg.decoder_kernel)
-        self._memo: dict[int, tuple[torch.Tensor, Decoded]] = {}
         self.pixel_scale = float(cfg.pixel_scale)
         self.param_prefix = _param_prefix()
 
@@ -161,8 +195,8 @@ class IodineModel(nn.Module):
         """Decode all slots of all images in one call; reuse the guide's pass for this z.
 
         z is [..., B, K, n_z]: leading sample or particle dims pass through to the output."""
-        hit = self._memo.pop(id(z), None)
-        if hit is not None and hit[0] is z:
+        hit = z.__dict__.pop(_MEMO, None)
+        if hit is not None and hit[0] == self.param_prefix:
             return hit[1]
         lead, D = z.shape[:-1], z.shape[-1]                     # z: [B, K, n_z]
         flat = z.reshape(-1, D)                                 # [B*K, n_z]
@@ -176,11 +210,11 @@ class IodineModel(nn.Module):
         return Decoded(means=out[..., 1:, :, :], mask_logits=out[..., 0, :, :])
 
     def remember(self, z: torch.Tensor, decoded: Decoded) -> None:
-        """Offer the decoder output of sample `z` to the next `decode(z)` of the same tensor."""
-        self._memo[id(z)] = (z, decoded)
+        """Offer the decoder output of sample `z` to the next `decode(z)` of the same tensor.
 
-    def forget(self) -> None:
-        self._memo.clear()
+        It is kept on `z` itself: it goes when `z` goes, and the first `decode(z)` of this
+        model takes it (a copy of z, or another model, decodes afresh)."""
+        z.__dict__[_MEMO] = (self.param_prefix, decoded)
 
     def likelihood(self, decoded: Decoded, recompute: bool = False) -> PixelMixture:
         return PixelMixture(decoded.means, decoded.mask_logits, self.cfg.pixel, self.pixel_scale,
@@ -215,20 +249,24 @@ class IodineModel(nn.Module):
         weights = weights or [1.0]
         B = x.shape[0] if x is not None else batch_size
         num_frames = x.shape[1] if x is not None and x.dim() == 5 else 0
-        outputs = []
-        with pyro.plate("images", B):
-            for t, w in enumerate(weights):
-                with scope(prefix=f"t{t}"):
-                    with step_scale(w, B, kl_scale):
-                        z = pyro.sample("z", self.prior(B, num_slots, like=x).to_event(2))  # [B, K, n_z]
-                    decoded = self.decode(z)
-                    pixels = self.likelihood(decoded, self.recompute)
-                    with step_scale(w, B):
-                        pyro.sample("x", pixels, obs=frame(x, t))                       # [B, C, H, W]
-                        if t + 1 < num_frames:                                      # next-step prediction
-                            pyro.sample("x_next", pixels, obs=x[:, t + 1])              # [B, C, H, W]
-                outputs.append(decoded)
+        K = num_slots or self.cfg.num_slots
+        plates, outputs = site_plates(B, K), []
+        for t, w in enumerate(weights):
+            with plates.images, plates.slots, scope(prefix=f"t{t}"), step_scale(w, B, kl_scale):
+                z = pyro.sample("z", self.prior(B, K, like=x).to_event(1))           # [B, K, n_z]
+            decoded = self.decode(z)
+            pixels = self.likelihood(decoded, self.recompute).over_slots()          # batch [B, 1]
+            with plates.images, scope(prefix=f"t{t}"), step_scale(w, B):
+                pyro.sample("x", pixels, obs=over_slots(frame(x, t)))                # [B, 1, C, H, W]
+                if t + 1 < num_frames:                                              # next-step prediction
+                    pyro.sample("x_next", pixels, obs=over_slots(x[:, t + 1]))       # [B, 1, C, H, W]
+            outputs.append(decoded)
         return outputs
+
+
+def over_slots(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Images [..., B, C, H, W] as the value of an image site: [..., B, 1, C, H, W]."""
+    return None if x is None else x.unsqueeze(-4)
 
 
 def autocast(like: torch.Tensor, dtype: torch.dtype | None):

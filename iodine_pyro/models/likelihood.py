@@ -104,6 +104,13 @@ class PixelMixture(TorchDistribution):
                             self.mask_logits.expand(batch_shape + self.mask_logits.shape[-3:]),
                             self.pixel, self.scale, recompute=self.recompute)
 
+    def over_slots(self) -> "PixelMixture":
+        """The same images with a singleton slot dimension in the batch, [..., B] ->
+        [..., B, 1]: the distribution of an image site, which sits in the ``images`` plate
+        (dim -2) but not in ``slots`` (Pyro's nested-plate convention)."""
+        return PixelMixture(self.means.unsqueeze(-5), self.mask_logits.unsqueeze(-4), self.pixel, self.scale,
+                            validate_args=self._validate_args, recompute=self.recompute)
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)                       # shape and finiteness of the images
