@@ -52,9 +52,8 @@ def child(threads: int | None, interop: int | None, seconds: float, batch: int) 
     import torch
 
     from iodine_pyro.config import make_config
-    from iodine_pyro.distributed import speed_settings
     from iodine_pyro.system import Iodine
-    from iodine_pyro.train import make_optimizer, train_step
+    from iodine_pyro.training import make_optimizer, speed_settings, train_step
 
     if interop:
         torch.set_num_interop_threads(interop)

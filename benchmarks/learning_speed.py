@@ -99,7 +99,7 @@ def worker(a) -> None:
     from iodine_pyro.checkpoint import read_metrics
     from iodine_pyro.evaluate import evaluate
     from iodine_pyro.run import Run
-    from iodine_pyro.train import fit
+    from iodine_pyro.training import fit
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)

@@ -28,7 +28,7 @@ same autocast as the step, and multiplied by the number of times the step runs i
     left                     the whole step minus all of the above (Python, allocation,
                              KL, sampling)
 
-The whole step is `iodine_pyro.train.train_step`, what `fit` runs on one CPU process
+The whole step is `iodine_pyro.training.step.train_step`, what `fit` runs on one CPU process
 (Pyro validation off, as in `fit`); the evaluation pass is `Iodine.infer` on the same
 batch, its parts timed likewise. The decoder and the refinement network are also timed
 in float32 and channels-last, and a lone convolution of the decoder's shape gives the
@@ -70,13 +70,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from iodine_pyro.config import make_config
-from iodine_pyro.distributed import cpu_has_fast_bf16
 from iodine_pyro.guides.inputs import Context
 from iodine_pyro.models import generative, likelihood
 from iodine_pyro.models.generative import autocast
 from iodine_pyro.models.likelihood import MixtureTerms
 from iodine_pyro.system import Iodine
-from iodine_pyro.train import _finite_batch, _Snapshot, make_optimizer, train_step
+from iodine_pyro.training.speed import cpu_has_fast_bf16
+from iodine_pyro.training.state import make_optimizer
+from iodine_pyro.training.step import Snapshot, train_step
 
 # -- measuring -------------------------------------------------------------------------------
 
@@ -632,15 +633,15 @@ def optimiser_probe(system: Iodine, opt: torch.optim.Optimizer) -> Probe:
     return Probe("call", step)
 
 
-def guards(system: Iodine, x: torch.Tensor, snap: _Snapshot) -> None:
+def guards(system: Iodine, x: torch.Tensor, snap: Snapshot) -> None:
     """What `train_step` does besides the step: batch checks, snapshot, finiteness check."""
-    _finite_batch(x)
+    bool(torch.isfinite(x).all())
     system.check_batch(x)
     snap.save()
     bool(snap.finite())
 
 
-def make_probes(system: Iodine, opt, x: torch.Tensor, snap: _Snapshot, first: dict):
+def make_probes(system: Iodine, opt, x: torch.Tensor, snap: Snapshot, first: dict):
     """The parts' probes (by part), the whole-step probes, and the decoder and refinement
     network under other precisions and memory layouts."""
     clip = system.cfg.train.clip_norm
@@ -736,7 +737,7 @@ def parse() -> argparse.Namespace:
     return a
 
 
-def measured(a: argparse.Namespace, system: Iodine, opt, x: torch.Tensor, snap: _Snapshot):
+def measured(a: argparse.Namespace, system: Iodine, opt, x: torch.Tensor, snap: Snapshot):
     """Capture a real step's tensors and call counts, then time every probe in rounds."""
     clip = system.cfg.train.clip_norm
     train_step(system, opt, x, clip, snapshot=snap)                         # warm-up
@@ -767,7 +768,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     pyro.enable_validation(False)                       # as fit
     system, opt, x = build(a)
-    cfg, snap = system.cfg, _Snapshot(list(system.parameters()), opt)
+    cfg, snap = system.cfg, Snapshot(list(system.parameters()), opt)
     machine = machine_line(cpu_info(), a.amp, a.clock_mhz)
     print(f"{a.dataset} {a.preset}: batch {x.shape[0]}, K {cfg.model.num_slots}, images "
           f"{tuple(x.shape[1:])}, {len(system.weights())} decoder passes; {a.steps} rounds")

@@ -20,7 +20,7 @@ from typing import Any
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import held_out, make_config
 from .data import DATASETS, ensure_generated
-from .train import fit
+from .training import fit
 
 __all__ = ["FULL", "AblationRun", "ablate", "plan"]
 
@@ -89,9 +89,9 @@ def ablate(dataset: str, steps: int, out: str | Path, inputs: Sequence[str] | No
         out: the ablation directory (``full/``, ``no-<input>/``, ``data/``).
         inputs: the inputs to leave out one at a time (default: all of the configuration's).
         seed: seed of the data and of every run.
-        preset, batch_size, overrides: the configuration (as `iodine_pyro.train.fit`).
+        preset, batch_size, overrides: the configuration (as `iodine_pyro.training.fit`).
         num_images: training images to generate (held-out: `iodine_pyro.config.held_out`).
-        log_every, checkpoint_every, device, progress: passed to `iodine_pyro.train.fit`.
+        log_every, checkpoint_every, device, progress: passed to `iodine_pyro.training.fit`.
         report: called with an `AblationRun` before and after every run.
 
     Returns:

@@ -48,7 +48,7 @@ from torch.distributions import Normal, kl_divergence
 from tqdm.auto import tqdm
 
 from . import metrics
-from .config import check_memory
+from .memory import check_memory
 from .data import load_images
 from .evaluate import METRICS as TABLE
 from .evaluate import score_steps
@@ -432,13 +432,14 @@ def evaluate_guide(system: Iodine, x: torch.Tensor, masks: torch.Tensor | None, 
     c0 = time.process_time()
     steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)    # L x StepResult
     cpu = (time.process_time() - c0) / x.shape[0]
+    tick(B * GUIDE_PASS * len(steps))                                    # the guide's own passes
     trained = min(len(system.weights()), len(steps)) - 1 if system.guide.refines else 0
     per: dict[str, list[torch.Tensor]] = {k: [] for k in OWN if k not in GAPS}
     for s in steps:
         q = system.guide.posterior(s.lam)                                 # batch [B, K, n_z]
         for k, v in _elbo_iwae(system, x, q, iw_samples).items():
             per[k].append(v.double())
-        tick(B * step_cost(iw_samples))
+        tick(B * iw_samples)                                             # its ELBO / IWAE samples
     nan = torch.full((len(steps), x.shape[0]), float("nan"), dtype=torch.float64)
     table = score_steps(system, x, steps, masks, background, [k for k in METRICS if k in TABLE and k not in OWN])
     q_guide = system.guide.posterior(steps[trained].lam)
@@ -688,10 +689,13 @@ def _generalization(run: Run, data, num_images: int, merge: int, batch_size: int
     return out
 
 
+GUIDE_PASS = 3               # decodings' worth of one guide step (decoder, refinement network, gradient inputs)
+
+
 def step_cost(iw_samples: int) -> int:
     """Decodings of one image's slots per guide step scored: its ELBO / IWAE samples, and
-    about 3 for the guide's own pass (decoder, refinement network, gradient inputs)."""
-    return iw_samples + 3
+    the guide's own pass (`GUIDE_PASS`)."""
+    return iw_samples + GUIDE_PASS
 
 
 def work(L: int, can_change_slots: bool, iw: int, S: int, G: int, check_every: int,

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .config import check_memory
+from .memory import check_memory
 from .data import is_sequence, load_images
 from .models.generative import Decoded, frame
 from .run import Run

@@ -83,7 +83,7 @@ import xarray as xr
 from pyro.infer import Predictive
 from tqdm.auto import tqdm
 
-from .config import check_memory, memory_available
+from .memory import check_memory, memory_available
 from .models import Decoded
 from .system import Iodine
 

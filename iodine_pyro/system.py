@@ -186,7 +186,7 @@ def svi(system: Iodine, lr: float | None = None, num_iters: int | None = None) -
     """A ``pyro.infer.SVI`` for `system`: its model and guide over T steps, its
     ``TraceMeanField_ELBO``, Adam (``train.lr``, betas) with ``train.clip_norm``.
 
-    ``svi(system).step(x)`` is the update of `iodine_pyro.train.train_step` at a fixed
+    ``svi(system).step(x)`` is the update of `iodine_pyro.training.step.train_step` at a fixed
     learning rate; ``fit`` runs that lower-level form because it also needs the warm-up and
     decay of the learning rate, the non-finite guard, GECO's KL weight and DDP."""
     t = system.cfg.train

@@ -52,7 +52,7 @@ def tiny_run(root, steps: int = 3, guide: str = "iterative", num_images: int = 4
     from pathlib import Path
 
     from iodine_pyro.data import generate
-    from iodine_pyro.train import fit
+    from iodine_pyro.training import fit
 
     root = Path(root)
     data = root / "data"

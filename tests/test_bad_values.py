@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from iodine_pyro.checkpoint import load_checkpoint
 from iodine_pyro.cli import main
-from iodine_pyro.train import fit
+from iodine_pyro.training import fit
 
 from .helpers import TINY_OVERRIDES, TINY_TOML
 

@@ -269,7 +269,7 @@ def test_fit_resume_takes_a_new_learning_rate_and_refuses_any_other_change(run_d
     assert f"resuming the run in {out} at step 2 with train.lr 0.001 -> 1e-05" in proc.stdout
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 3 and ckpt["config"].train.lr == 1e-5
-    from iodine_pyro.train import learning_rate
+    from iodine_pyro.training import learning_rate
     lr = learning_rate(ckpt["config"], 2)                              # the new rate, in the preset's warm-up
     assert all(g["lr"] == pytest.approx(lr) for g in ckpt["optimizer"]["param_groups"])
     proc = cli("fit", "--out", out, "--resume", "--steps", 4, "--batch-size", 8, "--quiet")

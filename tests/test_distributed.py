@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from iodine_pyro import distributed
 from iodine_pyro.checkpoint import load_checkpoint
 from iodine_pyro.config import make_config
 from iodine_pyro.data import Batches, generate, open_dataset
 from iodine_pyro.system import Iodine
-from iodine_pyro.train import make_optimizer
+from iodine_pyro.training import ddp, make_optimizer
 
 from .helpers import TINY_OVERRIDES, TINY_TOML
 from .test_robustness import assert_same_params
@@ -45,7 +44,8 @@ def _worker(rank, world, port, out, data, steps, dump):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import iodine_pyro.train as train
+    import iodine_pyro.training as training
+    import iodine_pyro.training.state as training_state
 
     made = []
 
@@ -54,10 +54,10 @@ def _worker(rank, world, port, out, data, steps, dump):
             super().__init__(cfg)
             made.append(self)
 
-    train.Iodine = Recorded
+    training_state.Iodine = Recorded
     # float32 (amp=False): compared below with a float32 reference at float32 tolerances
-    result = train.fit(out=out, data=data, steps=steps, overrides=TINY_OVERRIDES, seed=SEED,
-                       log_every=1, checkpoint_every=steps, progress=False, amp=False)
+    result = training.fit(out=out, data=data, steps=steps, overrides=TINY_OVERRIDES, seed=SEED,
+                          log_every=1, checkpoint_every=steps, progress=False, amp=False)
     assert result.rank == rank and result.step == steps
     torch.save(made[0].state_dict(), Path(dump) / f"rank{rank}.pt")
 
@@ -88,7 +88,7 @@ def one_process_reference(data, steps: int, world: int) -> dict[str, torch.Tenso
             opt.zero_grad(set_to_none=True)
             loss = 0.0
             for r in range(world):
-                torch.manual_seed(distributed.step_seed(SEED, step, r))
+                torch.manual_seed(ddp.step_seed(SEED, step, r))
                 loss = loss + system.loss(x[r * b:(r + 1) * b]) / world
             loss.backward()
             torch.nn.utils.clip_grad_norm_(system.parameters(), cfg.train.clip_norm)
@@ -162,25 +162,25 @@ def test_nproc_errors_are_one_line(data, tmp_path):
 
 def test_shards_are_disjoint_contiguous_and_cover_the_batch():
     batch = {"image": torch.arange(8.0).view(8, 1, 1, 1), "mask": torch.arange(8.0).view(8, 1, 1, 1)}
-    parts = [distributed.Processes(rank=r, world=4).shard(batch)["image"].flatten().tolist() for r in range(4)]
+    parts = [ddp.Processes(rank=r, world=4).shard(batch)["image"].flatten().tolist() for r in range(4)]
     assert parts == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]]
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
-        distributed.Processes(rank=0, world=3).check_batch_size(32)
+        ddp.Processes(rank=0, world=3).check_batch_size(32)
 
 
 def test_step_seeds_differ_across_steps_and_ranks():
-    seeds = {distributed.step_seed(0, s, r) for s in range(50) for r in range(4)}
+    seeds = {ddp.step_seed(0, s, r) for s in range(50) for r in range(4)}
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
-    assert distributed.step_seed(0, 3, 1) == distributed.step_seed(0, 3, 1)
+    assert ddp.step_seed(0, 3, 1) == ddp.step_seed(0, 3, 1)
 
 
 def test_launcher_drops_only_nproc():
     argv = ["fit", "--nproc", "4", "--steps", "3", "--nproc=2", "--out", "r"]
-    assert distributed.strip_option(argv) == ["fit", "--steps", "3", "--out", "r"]
+    assert ddp.strip_option(argv) == ["fit", "--steps", "3", "--out", "r"]
 
 
 def test_a_single_process_is_not_distributed(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    p = distributed.setup("cpu")
+    p = ddp.setup("cpu")
     assert (p.rank, p.world, p.distributed, p.is_main) == (0, 1, False, True)
     assert p.main_first(lambda a: a + 1, 1) == 2 and p.any(True) and not p.any(False)

@@ -13,7 +13,7 @@ from iodine_pyro.config import make_config, pixel_scale_at
 from iodine_pyro.data import generate
 from iodine_pyro.system import Iodine
 from iodine_pyro.run import Run
-from iodine_pyro.train import Geco, fit, learning_rate
+from iodine_pyro.training import Geco, fit, learning_rate
 
 from .helpers import TINY_OVERRIDES, tiny_config
 

@@ -375,7 +375,7 @@ def test_grad_steps_differentiates_the_last_passes_only():
         loss.backward()
         grads[n] = (float(loss.detach()), system.guide.lambda0.grad,
                     [p.grad for p in system.guide.net.parameters()], [p.grad for p in system.model.decoder.parameters()])
-    (full, lam_full, net_full, dec_full), (last, lam_last, net_last, dec_last) = grads[None], grads[1]
+    (full, lam_full, _, dec_full), (last, lam_last, net_last, dec_last) = grads[None], grads[1]
     assert last == pytest.approx(full, rel=1e-6)
     assert lam_full is not None and lam_full.abs().sum() > 0
     assert lam_last is None or lam_last.abs().sum() == 0

@@ -21,12 +21,13 @@ import torch
 import xarray as xr
 
 import iodine_pyro.data.store as store
-import iodine_pyro.train as train
+import iodine_pyro.training.state as training_state
+import iodine_pyro.training.step as training_step
 from iodine_pyro.checkpoint import load_checkpoint, save_checkpoint
 from iodine_pyro.cli import main
 from iodine_pyro.data import DatasetError, generate, is_store, open_dataset
 from iodine_pyro.io import WriteError, pid_alive
-from iodine_pyro.train import MANIFEST, TrainingError, fit
+from iodine_pyro.training import MANIFEST, TrainingError, fit
 
 from .helpers import TINY_OVERRIDES, TINY_TOML, assert_same_params, params
 
@@ -268,7 +269,7 @@ def test_a_chunk_damaged_during_training_stops_with_the_last_good_step(tmp_path,
             raw[len(raw) // 2] ^= 0xFF
             chunk.write_bytes(bytes(raw))
 
-    real, calls, blank = train.train_step, {"n": 0}, []
+    real, calls, blank = training_step.train_step, {"n": 0}, []
 
     def step(system, optimizer, x, *args, **kwargs):
         calls["n"] += 1
@@ -277,7 +278,7 @@ def test_a_chunk_damaged_during_training_stops_with_the_last_good_step(tmp_path,
         blank.append(bool((x.flatten(1) == 0).all(1).any()))          # an image of zarr's fill value
         return real(system, optimizer, x, *args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(training_step, "train_step", step)
     with pytest.raises(DatasetError, match=r"c\.1\.0\.0\.0.*training stopped at step 12") as err:
         tiny_fit(tmp_path / "run", copy, steps=20, checkpoint_every=100)
     assert "\n" not in str(err.value) and str(chunk) in str(err.value)
@@ -302,8 +303,8 @@ def test_data_show_and_info_name_a_damaged_chunk(tmp_path, data):
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_an_infinite_learning_rate_never_reaches_the_parameters(tmp_path, data, monkeypatch, sync_free):
     good = tiny_fit(tmp_path / "good", data, steps=2, sync_free=sync_free, log_every=1)
-    real = train.learning_rate
-    monkeypatch.setattr(train, "learning_rate", lambda cfg, step: real(cfg, step) if step < 2 else float("inf"))
+    real = training_state.learning_rate
+    monkeypatch.setattr(training_state, "learning_rate", lambda cfg, step: real(cfg, step) if step < 2 else float("inf"))
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
         tiny_fit(tmp_path / "run", data, steps=10, sync_free=sync_free, log_every=1,
                  overrides={"train.max_bad_steps": 3})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from iodine_pyro.config import PRESET_FIELDS, PRESETS, make_config
 from iodine_pyro.system import Iodine
 from iodine_pyro.models import PixelMixture
-from iodine_pyro.train import learning_rate, make_optimizer
+from iodine_pyro.training import learning_rate, make_optimizer
 
 from .helpers import tiny_config
 

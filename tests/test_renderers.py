@@ -138,11 +138,12 @@ def test_objects_room_fg_ari_drops_its_four_background_groups_everywhere(tmp_pat
 
     import torch
 
-    import iodine_pyro.train as train
+    import iodine_pyro.training.report as training_report
     from iodine_pyro.compare import compare
     from iodine_pyro.evaluate import batch_metrics, evaluate
     from iodine_pyro.metrics import ari, summarize
     from iodine_pyro.run import Run
+    from iodine_pyro.training import fit
 
     logged_with = []
 
@@ -150,13 +151,13 @@ def test_objects_room_fg_ari_drops_its_four_background_groups_everywhere(tmp_pat
         logged_with.append(background)
         return batch_metrics(system, batch, background)
 
-    monkeypatch.setattr(train, "batch_metrics", recording)
+    monkeypatch.setattr(training_report, "batch_metrics", recording)
 
     data = generate("objects_room", 8, tmp_path / "room", seed=2, workers=1, progress=False)
     tiny = {"model.image_size": (64, 64), "model.latent_dim": 4, "model.decoder_channels": (8,),
             "model.decoder_kernel": 3, "guide.num_iters": 2, "guide.conv_channels": (8,), "guide.conv_kernel": 3,
             "guide.mlp": (8,), "guide.lstm": 8, "train.batch_size": 8}
-    result = train.fit(out=tmp_path / "run", steps=1, dataset="objects_room", overrides=tiny, data=data, eval_data=data,
+    result = fit(out=tmp_path / "run", steps=1, dataset="objects_room", overrides=tiny, data=data, eval_data=data,
                  log_every=1, progress=False, amp=False)
     run = Run.open(result.out)
     batch, _ = run.images(0, 8)

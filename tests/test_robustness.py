@@ -14,7 +14,7 @@ import zarr
 from iodine_pyro.checkpoint import CheckpointError, load_checkpoint
 from iodine_pyro.data import generate, open_dataset
 from iodine_pyro.system import Iodine
-from iodine_pyro.train import TrainingError, fit
+from iodine_pyro.training import TrainingError, fit
 
 from .helpers import TINY_OVERRIDES, TINY_TOML, assert_same_params, params
 from .test_cli import assert_one_line_error, cli

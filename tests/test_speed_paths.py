@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iodine_pyro import distributed
 from iodine_pyro.checkpoint import load_checkpoint
 from iodine_pyro.data import generate
 from iodine_pyro.system import Iodine
-from iodine_pyro.train import TrainingError, fit, make_optimizer, train_step
+from iodine_pyro.training import TrainingError, fit, make_optimizer, train_step
+from iodine_pyro.training.ddp import Processes
+from iodine_pyro.training.state import load_optimizer_state
+from iodine_pyro.training.step import SyncFreeMeanFieldELBO, SyncFreeStep
 
 from .helpers import TINY_OVERRIDES, tiny_config
 
@@ -82,15 +84,15 @@ def test_channels_last_gives_the_same_loss_and_gradients(x):
 def test_a_deferred_step_never_applies_a_non_finite_update(x):
     system = _system()
     opt = make_optimizer(system, system.cfg, fused=True)
-    trainer = distributed.Trainer(system, opt, 5.0, distributed.Processes(), deferred=True)
+    trainer = SyncFreeStep(system, opt, 5.0, Processes())
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     before = {k: v.clone() for k, v in system.state_dict().items()}
-    loss, norm, applied, _ = trainer.step(bad, 0)
+    loss, norm, applied, _ = trainer(bad, 0)
     assert applied is None and torch.is_tensor(loss)                  # nothing read on the host
     assert all(torch.equal(before[k], v) for k, v in system.state_dict().items())
     assert not opt.state or all(s["step"] == 0 for s in opt.state.values())
-    trainer.step(x, 1)
+    trainer(x, 1)
     loss, _, skipped, longest = trainer.settle()
     assert (skipped, longest) == (1, 1) and math.isfinite(loss)      # one skip; the last step was good
     # the good step equals a host-checked step with the same (fused) optimizer
@@ -99,10 +101,9 @@ def test_a_deferred_step_never_applies_a_non_finite_update(x):
     torch.manual_seed(5)
     train_step(ref, ref_opt, x, 5.0)
     system.load_state_dict(before)
-    trainer2 = distributed.Trainer(system, make_optimizer(system, system.cfg, fused=True), 5.0,
-                                   distributed.Processes(), deferred=True)
+    trainer2 = SyncFreeStep(system, make_optimizer(system, system.cfg, fused=True), 5.0, Processes())
     torch.manual_seed(5)
-    trainer2.step(x, 0)
+    trainer2(x, 0)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(system.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
 
@@ -156,9 +157,9 @@ def test_optimizer_state_keeps_the_loading_optimizer_flags():
     fused, plain = make_optimizer(a, a.cfg, fused=True), make_optimizer(b, b.cfg)
     a.guide.lambda0.grad = torch.ones_like(a.guide.lambda0)
     fused.step()
-    distributed.load_optimizer_state(plain, fused.state_dict())
+    load_optimizer_state(plain, fused.state_dict())
     assert plain.param_groups[0]["fused"] is None
-    distributed.load_optimizer_state(fused, plain.state_dict())
+    load_optimizer_state(fused, plain.state_dict())
     assert fused.param_groups[0]["fused"] is True
     assert fused.state[a.guide.lambda0]["step"].dtype == torch.float32
 
@@ -186,7 +187,7 @@ def test_the_sync_free_elbo_is_pyros_loss_and_gradient_exactly(x, preset):
     a = Iodine(tiny_config(preset))
     b = Iodine(tiny_config(preset))
     b.load_state_dict(a.state_dict())
-    b.elbo = distributed.SyncFreeMeanFieldELBO()
+    b.elbo = SyncFreeMeanFieldELBO()
     la, lb = _loss(a, x), _loss(b, x)
     assert torch.equal(la, lb)
     la.backward()
@@ -210,11 +211,10 @@ class _HostReads(TorchDispatchMode):
 @pyro.validation_enabled(False)
 def test_a_deferred_step_reads_nothing_on_the_host(x):
     system = _system()
-    trainer = distributed.Trainer(system, make_optimizer(system, system.cfg, fused=True), 5.0,
-                                  distributed.Processes(), deferred=True)
+    trainer = SyncFreeStep(system, make_optimizer(system, system.cfg, fused=True), 5.0, Processes())
     with _HostReads() as reads:
-        trainer.step(x, 0)
-        trainer.step(x, 1)
+        trainer(x, 0)
+        trainer(x, 1)
     assert reads.seen == []
     ref = _system()
     with _HostReads() as reads:                                       # the reference: the host-checked step

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from iodine_pyro.system import Iodine, svi
-from iodine_pyro.train import make_optimizer, train_step
+from iodine_pyro.training import make_optimizer, train_step
 
 from .helpers import tiny_config
 

@@ -119,7 +119,7 @@ def _as_flags(text: str, argv: list[str] | None) -> str:
 def _users_to_fix(e: RuntimeError) -> bool:
     """Runtime errors that are the user's to fix: training stopped by numerical faults, and
     requests larger than memory."""
-    from ..train import TrainingError   # only once an error has happened
+    from ..training import TrainingError   # only once an error has happened
 
     text = str(e)
     return isinstance(e, TrainingError) or "out of memory" in text.lower() or "DefaultCPUAllocator" in text

@@ -109,8 +109,9 @@ def fit(
     --preset paper is the paper's recipe (appendix C). Sequence datasets
     (objects_room_sequences, multi_dsprites_sequences) train sequential IODINE: one
     refinement step per frame, with a next-step-prediction term."""
-    from .. import distributed, figures
-    from ..train import fit as run_fit
+    from .. import figures
+    from ..training import ddp
+    from ..training import fit as run_fit
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other", param_hint="--resume")
@@ -123,13 +124,13 @@ def fit(
             overrides[key] = value
     if ablate:
         overrides["guide.disabled_inputs"] = tuple(ablate)
-    if distributed.launched():
+    if ddp.launched():
         world = int(os.environ["WORLD_SIZE"])
         if nproc not in (1, world):
             raise typer.BadParameter(f"{nproc} processes asked for under torchrun's {world}; leave --nproc out "
                                      f"under torchrun", param_hint="--nproc")
     elif nproc > 1:                                  # the same command on N processes
-        raise typer.Exit(distributed.launch(nproc, distributed.strip_option(sys.argv[1:]), device))
+        raise typer.Exit(ddp.launch(nproc, ddp.strip_option(sys.argv[1:]), device))
     use_threads(threads, device)
     result = run_fit(out=out, data=data, eval_data=eval_data, num_images=num_images, steps=steps,
                      dataset=dataset, preset=preset, overrides=overrides, seed=seed,

@@ -83,6 +83,10 @@ __all__ = [
     "ablation", "ablation_runs", "save_figure", "slot_colors", "write_figure",
     "decomposition_arrays", "sequence_arrays", "mask_logits_arrays", "traversal_arrays",
     "projection_arrays", "curves_data", "dataset_grid_arrays",
+    # the drawing halves and the constants other modules and tests use
+    "draw_comparison", "dataset_grid", "draw_decomposition", "draw_mask_logits", "draw_sequence", "DPI",
+    "CATEGORICAL", "RGB_NAMES", "draw_projection", "CURVE_KEYS", "CURVE_LABELS", "FEW_POINTS", "draw_curves",
+    "draw_learning_speed", "TRAVERSAL_DIMS", "draw_traversal",
 ]
 
 _DRAWING = ("slot_colors",)   # names of the drawing side, imported (with matplotlib) when first used

@@ -1,0 +1,204 @@
+"""`fit`: a request, then the run directory and the data, then the state, then the loop.
+
+    result = fit(out="runs/tet", steps=1000)                 # or fit(FitRequest(...))
+
+Everything that can be known wrong is checked before anything is written: the arguments
+(`FitRequest`), the configuration and the memory a step needs, the datasets given, and
+what the run directory holds (`rundir.prepare_run_dir`). Under torchrun it trains
+data-parallel (`ddp`): rank 0 writes the run directory, every process resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CHECKPOINT, METRICS, CheckpointError, check_resumable, truncate_metrics
+from ..config import SEED_MAX, Config, held_out, make_config, resumed_config
+from ..memory import check_memory
+from ..data import DATASETS, DatasetError, background_groups
+from ..guides import guide_class
+from ..run import open_checked, recorded_data
+from .ddp import Processes, setup, teardown
+from .loop import Loop
+from .request import FitRequest, FitResult
+from .rundir import check_same_data, default_datasets, held_out_for, prepare_run_dir, recorded_path, run_lock
+from .speed import speed_settings
+from .state import TrainingState
+from .step import make_step
+
+log = logging.getLogger(__name__)
+
+
+def fit(request: FitRequest | None = None, /, **arguments: Any) -> FitResult:
+    """Train (or continue training) the run in ``out`` up to ``steps`` total steps.
+
+    Takes a `FitRequest`, or its fields as keywords (``fit(out=..., steps=...)``); the
+    request's docstring describes them. Each row of metrics.jsonl has ``time`` and
+    ``cpu_time``: the run's training wall and process CPU seconds so far, summed over every
+    call that trained it.
+
+    Under torchrun (WORLD_SIZE > 1) it trains data-parallel: the batch size is the global
+    batch, split evenly over the processes; rank 0 writes the run directory.
+
+    Every argument, the configuration, the datasets given and the memory a step needs
+    are checked before anything is written (ValueError or DatasetError, one line).
+    """
+    if request is None:
+        request = FitRequest(**arguments)
+    elif arguments:
+        raise TypeError("fit takes a FitRequest or its fields as keywords, not both")
+    processes = setup(request.device)
+    try:
+        with run_lock(request.out, processes.is_main):
+            return _train(request, processes)
+    finally:
+        teardown(processes)
+
+
+def _train(request: FitRequest, processes: Processes) -> FitResult:
+    plan = plan_run(request, processes)
+    speed = speed_settings(processes.device, request.amp, request.channels_last, request.sync_free)
+    state = TrainingState.start(plan.cfg, plan.store, seed=plan.seed, device=processes.device, speed=speed,
+                                data=plan.data)
+    if plan.ckpt is not None:
+        state.restore(plan.ckpt, request.out / CHECKPOINT)
+        _report_resumed(request, processes, state.step, plan.schedule_changes)
+    step = make_step(state.system, state.optimizer, plan.cfg.train.clip_norm, processes,
+                     sync_free=speed.deferred, seed=plan.seed)
+    loop = Loop(state, step, processes, request, plan.background)
+    if plan.ckpt is None:
+        loop.checkpoint()                                  # step 0: the directory now names its run
+    stopped = loop.run()
+    state.system.eval()
+    return FitResult(step=state.step, out=request.out, stopped=stopped, last_metrics=loop.metrics.last,
+                     skipped=step.faults.settle()[0], rank=processes.rank,
+                     resumed_from=None if plan.ckpt is None else int(plan.ckpt["step"]),
+                     system=state.system, data=plan.data)
+
+
+def _report_resumed(request: FitRequest, processes: Processes, step: int, changes: list[str]) -> None:
+    """Drop metrics rows past the checkpoint (they are logged again) and say where the run resumes."""
+    if processes.is_main:
+        truncate_metrics(request.out / METRICS, step)
+    log.info("resuming %s at step %d", request.out, step)
+    if request.report is None or not processes.is_main:
+        return
+    steps = request.step_limit
+    request.report(f"resuming the run in {request.out} at step {step}" +
+                   (f" with {', '.join(changes)}" if changes else "") +
+                   (f" (it has reached --steps {steps})" if step >= steps else
+                    f", training to step {steps}" if steps < math.inf else ", training until the time limit"))
+
+
+# -- what a request comes to ------------------------------------------------------------
+
+
+# (training set, held-out set or None, how fit generated them or None)
+Datasets = tuple[str | Path, str | Path | None, dict[str, Any] | None]
+
+
+@dataclass
+class RunPlan:
+    """A request once the run directory and the datasets are settled."""
+
+    cfg: Config
+    ckpt: dict[str, Any] | None        # the checkpoint to continue from; None: a new run
+    seed: int
+    store: Any                         # the training store (an xarray Dataset), opened and checked
+    background: int                    # its background groups
+    data: dict[str, Any]               # the datasets as the checkpoint records them
+    schedule_changes: list[str]        # what a --resume changed of the learning-rate schedule
+
+
+def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
+    """Settle the configuration, the run directory (continue, start or refuse) and the
+    datasets (given, recorded by the run, or generated in OUT/data) on every process."""
+    out, device = request.out, processes.device
+    cfg = make_config(request.dataset, request.preset, request.overrides)
+    resuming = request.resume and (out / CHECKPOINT).exists()   # then the stored configuration decides
+    for given in (request.data, request.eval_data):             # checked before anything is written
+        if given is not None and not resuming:
+            open_checked(given, cfg, command="fit")
+    check_memory(cfg, device, what="fit")
+    _check_request(cfg, out, request.data, request.num_images)
+    ckpt = processes.main_first(prepare_run_dir, out, cfg, resume=request.resume, overwrite=request.overwrite,
+                                keep=(request.data, request.eval_data))
+    if ckpt is not None:
+        cfg, seed, changes = _continued_settings(request, ckpt, resuming, device)
+        train, held, generated = _recorded_datasets(request, processes, ckpt)
+    else:
+        seed, changes = request.seed, []
+        train, held, generated = _new_datasets(request, processes, cfg)
+    show = request.progress and processes.is_main
+    ds = open_checked(train, cfg, command="fit")
+    if held is None and ckpt is None:                  # --data without --eval-data: a held-out set
+        held = processes.main_first(held_out_for, ds, out, seed, show)
+    if held is not None:
+        open_checked(held, cfg, command="fit")
+    background = background_groups(ds.attrs)
+    if cfg.train.batch_size > ds.sizes["image"]:
+        raise DatasetError(f"--batch-size {cfg.train.batch_size} exceeds the {ds.sizes['image']} images of {train}")
+    processes.check_batch_size(cfg.train.batch_size)
+    data = {"train": recorded_path(train, out), "eval": recorded_path(held, out) if held else None,
+            "generated": generated}
+    return RunPlan(cfg, ckpt, seed, ds, background, data, changes)
+
+
+def _continued_settings(request: FitRequest, ckpt: dict[str, Any], resuming: bool,
+                        device: torch.device) -> tuple[Config, int, list[str]]:
+    """The configuration, seed and schedule changes of a run continued from `ckpt`."""
+    path = request.out / CHECKPOINT
+    check_resumable(ckpt, path)
+    check_memory(ckpt["config"], device, what="fit")
+    cfg, changes = resumed_config(ckpt["config"], request.overrides) if resuming else (ckpt["config"], [])
+    seed = ckpt.get("extra", {}).get("seed", request.seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise CheckpointError(f"checkpoint {path} has an invalid seed {seed!r}")
+    return cfg, seed, changes
+
+
+def _recorded_datasets(request: FitRequest, processes: Processes, ckpt: dict[str, Any]) -> Datasets:
+    """(training set, held-out set, generation record) of a continued run: those given,
+    else those its checkpoint records (generated again when they are gone)."""
+    out, show, recorded = request.out, request.progress and processes.is_main, ckpt["data"]
+    if request.data is not None and processes.is_main:
+        check_same_data(recorded, request.data, out)
+    train = request.data or processes.main_first(recorded_data, recorded, "train", out, show)
+    held = request.eval_data or processes.main_first(recorded_data, recorded, "eval", out, show)
+    return train, held, recorded.get("generated")
+
+
+def _new_datasets(request: FitRequest, processes: Processes, cfg: Config) -> Datasets:
+    """(training set, held-out set, generation record) of a new run: those given, else a
+    generated pair in OUT/data (the record says how to make them again)."""
+    if request.data is not None:
+        return request.data, request.eval_data, None
+    n, seed = request.num_images, request.seed
+    train, held = processes.main_first(default_datasets, request.out, cfg.dataset, n, seed,
+                                       request.progress and processes.is_main)
+    generated = {"dataset": cfg.dataset, "train": [n, seed], "eval": list(held_out(n, seed))}
+    return train, request.eval_data or held, generated
+
+
+def _check_request(cfg: Config, out: Path, data, num_images: int) -> None:
+    """What can be known wrong before any data is generated or any file written: a guide
+    that cannot read the dataset's sequences, fewer images to generate than one batch."""
+    spec = DATASETS.get(cfg.dataset)
+    if spec is not None and spec.sequence and not guide_class(cfg.guide.kind).reads_sequences:
+        raise ValueError(f"guide.kind: the {cfg.guide.kind} guide reads single images and {cfg.dataset} "
+                         f"holds sequences; train it with the iterative guide")
+    if data is None and not (out / CHECKPOINT).exists() and spec is not None:
+        H, W, C = spec.image_shape
+        if (C, H, W) != (cfg.model.image_channels, *cfg.model.image_size):
+            raise ValueError(f"model.image_size: {cfg.dataset} images are {C}x{H}x{W} (channels x height x width) "
+                             f"and the configuration expects {cfg.model.image_channels}x{cfg.model.image_size[0]}x"
+                             f"{cfg.model.image_size[1]}; drop the override, or pass --data with such images")
+    if data is None and not (out / CHECKPOINT).exists() and num_images < cfg.train.batch_size:
+        raise ValueError(f"--num-images {num_images} is fewer than one batch (--batch-size "
+                         f"{cfg.train.batch_size}); generate more images or lower the batch size")
