@@ -36,17 +36,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tiny networks: one thread
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"steps": None}, "steps may be left out only with a time limit"),
-    ({"steps": 0}, f"steps must be an integer from 1 to {2**62}, got 0"),
-    ({"steps": 2.0}, f"steps must be an integer from 1 to {2**62}, got 2.0"),
-    ({"num_images": True}, f"num_images must be an integer from 1 to {INT_MAX}, got True"),
-    ({"log_every": 0}, f"log_every must be an integer from 1 to {INT_MAX}, got 0"),
-    ({"checkpoint_every": -1}, f"checkpoint_every must be an integer from 1 to {INT_MAX}, got -1"),
-    ({"seed": SEED_MAX + 1}, f"seed must be an integer from 0 to {SEED_MAX}, got {SEED_MAX + 1}"),
-    ({"time_limit": 0}, "time_limit must be a positive, finite number of seconds, got 0"),
-    ({"time_limit": math.inf}, "time_limit must be a positive, finite number of seconds, got inf"),
-    ({"time_limit": True}, "time_limit must be a positive, finite number of seconds, got True"),
-    ({"time_clock": "gpu"}, "time_clock must be wall or cpu, got 'gpu'"),
+    ({"steps": None}, "`steps` may be left out only with a `time_limit`"),
+    ({"steps": 0}, f"`steps` must be an integer from 1 to {2**62}, got 0"),
+    ({"steps": 2.0}, f"`steps` must be an integer from 1 to {2**62}, got 2.0"),
+    ({"num_images": True}, f"`num_images` must be an integer from 1 to {INT_MAX}, got True"),
+    ({"log_every": 0}, f"`log_every` must be an integer from 1 to {INT_MAX}, got 0"),
+    ({"checkpoint_every": -1}, f"`checkpoint_every` must be an integer from 1 to {INT_MAX}, got -1"),
+    ({"seed": SEED_MAX + 1}, f"`seed` must be an integer from 0 to {SEED_MAX}, got {SEED_MAX + 1}"),
+    ({"time_limit": 0}, "`time_limit` must be a positive, finite number of seconds, got 0"),
+    ({"time_limit": math.inf}, "`time_limit` must be a positive, finite number of seconds, got inf"),
+    ({"time_limit": True}, "`time_limit` must be a positive, finite number of seconds, got True"),
+    ({"time_clock": "gpu"}, "`time_clock` must be wall or cpu, got 'gpu'"),
     ({"device": "tpu:x"}, "'tpu:x' is not a device; use cpu, cuda or cuda:N"),
 ])
 def test_a_request_is_checked_on_construction(tmp_path, change, message):

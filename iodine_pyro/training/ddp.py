@@ -102,7 +102,7 @@ class Processes:
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world:
-            raise ValueError(f"--batch-size {batch_size} does not split evenly over {self.world} processes; "
+            raise ValueError(f"`batch_size` {batch_size} does not split evenly over {self.world} processes; "
                              f"choose a multiple of {self.world}")
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,7 +226,7 @@ def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if torch.device(device).type == "cuda" and nproc > torch.cuda.device_count():
-        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible")
+        raise ValueError(f"`nproc` {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible")
     if torch.device(device).type == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):

@@ -92,7 +92,7 @@ def _report_resumed(request: FitRequest, processes: Processes, step: int, change
     steps = request.step_limit
     request.report(f"resuming the run in {request.out} at step {step}" +
                    (f" with {', '.join(changes)}" if changes else "") +
-                   (f" (it has reached --steps {steps})" if step >= steps else
+                   (f" (it has reached `steps` {steps})" if step >= steps else
                     f", training to step {steps}" if steps < math.inf else ", training until the time limit"))
 
 
@@ -143,7 +143,7 @@ def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
         open_checked(held, cfg, command="fit")
     background = background_groups(ds.attrs)
     if cfg.train.batch_size > ds.sizes["image"]:
-        raise DatasetError(f"--batch-size {cfg.train.batch_size} exceeds the {ds.sizes['image']} images of {train}")
+        raise DatasetError(f"`batch_size` {cfg.train.batch_size} exceeds the {ds.sizes['image']} images of {train}")
     processes.check_batch_size(cfg.train.batch_size)
     data = {"train": recorded_path(train, out), "eval": recorded_path(held, out) if held else None,
             "generated": generated}
@@ -198,7 +198,7 @@ def _check_request(cfg: Config, out: Path, data, num_images: int) -> None:
         if (C, H, W) != (cfg.model.image_channels, *cfg.model.image_size):
             raise ValueError(f"model.image_size: {cfg.dataset} images are {C}x{H}x{W} (channels x height x width) "
                              f"and the configuration expects {cfg.model.image_channels}x{cfg.model.image_size[0]}x"
-                             f"{cfg.model.image_size[1]}; drop the override, or pass --data with such images")
+                             f"{cfg.model.image_size[1]}; drop the override, or pass `data` with such images")
     if data is None and not (out / CHECKPOINT).exists() and num_images < cfg.train.batch_size:
-        raise ValueError(f"--num-images {num_images} is fewer than one batch (--batch-size "
+        raise ValueError(f"`num_images` {num_images} is fewer than one batch (`batch_size` "
                          f"{cfg.train.batch_size}); generate more images or lower the batch size")

@@ -88,13 +88,13 @@ class FitRequest:
     def _integer(self, name: str, low: int, high: int = INT_MAX) -> None:
         v = getattr(self, name)
         if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
-            raise ValueError(f"{name} must be an integer from {low} to {high}, got {v!r}")
+            raise ValueError(f"`{name}` must be an integer from {low} to {high}, got {v!r}")
 
     def _check(self) -> None:
         """The arguments by type and range (one line naming the argument)."""
         if self.steps is None:
             if self.time_limit is None:
-                raise ValueError("steps may be left out only with a time limit")
+                raise ValueError("`steps` may be left out only with a `time_limit`")
         else:
             self._integer("steps", 1, 2**62)
         self._integer("num_images", 1)
@@ -104,9 +104,9 @@ class FitRequest:
         limit = self.time_limit
         if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
                                       and 0 < limit < math.inf):
-            raise ValueError(f"time_limit must be a positive, finite number of seconds, got {limit!r}")
+            raise ValueError(f"`time_limit` must be a positive, finite number of seconds, got {limit!r}")
         if self.time_clock not in ("wall", "cpu"):
-            raise ValueError(f"time_clock must be wall or cpu, got {self.time_clock!r}")
+            raise ValueError(f"`time_clock` must be wall or cpu, got {self.time_clock!r}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError, ValueError):

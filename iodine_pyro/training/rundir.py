@@ -83,7 +83,7 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     if not path.exists() and not _is_link(path):
         return None
     if _is_link(path):
-        raise CheckpointError(f"{path} is a symbolic link; a run's manifest never is (remove it or choose another --out)")
+        raise CheckpointError(f"{path} is a symbolic link; a run's manifest never is (remove it or choose another `out`)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -202,7 +202,7 @@ def _check_no_links(out: Path) -> None:
     for name in (MANIFEST, *RUN_FILES, DATA_DIR):
         if _is_link(out / name):
             raise CheckpointError(f"{out / name} is a symbolic link; fit never writes or deletes through links "
-                                  f"(remove it or choose another --out)")
+                                  f"(remove it or choose another `out`)")
 
 
 def _remove_leftovers(out: Path, manifest: dict[str, Any] | None, ckpt: dict[str, Any] | None) -> list[str]:
@@ -226,10 +226,10 @@ def _refuse_another_run(out: Path, stored: Config, cfg: Config, checkpointed: bo
         return
     shown = f"{'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}"
     if checkpointed:
-        raise CheckpointError(f"{out} holds another run ({shown}); pass --resume to continue it with its own "
-                              f"settings, --overwrite to replace it, or choose another --out")
+        raise CheckpointError(f"{out} holds another run ({shown}); pass `resume` to continue it with its own "
+                              f"settings, `overwrite` to replace it, or choose another `out`")
     raise CheckpointError(f"{out} holds another run, stopped before its first checkpoint ({shown}); "
-                          f"pass --overwrite to replace it, or choose another --out")
+                          f"pass `overwrite` to replace it, or choose another `out`")
 
 
 def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool,
@@ -244,7 +244,7 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool,
     datasets in `keep`, never through a link)."""
     ckpt_path = out / CHECKPOINT
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file, not a run directory")
+        raise CheckpointError(f"`out` {out} is a file, not a run directory")
     if out.is_dir():
         _check_no_links(out)
     manifest = read_manifest(out) if out.is_dir() else None
@@ -252,7 +252,7 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool,
     entries = _remove_leftovers(out, manifest, ckpt)
     if manifest is None and ckpt is None and entries:
         raise CheckpointError(f"{out} is not empty and holds no run (found {sorted(entries)[0]!r}); "
-                              f"choose another --out" + ("" if overwrite else " (--overwrite replaces runs only)"))
+                              f"choose another `out`" + ("" if overwrite else " (`overwrite` replaces runs only)"))
     if overwrite and (manifest is not None or ckpt is not None):
         _remove_run(out, manifest, ckpt, {Path(p).resolve() for p in keep if p})
         manifest = ckpt = None
@@ -285,7 +285,7 @@ def default_datasets(out: Path, dataset: str, num_images: int, seed: int,
     """Generate (once) a training set and a held-out set in OUT/data, each recorded in the
     run's manifest first; a generation cut short is done again."""
     if dataset not in DATASETS:
-        raise DatasetError(f"no generator for {dataset!r}; pass --data with a stored dataset "
+        raise DatasetError(f"no generator for {dataset!r}; pass `data` with a stored dataset "
                            f"(generators: {', '.join(DATASETS)})")
     data = out / DATA_DIR
     paths = []
@@ -327,6 +327,6 @@ def check_same_data(recorded: dict[str, Any], given: str | Path, out: Path) -> N
     if Path(given).resolve() == path.resolve():
         return
     if is_store(path):
-        raise CheckpointError(f"{out} is trained on {value}, not {given}; continue it without --data (or with "
-                              f"that store), or train on {given} into another --out")
+        raise CheckpointError(f"{out} is trained on {value}, not {given}; continue it without `data` (or with "
+                              f"that store), or train on {given} into another `out`")
     log.warning("the training data of %s (%s) is gone; continuing on %s", out, value, given)
