@@ -481,8 +481,10 @@ def test_generation_workers_are_capped(monkeypatch):
 def test_ctrl_c_during_generation_prints_one_line_and_leaves_no_process(tmp_path):
     for attempt, delay in enumerate((0.1, 1.5)):                     # the fork server importing; workers sending
         out = tmp_path / f"store{attempt}"
-        proc = subprocess.Popen([sys.executable, "-m", "iodine_pyro", "data", "generate", "tetrominoes",
-                                 "--num-images", "20000", "--workers", "2", "--out", str(out), "--quiet"],
+        # Multi-dSprites: 10,000 images take about 25 s on 2 idle cores (Tetrominoes' 20,000 took 3 s,
+        # over before the signal on an idle machine)
+        proc = subprocess.Popen([sys.executable, "-m", "iodine_pyro", "data", "generate", "multi_dsprites",
+                                 "--num-images", "10000", "--workers", "2", "--out", str(out), "--quiet"],
                                 stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV,
                                 start_new_session=True)
         deadline = time.time() + 120
