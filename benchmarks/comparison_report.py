@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 
 from iodine_pyro.cli.options import parse_duration
-from iodine_pyro.compare import compare, write_report
+from iodine_pyro.compare import _fmt, _pm, compare, write_report   # the report's own number formats
 from iodine_pyro.run import PRETRAINED, PRETRAINED_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +47,12 @@ def headline(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         t = r["final_step"] - 1
-        pm = lambda k, i=None: _pm(r, k, i)
+        pm = lambda k, i=None: _pm(r, k, ".1f", i)
         cpu = r["cpu_seconds"][t] * 1000 if r.get("cpu_seconds") else float("nan")
         rows.append(f"| {r['guide']} | `{PRETRAINED_PREFIX}{name.removeprefix('pretrained-')}` | {r['final_step']} | "
                     f"{pm('elbo', t)} | {pm('log_px')} | {pm('amortization_gap', t)} | {pm('approximation_gap')} | "
-                    f"{_num(r.get('khat'), '.2f')} | {_num(r['fg_ari'][t], '.3f')} | {_num(r['ari'][t], '.3f')} | "
-                    f"{_num(cpu, '.1f')} |")
+                    f"{_fmt(r.get('khat'), '.2f')} | {_fmt(r['fg_ari'][t], '.3f')} | {_fmt(r['ari'][t], '.3f')} | "
+                    f"{_fmt(cpu, '.1f')} |")
     s = result["settings"]
     lowered = (f" Settings lowered to fit {s['time_limit'] / 60:.0f} minutes on this CPU (S = {s['evidence_samples']} "
                f"importance samples, q* capped at {s['gap_steps']} steps on {s['gap_images']} images): log p(x), "
@@ -61,19 +60,6 @@ def headline(result: dict) -> str:
     return ("\n".join(rows) + f"\n\nNats per image, mean ± standard error over {s['num_images']} held-out images; "
             f"each guide with the decoder it was trained with.{lowered} Details: "
             f"[docs/comparison.md](docs/comparison.md).")
-
-
-def _num(v, spec: str) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def _pm(r: dict, key: str, t: int | None = None) -> str:
-    v, se = r.get(key), r.get(f"{key}_se")
-    if t is not None and isinstance(v, list):
-        v, se = v[t], (se[t] if isinstance(se, list) else se)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.1f} ± {se:.1f}" if se is not None and not math.isnan(se) else f"{v:.1f}"
 
 
 def main() -> None:
