@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from iodine_pyro.cli.options import parse_duration
+from iodine_pyro.commands.options import parse_duration
 from iodine_pyro.compare import _fmt, _pm, compare, write_report   # the report's own number formats
 from iodine_pyro.run import PRETRAINED, PRETRAINED_PREFIX
 

@@ -20,7 +20,7 @@ over images:
   objects and, for guides that can change it, another K.
 
 The estimators are functions of a log-joint and a proposal, checked on a linear-Gaussian
-model with exact answers (tests/test_protocol.py). Each guide was trained with its own
+model with exact answers (tests/analysis/test_protocol.py). Each guide was trained with its own
 decoder, which adapted to it: the gaps say how well a guide serves its own model.
 
 `merge_scenes` builds scenes with more objects than training (for the generalisation

@@ -37,6 +37,9 @@ DEEPMIND_COSINE_INPUTS = ("image", "means", "mask", "mask_logits", "mask_posteri
                           "posterior", "grad_posterior")
 
 
+DECODERS = ("broadcast", "deconv")     # the spatial broadcast decoder, and the ablation of Sec. 4.3
+
+
 @dataclass
 class ModelConfig:
     """The generative model p(x, z) = prod_k N(z_k; 0, prior_var I) p(x | z)."""
@@ -48,7 +51,7 @@ class ModelConfig:
     pixel: str = ruled("gaussian", choice("gaussian", "logistic"))
     pixel_scale: float = ruled(0.1, number(0))                      # sigma of the Gaussian / scale of the Logistic
     prior_var: float = ruled(1.0, number(0))                        # N(0, prior_var); deepmind: softplus(0) = ln 2
-    decoder: str = ruled("broadcast", choice("broadcast", "deconv"))   # deconv: the ablation of Sec. 4.3
+    decoder: str = ruled("broadcast", choice(*DECODERS))   # deconv: the ablation of Sec. 4.3
     decoder_channels: tuple[int, ...] = ruled((32, 32, 32, 32), integers(nonempty=False))
     decoder_kernel: int = ruled(5, odd())
     decoder_constant: float | None = ruled(None, optional(number(-FLOAT32_MAX, lo_open=False)))

@@ -1,5 +1,8 @@
 """Small configurations that keep the tests fast."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,32 @@ def assert_same_params(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+USAGE, FAILURE = 2, 1       # the command line's exit statuses (iodine_pyro.cli)
+
+
+def status_of(error_line: str) -> int:
+    """The exit status an error line must come with: usage errors send the user to the
+    command's --help and exit 2; every failure at run time exits 1."""
+    return USAGE if error_line.rstrip().endswith("--help") else FAILURE
+
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """The command line in a new process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "iodine_pyro", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """The command failed with one error line that names every needle, and the exit
+    status of its kind (`status_of`), never a traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip()
+    assert proc.returncode == status_of(err.splitlines()[-1]), (proc.returncode, err)
+    for needle in needles:
+        assert needle in err, err

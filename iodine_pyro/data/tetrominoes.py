@@ -2,7 +2,7 @@
 
 The official file holds 35 x 35 RGB images of 3 Tetris pieces on a black background (Greff
 et al. 2019). This module regenerates the same distribution; every rule below was read off
-the official records (see ``tests/test_data.py``, which checks them against the real file
+the official records (see ``tests/data/test_data.py``, which checks them against the real file
 when it is available):
 
 * a piece is 4 blocks of 5 x 5 pixels (100 pixels) in one of the 19 fixed tetromino shapes

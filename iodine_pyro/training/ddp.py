@@ -236,8 +236,9 @@ def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
         torchrun.run(args)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
-        if 2 in codes:          # an error the processes reported (the others were stopped after it)
-            return 2
+        printed = [c for c in codes if c in (1, 2)]    # the command line's statuses for an error it
+        if printed:                                     # printed (the other processes were stopped after it)
+            return max(printed)
         log.error("training processes failed with exit status %s", ", ".join(map(str, codes)))
         return 1
     except SignalException as e:
