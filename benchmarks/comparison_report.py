@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from iodine_pyro.commands.options import parse_duration
-from iodine_pyro.compare import _fmt, _pm, compare, write_report   # the report's own number formats
+from iodine_pyro.compare import compare, write_report
+from iodine_pyro.compare.report import _fmt, _pm  # the report's own number formats
 from iodine_pyro.run import PRETRAINED, PRETRAINED_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -266,6 +266,23 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
         ``posterior_predictive``.
     """
     N = x.shape[0]
+    image_index = _check_request(system, x, num_samples, num_iters=num_iters, num_slots=num_slots,
+                                 predictive=predictive, true_masks=true_masks, image_index=image_index,
+                                 batch_size=batch_size)
+    arrays = _draw_all(system, x, num_samples, batch_size=batch_size or N, seed=seed, num_iters=num_iters,
+                       num_slots=num_slots, predictive=predictive, progress=progress)
+    info = _provenance(system, num_samples, K=arrays["z"].shape[2], num_iters=num_iters, seed=seed,
+                       predictive=predictive, attrs=attrs)
+    return _inference_tree(arrays, x, info, image_index=image_index, true_masks=true_masks, predictive=predictive,
+                           site=f"t{len(system.weights(num_iters)) - 1}")
+
+
+def _check_request(system: Iodine, x: torch.Tensor, num_samples: int, *, num_iters: int | None,
+                   num_slots: int | None, predictive: bool, true_masks: torch.Tensor | None,
+                   image_index: Sequence[int] | None, batch_size: int | None) -> np.ndarray:
+    """`sample_posterior`'s request checked before any work (K, memory for the networks and
+    for the draws kept, shapes); returns the images' dataset indices."""
+    N = x.shape[0]
     if N < 1:
         raise ValueError("no images to sample")
     if num_samples < 1:
@@ -287,14 +304,22 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
     if true_masks is not None and (true_masks.dim() != 4 or true_masks.shape[0] != N
                                    or true_masks.shape[2:] != x.shape[2:]):
         raise ValueError(f"true_masks of shape {tuple(true_masks.shape)} do not fit images {tuple(x.shape)}")
-    bs = batch_size or N
-    log.info("drawing %d posterior samples for %d images, %d at a time", num_samples, N, bs)
+    return image_index
+
+
+def _draw_all(system: Iodine, x: torch.Tensor, num_samples: int, *, batch_size: int, seed: int,
+              num_iters: int | None, num_slots: int | None, predictive: bool,
+              progress: bool) -> dict[str, np.ndarray]:
+    """Every image's draws (`draw_samples`, `SAMPLE_CHUNK` at a time for the progress bar),
+    seeded in a forked RNG: {name: [S, N, ...]}, log densities in float64."""
+    N = x.shape[0]
+    log.info("drawing %d posterior samples for %d images, %d at a time", num_samples, N, batch_size)
     chunks: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=N * num_samples, disable=not progress, desc="sample", unit="sample", dynamic_ncols=True)
     with torch.random.fork_rng(devices=rng_devices(x)):
         torch.manual_seed(seed)
-        for start in range(0, N, bs):
-            xb, parts = x[start:start + bs], []
+        for start in range(0, N, batch_size):
+            xb, parts = x[start:start + batch_size], []
             for s0 in range(0, num_samples, SAMPLE_CHUNK):     # a few samples at a time: progress
                 n = min(SAMPLE_CHUNK, num_samples - s0)
                 drawn = draw_samples(system, xb, n, num_iters=num_iters, num_slots=num_slots,
@@ -304,10 +329,13 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
             chunks.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})   # samples on axis 0
     bar.close()
     arrays = {k: torch.cat([c[k] for c in chunks], 1) for k in chunks[0]}              # image axis 1
-    arrays = {k: (v.double() if k in LOG_DENSITIES else v.float()).numpy() for k, v in arrays.items()}
+    return {k: (v.double() if k in LOG_DENSITIES else v.float()).numpy() for k, v in arrays.items()}
 
+
+def _provenance(system: Iodine, num_samples: int, *, K: int, num_iters: int | None, seed: int,
+                predictive: bool, attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """The file's attributes: what made it, from which model and guide, with which settings."""
     cfg = system.cfg
-    K = arrays["z"].shape[2]
     weights = system.weights(num_iters)
     info = {
         "created_by": version(),
@@ -322,10 +350,15 @@ def sample_posterior(system: Iodine, x: torch.Tensor, num_samples: int, *,
         "config": json.dumps(cfg.to_dict()),
     }
     info.update(attrs or {})
-    info = {k: _attr_value(v) for k, v in info.items() if v is not None}
+    return {k: _attr_value(v) for k, v in info.items() if v is not None}
 
-    S, C, H, W = num_samples, x.shape[1], x.shape[2], x.shape[3]
-    site = f"t{len(weights) - 1}"
+
+def _inference_tree(arrays: dict[str, np.ndarray], x: torch.Tensor, info: dict[str, Any], *,
+                    image_index: np.ndarray, true_masks: torch.Tensor | None, predictive: bool,
+                    site: str) -> xr.DataTree:
+    """The draws as ArviZ's InferenceData groups (one chain; see the module docstring)."""
+    S, K = arrays["z"].shape[0], arrays["z"].shape[2]             # z: [S, N, K, n_z]
+    C, H, W = x.shape[1:]
     arrays = {k: v[None] for k, v in arrays.items()}                   # one chain: [1, S, ...]
     coords = {"chain": np.arange(1), "draw": np.arange(S), "image": image_index, "slot": np.arange(K),
               "latent": np.arange(arrays["z"].shape[-1]), "channel": np.arange(C), "height": np.arange(H),

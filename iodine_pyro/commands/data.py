@@ -104,7 +104,7 @@ def show(
 ):
     """Draw a grid of images beside their ground-truth masks (like the paper's Figures 13-15)."""
     from ..data import background_groups, open_dataset
-    from ..data.store import verify_range
+    from ..data.batches import verify_range
     from ..figures import dataset_grid
 
     ds = open_dataset(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import xarray as xr
 
+from .batches import Batches, load_images, object_counts
 from .convert import convert as convert_tfrecords
 from .errors import DatasetError
 from .generate import ensure as ensure_generated
@@ -27,11 +28,8 @@ from .store import (
     CHUNK_SIZE,
     FORMAT,
     FORMAT_VERSION,
-    Batches,
     is_sequence,
     is_store,
-    load_images,
-    object_counts,
     open_store,
     write_chunks,
 )

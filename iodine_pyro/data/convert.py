@@ -81,7 +81,14 @@ from tqdm.auto import tqdm
 
 from . import tfrecord
 from .errors import DatasetError
-from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, new_store, prepare_output, write_chunks
+from .store import (
+    CHUNK_SIZE,
+    FORMAT,
+    FORMAT_VERSION,
+    new_store,
+    prepare_output,
+    write_chunks,
+)
 
 __all__ = [
     "Layout",

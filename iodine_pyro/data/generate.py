@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 
 from .errors import DatasetError
 from .registry import DATASETS, dataset_spec
-from .store import CHUNK_SIZE, FORMAT, FORMAT_VERSION, is_store, new_store, open_store, write_chunks
+from .store import (
+    CHUNK_SIZE,
+    FORMAT,
+    FORMAT_VERSION,
+    is_store,
+    new_store,
+    open_store,
+    write_chunks,
+)
 
 __all__ = ["ensure", "generate"]
 

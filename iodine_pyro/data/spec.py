@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 # How to install the renderers of the 3D datasets (the optional ``render`` extra).
 RENDER_HINT = 'pip install -e ".[render]" in a clone of iodine-pyro (from an index: pip install "iodine-pyro[render]")'
 

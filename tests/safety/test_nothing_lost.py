@@ -20,7 +20,7 @@ import pytest
 import torch
 import xarray as xr
 
-import iodine_pyro.data.store as store
+import iodine_pyro.data.batches as batches
 import iodine_pyro.training.state as training_state
 import iodine_pyro.training.step as training_step
 from iodine_pyro.checkpoint import load_checkpoint, save_checkpoint
@@ -319,7 +319,7 @@ def test_an_infinite_learning_rate_never_reaches_the_parameters(tmp_path, data, 
 
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_batches_with_non_finite_pixels_are_skipped_and_counted(tmp_path, data, monkeypatch, sync_free):
-    real, calls = store._to_tensors, {"n": 0}
+    real, calls = batches._to_tensors, {"n": 0}
 
     def to_tensors(arrays):
         calls["n"] += 1
@@ -328,7 +328,7 @@ def test_batches_with_non_finite_pixels_are_skipped_and_counted(tmp_path, data, 
             batch["image"][0, 0, 0, 0] = float("nan" if calls["n"] == 2 else "inf")
         return batch
 
-    monkeypatch.setattr(store, "_to_tensors", to_tensors)
+    monkeypatch.setattr(batches, "_to_tensors", to_tensors)
     result = tiny_fit(tmp_path / "run", data, steps=4, sync_free=sync_free, log_every=100)
     assert result.step == 4 and result.skipped == 2
     assert all(torch.isfinite(v).all() for v in params(result.out).values())
@@ -529,8 +529,6 @@ def test_stopping_workers_never_waits_on_a_message_cut_short():
 
 
 def test_a_removal_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch):
-    import iodine_pyro.io as io_module
-
     out = tmp_path / "run"
     fit(out=out, steps=1, num_images=8, overrides=TINY_OVERRIDES, progress=False)
     real = shutil.rmtree
@@ -541,11 +539,11 @@ def test_a_removal_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch):
             victim.unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io_module.shutil, "rmtree", cut_short)
+    monkeypatch.setattr(shutil, "rmtree", cut_short)
     with pytest.raises(KeyboardInterrupt):
         fit(out=out, steps=1, num_images=8, overrides={**TINY_OVERRIDES, "model.num_slots": 3}, progress=False,
             overwrite=True)
-    monkeypatch.setattr(io_module.shutil, "rmtree", real)
+    monkeypatch.setattr(shutil, "rmtree", real)
     assert not (out / "data" / "train").exists()                      # no half store under its name
     for extra in ({"overwrite": True}, {}):                           # and every later run works
         fit(out=out, steps=2, num_images=8, overrides={**TINY_OVERRIDES, "model.num_slots": 3}, progress=False,

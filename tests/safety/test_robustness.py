@@ -16,7 +16,14 @@ from iodine_pyro.data import generate, open_dataset
 from iodine_pyro.system import Iodine
 from iodine_pyro.training import TrainingError, fit
 
-from ..helpers import TINY_OVERRIDES, TINY_TOML, assert_one_line_error, assert_same_params, cli, params
+from ..helpers import (
+    TINY_OVERRIDES,
+    TINY_TOML,
+    assert_one_line_error,
+    assert_same_params,
+    cli,
+    params,
+)
 
 
 @pytest.fixture(scope="module")
