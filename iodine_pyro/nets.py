@@ -14,11 +14,34 @@ import torch.nn as nn
 INITIALISATIONS = ("torch", "sonnet")
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-d tensor (a conv weight, an activation) is stored channels-last
+    (`Iodine.use_fast_paths`), and not also contiguous (one channel, or 1x1 images)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def spatial_mean(h: torch.Tensor) -> torch.Tensor:
+    """[N, c, H, W] -> [N, c]: the mean over the image. Channels-last h is averaged as the
+    [N, H*W, c] it is in memory, so that its gradient comes back channels-last too: the
+    gradient of ``h.mean((2, 3))`` is NCHW, and an ELU's backward mixing the two layouts
+    takes 7-8 ms instead of 0.3 ms (bf16 [32, 32, 35, 35], one Zen 4 core)."""
+    return pixels(h).mean(1) if channels_last(h) else h.mean((2, 3))
+
+
+def pixels(h: torch.Tensor) -> torch.Tensor:
+    """[N, c, H, W] -> [N, H*W, c], a view in either layout (channels-last: in its memory order)."""
+    return h.permute(0, 2, 3, 1).flatten(1, 2) if channels_last(h) else h.flatten(2).transpose(1, 2)
+
+
 def conv_stack(in_channels: int, channels: tuple[int, ...], kernel: int, stride: int = 1) -> nn.Sequential:
-    """Convolutions with 'same' padding (stride 1) or halving (stride 2), ELU after each."""
+    """Convolutions with 'same' padding (stride 1) or halving (stride 2), ELU after each.
+
+    The ELUs act in place on their convolution's output: their backward then reads their
+    output instead of their input (bf16 [32, 32, 35, 35] on one Zen 4 core: 0.3 against
+    0.8 ms), and the convolution's output is not kept besides."""
     layers, c_in = [], in_channels
     for c in channels:
-        layers += [nn.Conv2d(c_in, c, kernel, stride=stride, padding=kernel // 2), nn.ELU()]
+        layers += [nn.Conv2d(c_in, c, kernel, stride=stride, padding=kernel // 2), nn.ELU(inplace=True)]
         c_in = c
     return nn.Sequential(*layers)
 

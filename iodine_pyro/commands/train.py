@@ -95,7 +95,7 @@ def fit(
     amp: Annotated[Optional[bool], typer.Option(
         "--amp/--no-amp", help="bf16 autocast for the networks (default: on for cuda with bf16, and for CPUs with bf16 instructions: AVX512-BF16 or AMX).")] = None,
     channels_last: Annotated[Optional[bool], typer.Option(
-        "--channels-last/--no-channels-last", help="Channels-last convolutions (default: on for cuda).")] = None,
+        "--channels-last/--no-channels-last", help="Channels-last convolutions (default: on).")] = None,
     recompute: Annotated[Optional[bool], typer.Option(
         "--recompute/--no-recompute",
         help="Recompute each refinement step's activations in the backward pass instead of storing "

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..models.decoders import coordinate_grid
 from ..models.generative import IodineModel, autocast, site_plates
-from ..nets import conv_stack, mlp
+from ..nets import conv_stack, mlp, spatial_mean
 from .base import Guide, Step
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class AmortizedEncoder(nn.Module):
         self.head = nn.Linear(mlp_sizes[-1] if mlp_sizes else conv_channels[-1], num_slots * out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mlp(self.convs(x).mean((2, 3)))                # [B, d]
+        h = self.mlp(spatial_mean(self.convs(x)))               # [B, d]
         return self.head(h).view(x.shape[0], self.num_slots, self.out_dim)  # [B, K, 2 n_z]
 
 

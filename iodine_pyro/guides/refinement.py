@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nets import conv_stack
+from ..nets import channels_last, conv_stack, spatial_mean
 from ..nets import mlp as make_mlp
 
 
@@ -63,8 +63,11 @@ class RefinementNetwork(nn.Module):
 
         Returns the update [N, out_dim] and the new state.
         """
-        h = self.convs(spatial)                                 # [N, c, H', W']
-        h = self.mlp(h.mean((2, 3)))                            # [N, d]
+        if channels_last(self.convs[0].weight):                 # the convs' layout and dtype, one copy
+            device = spatial.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else spatial.dtype
+            spatial = spatial.to(dtype, memory_format=torch.channels_last)
+        h = self.mlp(spatial_mean(self.convs(spatial)))         # [N, d]
         h = torch.cat([h, vector], 1)                           # [N, d + V]
         if self.lstm is not None:
             state = self.lstm(h, state)                         # ([N, L], [N, L])

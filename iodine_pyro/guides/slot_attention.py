@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..fields import integer, integers, odd, ruled
 from ..models.decoders import coordinate_grid
 from ..models.generative import IodineModel, autocast, loss_weights
-from ..nets import conv_stack
+from ..nets import conv_stack, pixels
 from .base import Guide
 from .iterative import IterativeGuide, initial_scale_param
 
@@ -105,7 +105,7 @@ class SlotAttentionEncoder(nn.Module):
         B, _, H, W = x.shape
         grid = coordinate_grid(H, W, x.device, x.dtype)         # [2, H, W] in [-1, 1]
         grid = torch.cat([grid, -grid]).flatten(1).T            # [H*W, 4]: both edges' distances
-        h = self.convs(x).flatten(2).transpose(1, 2)            # [B, H*W, c]
+        h = pixels(self.convs(x))                               # [B, H*W, c]
         h = self.mlp(h + self.position(grid))                   # [B, H*W, c]
         return self.head(self.slots(h, noise))                  # [B, K, 2 n_z]
 

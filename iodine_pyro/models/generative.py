@@ -205,7 +205,9 @@ class IodineModel(nn.Module):
             flat = torch.cat([flat, const], 1)                  # [B*K, n_z + 1]
         with autocast(flat, self.amp_dtype):
             out = self.decoder(flat)                            # [B*K, C + 1, H, W]
-        out = out.to(z.dtype)                                   # the likelihood runs in z's precision
+        # the likelihood runs in z's precision, on contiguous means and mask logits (the
+        # decoder's channels-last output, in one copy with the cast)
+        out = out.to(z.dtype, memory_format=torch.contiguous_format)
         out = out.view(*lead, *out.shape[1:])                   # [B, K, C + 1, H, W]
         return Decoded(means=out[..., 1:, :, :], mask_logits=out[..., 0, :, :])
 

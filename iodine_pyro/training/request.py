@@ -40,7 +40,7 @@ class FitRequest:
         device: cpu, cuda or cuda:N.
         progress: show progress bars.
         amp: bf16 autocast for the networks (default: `speed.speed_settings`).
-        channels_last: channels-last conv weights (default: on for CUDA).
+        channels_last: channels-last conv weights (default: on).
         sync_free: check for non-finite steps on the device and read the outcome every
             `log_every` steps instead of every step (default: on for CUDA). Skipped steps
             then count towards `steps`, and a run of `max_bad_steps` faults is noticed at

@@ -348,17 +348,30 @@ def test_full_size_presets_build():
             assert (system.guide.net.lstm is None) == (ds == "tetrominoes")
 
 
-@pytest.mark.parametrize("kernel,size", [(5, (35, 35)), (3, (16, 20)), (1, (7, 7))])
-def test_broadcast_decoder_equals_convolving_the_tiled_input(kernel, size):
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel,size", [(5, (35, 35)), (3, (16, 20)), (1, (7, 7)), (5, (3, 2))])
+def test_broadcast_decoder_equals_convolving_the_tiled_input(kernel, size, channels_last):
     from iodine_pyro.models import SpatialBroadcastDecoder
     torch.manual_seed(0)
     dec = SpatialBroadcastDecoder(6, 3, size, (8, 8), kernel).double()
+    if channels_last:                                   # Iodine.use_fast_paths(channels_last=True)
+        dec = dec.to(memory_format=torch.channels_last)
     z = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     fast, ref = dec(z), dec.forward_tiled(z)
     assert torch.allclose(fast, ref, atol=1e-12)
-    g_fast = torch.autograd.grad(fast.square().sum(), [z, dec.net[0].weight])
-    g_ref = torch.autograd.grad(ref.square().sum(), [z, dec.net[0].weight])
+    wrt = [z, dec.net[0].weight, dec.net[0].bias, dec.net[-1].weight, dec.net[-1].bias]
+    g_fast = torch.autograd.grad(fast.square().sum(), wrt)
+    g_ref = torch.autograd.grad(ref.square().sum(), wrt)
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_fast, g_ref))
+
+
+def test_edge_patterns_say_which_taps_fall_inside():
+    from iodine_pyro.models.decoders import edge_patterns
+    taps, pattern = edge_patterns(35, 5)
+    assert taps.shape == (5, 5) and pattern.shape == (35,)
+    for h in range(35):
+        inside = [float(0 <= h + i - 2 < 35) for i in range(5)]
+        assert taps[pattern[h]].tolist() == inside
 
 
 def test_grad_steps_differentiates_the_last_passes_only():
