@@ -1,5 +1,7 @@
 """Small configurations that keep the tests fast."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from iodine_pyro.cli import FAILURE, USAGE  # the command line's exit statuses
 from iodine_pyro.config import make_config
 
 # A few records of DeepMind's official Tetrominoes file, where the project's shared notes are.
@@ -83,7 +86,6 @@ def assert_same_params(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-USAGE, FAILURE = 2, 1       # the command line's exit statuses (iodine_pyro.cli)
 
 
 def status_of(error_line: str) -> int:
@@ -110,3 +112,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert proc.returncode == status_of(err.splitlines()[-1]), (proc.returncode, err)
     for needle in needles:
         assert needle in err, err
+
+
+def run_main(*args) -> tuple[int, str, str]:
+    """The command line in this process, as `iodine_pyro.cli.main` runs it: (exit status,
+    stdout, stderr)."""
+    from iodine_pyro.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+    return code, out.getvalue(), err.getvalue()

@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -10,19 +9,12 @@ import torch
 from iodine_pyro.compare import compare, importance_terms, markdown_table, merge_scenes, optimize_posterior
 from iodine_pyro.run import Run
 
-from ..helpers import FAILURE, status_of
+from ..helpers import FAILURE, run_main, status_of
 
 METRICS = ["elbo", "iwae", "nll", "kl", "amortization_gap", "mse", "fg_ari", "ari"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_runs):
-    return tiny_runs
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +26,6 @@ def result(runs):
 @pytest.fixture(scope="module")
 def batch(runs):
     return Run.open(runs["iterative"]).images(0, 12)[0]
-
-
-def cli_inprocess(monkeypatch, capsys, *args):
-    from iodine_pyro.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["iodine-pyro", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.mark.slow
@@ -160,9 +142,9 @@ def test_generalisation_to_more_objects_and_more_slots(runs, batch):
     assert memory["runs"]["run-iterative"]["elbo"] == pytest.approx(r["elbo"])   # the same scenes
 
 
-def test_compare_command_writes_json_table_and_plot(runs, tmp_path, monkeypatch, capsys):
+def test_compare_command_writes_json_table_and_plot(runs, tmp_path):
     out = tmp_path / "cmp"
-    code, stdout, err = cli_inprocess(monkeypatch, capsys, "compare", runs["iterative"], runs["amortized"],
+    code, stdout, err = run_main("compare", runs["iterative"], runs["amortized"],
                                       "--num-images", 2, "--iw-samples", 4, "--gap-steps", 5,
                                       "--evidence-samples", 50, "--num-iters", 4, "--out", out, "--json")
     assert code == 0, err
@@ -182,14 +164,14 @@ def test_compare_command_writes_json_table_and_plot(runs, tmp_path, monkeypatch,
     (["--iw-samples", 0], "'--iw-samples': Input should be greater than or equal to 1"),
     (["--gap-lr", 0], "--gap-lr must be positive"),
 ])
-def test_compare_bad_arguments(runs, tmp_path, monkeypatch, capsys, args, needle):
-    code, _, err = cli_inprocess(monkeypatch, capsys, "compare", runs["iterative"], runs["amortized"],
+def test_compare_bad_arguments(runs, tmp_path, args, needle):
+    code, _, err = run_main("compare", runs["iterative"], runs["amortized"],
                                  "--num-images", 2, "--out", tmp_path, *args)
     assert code == status_of(err) and needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_compare_missing_run(tmp_path, monkeypatch, capsys):
-    code, _, err = cli_inprocess(monkeypatch, capsys, "compare", tmp_path / "nope", "--out", tmp_path)
+def test_compare_missing_run(tmp_path):
+    code, _, err = run_main("compare", tmp_path / "nope", "--out", tmp_path)
     assert code == FAILURE and "no checkpoint" in err
 
 

@@ -13,19 +13,12 @@ import xarray as xr
 from iodine_pyro.posterior import plot_multistability, sample_posterior, write_samples
 from iodine_pyro.run import Run
 
-from ..helpers import FAILURE, status_of
+from ..helpers import FAILURE, run_main, status_of
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_runs):
-    return tiny_runs
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +31,6 @@ def tree(runs, batch):
     system = Run.open(runs["iterative"]).system
     return sample_posterior(system, batch["image"], 7, predictive=True, true_masks=batch["mask"],
                             image_index=np.arange(10, 15), batch_size=3, attrs={"checkpoint": "ckpt"})
-
-
-def cli_inprocess(monkeypatch, capsys, *args):
-    """Run the command line in this process: (exit code, stdout, stderr)."""
-    from iodine_pyro.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["iodine-pyro", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 GROUPS = {"posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data",
@@ -256,9 +238,9 @@ def test_sample_command(runs, tmp_path):
     assert attrs["data"].endswith("data/test") and attrs["seed"] == 0   # the held-out set fit made
 
 
-def test_multistability_command(runs, tmp_path, monkeypatch, capsys):
+def test_multistability_command(runs, tmp_path):
     out = tmp_path / "fig.png"
-    code, stdout, err = cli_inprocess(monkeypatch, capsys, "sample", runs["iterative"], "--multistability",
+    code, stdout, err = run_main("sample", runs["iterative"], "--multistability",
                                       "--image", 2, "--num-samples", 3, "--out", out)
     assert code == 0, err
     assert out.stat().st_size > 5000 and str(out) in stdout
@@ -270,14 +252,14 @@ def test_multistability_command(runs, tmp_path, monkeypatch, capsys):
     (["--multistability", "--image", 10_000], "outside"),
     (["--multistability", "--out", "fig.nc"], "picture"),
 ])
-def test_sample_bad_arguments(runs, monkeypatch, capsys, args, needle):
-    code, _, err = cli_inprocess(monkeypatch, capsys, "sample", runs["iterative"], *args)
+def test_sample_bad_arguments(runs, args, needle):
+    code, _, err = run_main("sample", runs["iterative"], *args)
     assert code == status_of(err) and needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_sample_errors_name_the_problem(runs, tmp_path, monkeypatch, capsys):
-    code, _, err = cli_inprocess(monkeypatch, capsys, "sample", tmp_path / "nope")
+def test_sample_errors_name_the_problem(runs, tmp_path):
+    code, _, err = run_main("sample", tmp_path / "nope")
     assert code == FAILURE and "no checkpoint" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli_inprocess(monkeypatch, capsys, "sample", runs["amortized"], "--num-slots", 6,
+    code, _, err = run_main("sample", runs["amortized"], "--num-slots", 6,
                                  "--num-samples", 2, "--out", tmp_path / "p.nc")
     assert code == FAILURE and "K=4" in err and len(err.strip().splitlines()) == 1

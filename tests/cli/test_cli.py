@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ..helpers import ENV, FAILURE, TINY_TOML, USAGE, assert_one_line_error, cli
+from ..helpers import ENV, FAILURE, TINY_TOML, USAGE, assert_one_line_error, cli, run_main
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -305,20 +305,6 @@ def test_library_errors_name_parameters_and_the_command_line_shows_flags(tiny_ru
     assert "`" not in proc.stderr
 
 
-def _main(*args) -> tuple[int, str, str]:
-    """The command line in this process: (exit status, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from iodine_pyro.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    return exit_.value.code, out.getvalue(), err.getvalue()
-
-
 @pytest.mark.parametrize("args, status, needle", [
     (["fit", "--steps", "0"], USAGE, "'--steps'"),                          # out of range
     (["fit", "--preset", "nope"], USAGE, "'nope' is not one of"),           # not a choice
@@ -330,13 +316,13 @@ def _main(*args) -> tuple[int, str, str]:
 ])
 def test_usage_errors_exit_2_and_failures_exit_1(tmp_path, args, status, needle):
     args = [str(a).replace("NOWHERE", str(tmp_path / "nowhere")).replace("RUN", str(tmp_path)) for a in args]
-    code, _, err = _main(*args)
+    code, _, err = run_main(*args)
     assert code == status and len(err.strip().splitlines()) == 1 and needle in err, (code, err)
     assert err.rstrip().endswith("--help") == (status == USAGE), err
 
 
 def test_each_plot_subcommand_has_only_its_own_options():
-    helps = {kind: _main("plot", kind, "--help")[1] for kind in ("curves", "traversal", "decomposition")}
+    helps = {kind: run_main("plot", kind, "--help")[1] for kind in ("curves", "traversal", "decomposition")}
     assert "--threads" not in helps["curves"] and "--smooth" in helps["curves"]
     assert "--dims" in helps["traversal"] and "--dims" not in helps["decomposition"]
     assert "--all-steps" in helps["decomposition"] and "--all-steps" not in helps["traversal"]
