@@ -136,18 +136,20 @@ def batch_metrics(system: Iodine, batch: dict[str, torch.Tensor], background: in
 def evaluate(run: Run | str | Path, *, num_images: int = 256, batch_size: int = 32,
              data: str | Path | None = None, num_iters: int | None = None,
              num_slots: int | None = None, seed: int = 0, device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             amp: bool | None = None, progress: bool = True) -> dict[str, Any]:
     """The table's metrics at every refinement step over the first `num_images` images of
     the run's held-out set (or `data`).
 
     Returns a dict with a list over refinement steps (over frames for a sequence run, one
     step per frame) for every metric of `METRICS` that applies; for sequences also
     ``slot_stability`` (`metrics.slot_stability`, a nan-aware mean over sequences) and
-    ``sequence``; plus the settings used (``data``, ``num_images``, ``step``, ...).
+    ``sequence``; plus the settings used (``data``, ``num_images``, ``step``,
+    ``precision``, ...). `amp`: bf16 autocast (`Run.set_precision`); None leaves a `Run`
+    as it is and opens a path in float32.
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError("`num_images` and `batch_size` must be at least 1")
-    run = run if isinstance(run, Run) else Run.open(run, device)
+    run = Run.of(run, device, amp)
     check_memory(run.cfg, run.device, batch=batch_size, num_slots=num_slots, num_iters=num_iters, training=False,
                  what="evaluate")
     ds, where = run.dataset(data, need=None, command="evaluate")
@@ -177,7 +179,7 @@ def evaluate(run: Run | str | Path, *, num_images: int = 256, batch_size: int = 
     cfg = run.cfg
     result.update(num_images=n, data=where, step=run.step, dataset=cfg.dataset, preset=cfg.preset,
                   guide=cfg.guide.kind, num_slots=num_slots or cfg.model.num_slots,
-                  num_iters=len(result["mse"]), background_groups=background)
+                  num_iters=len(result["mse"]), background_groups=background, precision=system.precision)
     if sequence:
         result.update(sequence=True, slot_stability=metrics.summarize(torch.cat(stability))
                       if stability else float("nan"))

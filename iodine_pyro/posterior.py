@@ -14,14 +14,16 @@ and `Predictive(guide, num_samples=S)` draws S of them, each from its own refine
 Samples of one image can therefore land in different modes (different decompositions of
 the same scene): the paper's multi-stability experiment, `plot_multistability`.
 
-Every draw is then scored (`draw_samples`, a chunk of draws at a time, in float64):
+Every draw is scored in float64 from the decoding the guide's final step made of it (the
+guide decodes z to score its last step; decoding it again would double the decoder's work
+for the same numbers):
 
-    log p(x | z)            model.likelihood(model.decode(z)).log_prob(x), the final step's likelihood
+    log p(x | z)            model.likelihood(decoded).log_prob(x), the final step's likelihood
     log p(x, z)             log p(x | z) + log N(z; 0, prior_var I), summed over slots and latents
     log w = log p(x, z) - log q(z | lambda_T)
 
 where q(z | lambda_T) is the Normal(loc, scale) that drew this z: the final step's q, not the
-(intractable) marginal of z over the refinement path. The same decoding gives the masks and
+(intractable) marginal of z over the refinement path. That decoding also gives the masks and
 the reconstruction, deterministic functions of z; they are stored only with
 ``predictive=True``, as they cost nothing to compute but (K + C) x H x W floats per draw
 and image to keep. With ``predictive=True`` the model is also replayed on the samples with
@@ -90,7 +92,6 @@ from .system import Iodine
 log = logging.getLogger(__name__)
 
 TRACE_BUDGET = 2 ** 26       # decoded floats held by the model traces of one `Predictive` call
-SCORE_BUDGET = 2 ** 24       # decoded floats of one chunk of draws scored by `draw_samples`
 SAMPLE_CHUNK = 10            # samples drawn per `Predictive` call (the unit of progress)
 LOG_DENSITIES = ("log_likelihood", "log_joint", "log_weight")   # [S, B] per draw, kept in float64
 
@@ -121,51 +122,46 @@ def check_slots(system: Iodine, num_slots: int | None) -> None:
 class _Programs:
     """The guide and the model as Pyro programs of (x, weights, num_slots), for `Predictive`.
 
-    The guide program runs the system's guide on x and records the final posterior's
-    parameters with `pyro.deterministic`; the model program is the system's model with
-    ``x=None``, so that its observation sites are sampled.
+    The guide program runs the system's guide on x and records, with `pyro.deterministic`,
+    the final posterior's parameters, the log-likelihood of x under the final step's own
+    decoding of its sample (float64) and the decoded quantities named in `keep` (masks,
+    reconstruction, means); the model program is the system's model with ``x=None``, so
+    that its observation sites are sampled.
     """
 
-    def __init__(self, system: Iodine):
-        self.system = system
+    # deterministic site: (value of the final step's decoding, event dims)
+    DECODED = {"masks": 3, "reconstruction": 3, "means": 4}
+
+    def __init__(self, system: Iodine, keep: tuple[str, ...] = ()):
+        self.system, self.keep = system, keep
 
     def guide(self, x, weights, num_slots=None):
         steps = self.system.guide(x, weights, num_slots=num_slots)
         q = self.system.guide.posterior(steps[-1].lam)                    # batch [B, K, n_z]
         pyro.deterministic("loc", q.loc.detach(), event_dim=2)            # [B, K, n_z]
         pyro.deterministic("scale", q.scale.detach(), event_dim=2)        # [B, K, n_z]
+        d = steps[-1].decoded                                             # the decoding of the sampled z
+        pixels = self.system.model.likelihood(Decoded(d.means.double(), d.mask_logits.double()))
+        pyro.deterministic("log_likelihood", pixels.log_prob(x.double()))  # [B]
+        if self.keep:
+            masks = d.masks
+            decoded = {"masks": masks, "reconstruction": d.reconstruction(masks), "means": d.means}
+            for k in self.keep:
+                pyro.deterministic(k, decoded[k].detach(), event_dim=self.DECODED[k])
 
     def model(self, x, weights, num_slots=None):
         self.system.model(None, weights, batch_size=x.shape[0], num_slots=num_slots)
 
 
-def _score(system: Iodine, x: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-           keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Log densities of draws z [S, B, K, n_z] of q = Normal(loc, scale) given images x [B, C, H, W]
-    (float64, [S, B] each), and the decoded quantities named in `keep` (masks, reconstruction,
-    means), a chunk of draws at a time."""
-    model = system.model
-    (S, B, K), (C, H, W) = z.shape[:3], x.shape[1:]
-    chunk = max(1, SCORE_BUDGET // (B * K * (C + 1) * H * W))
-    x64 = x.double()
-    log_prior = model.prior(B, K, like=x64)                              # batch [B, K, n_z]
-    parts: list[dict[str, torch.Tensor]] = []
-    for s0 in range(0, S, chunk):
-        zc = z[s0:s0 + chunk]                                             # [s, B, K, n_z]
-        decoded = model.decode(zc)                                        # means [s, B, K, C, H, W]
-        pixels = model.likelihood(Decoded(decoded.means.double(), decoded.mask_logits.double()))
-        log_lik = pixels.log_prob(x64)                                    # [s, B]
-        z64 = zc.double()
-        log_joint = log_lik + log_prior.log_prob(z64).sum((-2, -1))      # [s, B]
-        q = torch.distributions.Normal(loc[s0:s0 + chunk].double(), scale[s0:s0 + chunk].double())
-        part = {"log_likelihood": log_lik, "log_joint": log_joint,
-                "log_weight": log_joint - q.log_prob(z64).sum((-2, -1))}  # [s, B]
-        masks = decoded.masks                                             # [s, B, K, H, W]
-        extra = {"masks": masks, "reconstruction": decoded.reconstruction(masks),  # [s, B, C, H, W]
-                 "means": decoded.means}                                  # [s, B, K, C, H, W]
-        part.update({k: extra[k] for k in keep})
-        parts.append(part)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def _log_densities(system: Iodine, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                   log_lik: torch.Tensor) -> dict[str, torch.Tensor]:
+    """log p(x | z), log p(x, z) and log w of draws z [S, B, K, n_z] of q = Normal(loc, scale),
+    given their log-likelihoods [S, B]; float64, [S, B] each."""
+    z64 = z.double()
+    log_prior = system.model.prior(z.shape[1], z.shape[2], like=z64).log_prob(z64).sum((-2, -1))
+    log_joint = log_lik.double() + log_prior
+    log_q = torch.distributions.Normal(loc.double(), scale.double()).log_prob(z64).sum((-2, -1))
+    return {"log_likelihood": log_lik.double(), "log_joint": log_joint, "log_weight": log_joint - log_q}
 
 
 @torch.no_grad()
@@ -196,19 +192,20 @@ def draw_samples(system: Iodine, x: torch.Tensor, num_samples: int, *, num_iters
     system.check_batch(x)
     weights = system.weights(num_iters)
     last = f"t{len(weights) - 1}"
-    programs = _Programs(system)
+    keep = (("masks", "reconstruction") + (("means",) if keep_means else ())) if predictive else ()
+    programs = _Programs(system, keep)
     z_sites = [f"t{t}/z" for t in range(len(weights))]
     with pyro.get_param_store().scope():                  # leave the caller's param store alone
         post = Predictive(programs.guide, num_samples=num_samples,
-                          return_sites=(z_sites if predictive else [f"{last}/z"]) + ["loc", "scale"],
-                          )(x, weights, num_slots)        # each: [S, (1,) B, K, n_z]
-        # Predictive pads sites to its plate nesting ([S, 1, B, ...]): read each as [S, B, K, n_z]
-        shape = (num_samples, x.shape[0]) + post[f"{last}/z"].shape[-2:]
-        out = {"z": post[f"{last}/z"].reshape(shape), "loc": post["loc"].reshape(shape),
-               "scale": post["scale"].reshape(shape)}
-        loc, scale = out["loc"], out["scale"]
-        keep = (("masks", "reconstruction") + (("means",) if keep_means else ())) if predictive else ()
-        out.update(_score(system, x, out["z"], loc, scale, keep))
+                          return_sites=(z_sites if predictive else [f"{last}/z"])
+                          + ["loc", "scale", "log_likelihood", *keep])(x, weights, num_slots)
+        # Predictive pads sites to its plate nesting ([S, 1, B, ...]): read each as [S, B, ...]
+        event = {"z": 2, "loc": 2, "scale": 2, "log_likelihood": 0, **programs.DECODED}
+        lead = (num_samples, x.shape[0])
+        out = {k: v.reshape(lead + v.shape[v.dim() - event[k]:])
+               for k, v in [("z", post[f"{last}/z"])] + [(k, post[k]) for k in ("loc", "scale", *keep)]}
+        out.update(_log_densities(system, out["z"], out["loc"], out["scale"],
+                                  post["log_likelihood"].reshape(lead)))
         if predictive:
             # Predictive keeps every sample's trace, whose pixel distributions hold the
             # decoded slots of all T steps: replay the samples a chunk at a time
@@ -345,6 +342,7 @@ def _provenance(system: Iodine, num_samples: int, *, K: int, num_iters: int | No
         "trained_num_iters": cfg.guide.num_iters, "trained_num_slots": cfg.model.num_slots,
         "num_iters": (num_iters or cfg.guide.num_iters) if system.guide.refines else 0,
         "num_slots": K, "num_samples": num_samples, "seed": seed, "predictive": predictive,
+        "precision": system.precision,
         "site": f"t{len(weights) - 1}/z",
         "posterior": system.guide.description,
         "config": json.dumps(cfg.to_dict()),

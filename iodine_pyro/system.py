@@ -138,6 +138,14 @@ class Iodine(nn.Module):
             self.to(memory_format=torch.channels_last)
         return self
 
+    @property
+    def precision(self) -> str:
+        """What the networks compute in: ``"bfloat16"`` under autocast, else their
+        parameters' dtype (the likelihood, KL and the guide's gradient inputs stay in that
+        dtype either way)."""
+        dtype = self.model.amp_dtype or next(self.parameters()).dtype
+        return str(dtype).removeprefix("torch.")
+
     @torch.no_grad()
     def infer(self, x: torch.Tensor, num_iters: int | None = None,
               num_slots: int | None = None) -> list[StepResult]:

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .options import AsJson, BatchSize, Data, Device, NumImages, NumIters, NumSlots, RunRef, Seed, Threads, use_threads
+from .options import Amp, AsJson, BatchSize, Data, Device, NumImages, NumIters, NumSlots, RunRef, Seed, Threads, use_threads
 
 
 def evaluate(
@@ -19,6 +19,7 @@ def evaluate(
     seed: Seed = 0,
     device: Device = "cpu",
     threads: Threads = None,
+    amp: Amp = False,
     as_json: AsJson = False,
 ):
     """FG-ARI, ARI, MSE, KL and NLL at every refinement step, on the run's held-out set.
@@ -29,7 +30,8 @@ def evaluate(
 
     use_threads(threads, device, err=as_json)
     result = run_evaluate(run, num_images=num_images, batch_size=batch_size, data=data, num_iters=num_iters,
-                          num_slots=num_slots, seed=seed, device=device, progress=not as_json)
+                          num_slots=num_slots, seed=seed, device=device, amp=amp,
+                          progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -37,7 +39,8 @@ def evaluate(
     unit = "sequences" if sequence else "images"
     typer.echo(f"{result['dataset']}/{result['preset']} run at step {result['step']}, "
                f"{result['num_images']} {unit} of {result['data']}"
-               + (", one refinement step per frame" if sequence else ""))
+               + (", one refinement step per frame" if sequence else "")
+               + (f", networks in {result['precision']}" if result["precision"] != "float32" else ""))
     for line in table(result, first="frame" if sequence else "t"):
         typer.echo(line)
     background = result["background_groups"]

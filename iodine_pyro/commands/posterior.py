@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import (AsJson, BatchSize, Data, Device, NumIters, NumSlots, RunRef, Seed, Threads, OptionError,
+from .options import (Amp, AsJson, BatchSize, Data, Device, NumIters, NumSlots, RunRef, Seed, Threads, OptionError,
                       parse_duration, positive, use_threads)
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def sample(
     seed: Seed = 0,
     device: Device = "cpu",
     threads: Threads = None,
+    amp: Amp = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Posterior samples (draws of the guide's q) of every slot latent as an ArviZ
@@ -48,7 +49,7 @@ def sample(
         raise OptionError(f"--multistability writes a picture; give --out a name ending in "
                         f"{', '.join(IMAGE_SUFFIXES)}, not {out.name}")
     use_threads(threads, device)
-    opened = Run.open(run, device)
+    opened = Run.open(run, device, amp)
     if multistability:
         batch, where = opened.images(image, image + 1, data, command="sample")
         out = out or opened.output("multistability.png")
@@ -97,6 +98,7 @@ def compare(
         help="Directory for compare.json, compare.md and compare.png (default: compare/ beside the first run).")] = None,
     device: Device = "cpu",
     threads: Threads = None,
+    amp: Amp = False,
     as_json: AsJson = False,
 ):
     """Each guide against its own decoder: ELBO, IWAE, log p(x) by importance sampling, the
@@ -108,12 +110,12 @@ def compare(
 
     limit = None if time_limit is not None and time_limit.strip().lower() == "none" else parse_duration(time_limit)
     use_threads(threads, device, err=as_json)
-    opened = [Run.open(r, device) for r in runs]        # every checkpoint read once, before any work
+    opened = [Run.open(r, device, amp) for r in runs]        # every checkpoint read once, before any work
     result = run_compare(opened, num_images=num_images, num_iters=num_iters, num_slots=num_slots,
                          iw_samples=iw_samples, evidence_samples=evidence_samples, gap_steps=gap_steps,
                          gap_lr=gap_lr, gap_check_every=gap_check_every, gap_patience=gap_patience,
                          generalize=generalize, time_limit=limit, seed=seed, data=data, batch_size=batch_size,
-                         merge=merge_scenes, device=device, progress=not as_json)
+                         merge=merge_scenes, device=device, amp=amp, progress=not as_json)
     first = opened[0]
     out = out or (first.home.resolve().parent / "compare" if first.home is not None else Path("compare"))
     paths = write_report(result, out)

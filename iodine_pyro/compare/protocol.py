@@ -145,7 +145,8 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
             gap_steps: int = 1000, gap_lr: float = 0.01, gap_check_every: int = 25, gap_patience: int = 4,
             generalize: bool = True, time_limit: float | None = None, seed: int = 0,
             data: str | Path | Mapping[str, torch.Tensor] | None = None, batch_size: int = 16,
-            merge: int = 1, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+            merge: int = 1, device: str = "cpu", amp: bool | None = None,
+            progress: bool = True) -> dict[str, Any]:
     """Evaluate the guides of several runs on the same images (see the module docstring).
 
     Args:
@@ -169,6 +170,8 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
         data: stored dataset, in-memory dict (``image``, ``mask``) or None (first run's).
         batch_size: images per batch.
         merge: source images merged into each scene (`merge_scenes`); 1 leaves them alone.
+        amp: the networks in bf16 autocast (`Run.set_precision`); None leaves `Run`s as they
+            are and opens paths in float32.
         progress: a progress bar over all runs with an estimate of the time left.
     Returns:
         ``{"settings": {...}, "runs": {name: {...}}}``: per run the lists over steps 1..L of
@@ -181,7 +184,7 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
     _check_request(runs, num_images=num_images, iw_samples=iw_samples, batch_size=batch_size, merge=merge,
                    gap_check_every=gap_check_every, gap_patience=gap_patience, gap_steps=gap_steps,
                    gap_lr=gap_lr, evidence_samples=evidence_samples, num_iters=num_iters, num_slots=num_slots)
-    opened = _open_runs(runs, device, num_slots=num_slots, num_iters=num_iters, batch_size=batch_size)
+    opened = _open_runs(runs, device, amp, num_slots=num_slots, num_iters=num_iters, batch_size=batch_size)
     x_all, m_all, where, background, objects = _images(opened, data, num_images, merge, device)
     N = x_all.shape[0]
     est = dict(iw_samples=iw_samples, evidence_samples=evidence_samples, gap_steps=gap_steps)
@@ -193,7 +196,8 @@ def compare(runs: Sequence[Run | str | Path], *, num_images: int = 64, num_iters
                 "background_groups": background, "num_iters": num_iters, "num_slots": num_slots,
                 **est, "gap_lr": gap_lr, "gap_check_every": gap_check_every, "gap_patience": gap_patience,
                 "seed": seed, "batch_size": batch_size, "time_limit": time_limit,
-                "planned_seconds": planned, "reduced_for_time": reduced, "decoders": DECODERS}
+                "planned_seconds": planned, "reduced_for_time": reduced, "decoders": DECODERS,
+                "precision": ", ".join(sorted({run.system.precision for run in opened}))}
     iw_samples, evidence_samples, gap_steps = est["iw_samples"], est["evidence_samples"], est["gap_steps"]
     gap_images = est["gap_images"]
     # the bar counts planned seconds: each run's work in decodings, at its measured rate
@@ -280,11 +284,12 @@ def _check_request(runs, *, num_images: int, iw_samples: int, batch_size: int, m
             raise ValueError(f"`{name}` must be at least 1, got {value}")
 
 
-def _open_runs(runs, device: str, *, num_slots: int | None, num_iters: int | None, batch_size: int) -> list[Run]:
+def _open_runs(runs, device: str, amp: bool | None, *, num_slots: int | None, num_iters: int | None,
+               batch_size: int) -> list[Run]:
     """Every run opened and checked (its K, the memory it needs) before any work."""
     opened = []
     for run in runs:
-        run = run if isinstance(run, Run) else Run.open(run, device)
+        run = Run.of(run, device, amp)
         try:
             check_slots(run.system, num_slots)
         except ValueError as e:

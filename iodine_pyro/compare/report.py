@@ -29,7 +29,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     s = result["settings"]
     S = s.get("evidence_samples", 0)
     lines = [f"# Guide comparison on {s['num_images']} images of {s['data']}", "",
-             f"Decoder fixed per model: {s.get('decoders', DECODERS)}.", "",
+             f"Decoder fixed per model: {s.get('decoders', DECODERS)}."
+             + (f" Networks in {s['precision']}." if s.get("precision", "float32") != "float32" else ""), "",
              f"log p(x): importance sampling with the guide's posterior as proposal, S = {S}; per-step "
              f"ELBO and IWAE with {s['iw_samples']} samples; q*: a per-image diagonal Gaussian fitted "
              f"from the guide's posterior and from the prior (the better per image), Adam lr {s['gap_lr']}, "

@@ -1,0 +1,76 @@
+"""Inference precision: runs open channels-last in float32, or in bf16 with --amp, and every
+output says which."""
+
+import json
+
+import pytest
+import torch
+import xarray as xr
+
+from iodine_pyro.checkpoint import load_checkpoint
+from iodine_pyro.evaluate import evaluate
+from iodine_pyro.run import Run
+from iodine_pyro.system import Iodine
+
+from ..helpers import run_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _nchw(path) -> Iodine:
+    """The run's system as loaded before inference went channels-last: NCHW, float32."""
+    ckpt = load_checkpoint(path / "checkpoint.pt")
+    system = Iodine(ckpt["config"])
+    system.load_state_dict(ckpt["system"])
+    return system.eval()
+
+
+def _final(system, x, seed=3):
+    torch.manual_seed(seed)
+    return system.infer(x)[-1]
+
+
+def test_a_run_opens_channels_last_in_float32_with_the_numbers_of_nchw(runs):
+    run = Run.open(runs["iterative"])
+    assert run.system.precision == "float32"
+    convs = [m for m in run.system.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = run.images(0, 4)[0]["image"]
+    new, old = _final(run.system, x), _final(_nchw(runs["iterative"]), x)
+    for name in ("lam", "masks", "recon", "nll", "kl"):
+        torch.testing.assert_close(getattr(new, name), getattr(old, name), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_amp_runs_the_networks_in_bf16_near_the_float32_numbers(runs):
+    full = evaluate(runs["iterative"], num_images=8, progress=False)
+    half = evaluate(runs["iterative"], num_images=8, amp=True, progress=False)
+    assert (full["precision"], half["precision"]) == ("float32", "bfloat16")
+    assert half["mse"] != full["mse"]                                  # it did run in bf16
+    assert half["mse"] == pytest.approx(full["mse"], rel=0.05)
+    assert half["kl"] == pytest.approx(full["kl"], rel=0.05)
+    run = Run.open(runs["iterative"], amp=True)
+    assert run.system.precision == "bfloat16"
+    assert Run.of(run).system.precision == "bfloat16"                  # a Run is taken as it is
+    assert Run.of(run, amp=False).system.precision == "float32"        # unless amp is given
+
+
+def test_the_commands_take_amp_and_record_it(runs, tmp_path):
+    code, out, err = run_main("evaluate", runs["iterative"], "--num-images", 4, "--amp", "--json")
+    assert code == 0, err
+    assert json.loads(out)["precision"] == "bfloat16"
+    code, out, err = run_main("evaluate", runs["iterative"], "--num-images", 4, "--amp")
+    assert code == 0 and "networks in bfloat16" in out.splitlines()[1], out
+    code, out, err = run_main("evaluate", runs["iterative"], "--num-images", 4)
+    assert code == 0 and "networks in" not in out, out
+
+    code, _, err = run_main("sample", runs["iterative"], "--num-images", 2, "--num-samples", 2, "--amp",
+                            "--out", tmp_path / "post.nc", "--quiet")
+    assert code == 0, err
+    assert xr.open_datatree(tmp_path / "post.nc")["posterior"].attrs["precision"] == "bfloat16"
+
+    code, out, err = run_main("compare", runs["iterative"], "--num-images", 2, "--iw-samples", 2,
+                              "--gap-steps", 2, "--evidence-samples", 8, "--no-generalize", "--amp",
+                              "--out", tmp_path / "cmp", "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["precision"] == "bfloat16"
+    assert "Networks in bfloat16." in (tmp_path / "cmp" / "compare.md").read_text()
