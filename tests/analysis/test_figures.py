@@ -12,11 +12,11 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from iodine_pyro import cli, figures
+from iodine_pyro import figures
 from iodine_pyro.ablate import ablate, plan
 from iodine_pyro.checkpoint import load_checkpoint
 
-from ..helpers import TINY_OVERRIDES, status_of, tiny_run
+from ..helpers import TINY_OVERRIDES, run_main, status_of, tiny_run
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
@@ -25,18 +25,6 @@ def run_cli(*args):
     """`python -m iodine_pyro ARGS` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "iodine_pyro", *map(str, args)], capture_output=True,
                           text=True, env=ENV, timeout=600)
-
-
-def main(monkeypatch, capsys, *args):
-    """The CLI's `main()` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["iodine-pyro", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(code, err, *needles):
@@ -160,12 +148,12 @@ def test_projection(run_dir, tmp_path):
     np.testing.assert_array_equal(a["tsne"], again["tsne"])
 
 
-def test_curves_of_several_runs(run_dir, tmp_path, monkeypatch, capsys):
+def test_curves_of_several_runs(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(run_dir / "metrics.jsonl", other / "metrics.jsonl")
     out = tmp_path / "c.png"
-    code, stdout, err = main(monkeypatch, capsys, "plot", "curves", run_dir, other, "--out", out)
+    code, stdout, err = run_main("plot", "curves", run_dir, other, "--out", out)
     assert code == 0, err
     assert_picture(out, 600, 400)
     data = json.loads(out.with_suffix(".json").read_text())
@@ -175,7 +163,7 @@ def test_curves_of_several_runs(run_dir, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_ablation(tmp_path, monkeypatch, capsys):
+def test_ablation(tmp_path):
     seen = []
     out = tmp_path / "abl"
     kwargs = dict(overrides=TINY_OVERRIDES, num_images=8, log_every=1, progress=False)
@@ -197,7 +185,7 @@ def test_ablation(tmp_path, monkeypatch, capsys):
     assert [r.step for r in longer] == [3, 3]
 
     png = tmp_path / "ablation.png"
-    code, stdout, err = main(monkeypatch, capsys, "plot", "ablation", out, "--out", png)
+    code, stdout, err = run_main("plot", "ablation", out, "--out", png)
     assert code == 0, err
     assert_picture(png, 600, 400)
     data = json.loads(png.with_suffix(".json").read_text())
@@ -232,9 +220,9 @@ def test_unknown_kind_and_missing_run(tmp_path):
     (["curves", "NOWHERE"], "no metrics.jsonl"),
     (["decomposition", "RUN", "--num-images", "0"], "'--num-images': Input should be greater than or equal to 1"),
 ])
-def test_one_line_errors(run_dir, tmp_path, monkeypatch, capsys, args, needle):
+def test_one_line_errors(run_dir, tmp_path, args, needle):
     args = [{"RUN": run_dir, "NOWHERE": tmp_path / "nowhere"}.get(a, a) for a in args]
-    code, stdout, err = main(monkeypatch, capsys, "plot", *args, "--out", tmp_path / "x.png")
+    code, stdout, err = run_main("plot", *args, "--out", tmp_path / "x.png")
     assert_one_line_error(code, err, needle)
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists()

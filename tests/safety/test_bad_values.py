@@ -3,8 +3,6 @@ the command line, in TOML files, inside checkpoints and in stores, fed to fit, e
 the data commands. Each must end with exit status 2, one line on stderr that names the
 option or field, no traceback, and no file changed."""
 
-import contextlib
-import io
 import math
 import shutil
 from pathlib import Path
@@ -16,10 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iodine_pyro.checkpoint import load_checkpoint
-from iodine_pyro.cli import main
 from iodine_pyro.training import fit
 
-from ..helpers import TINY_OVERRIDES, TINY_TOML, USAGE, status_of
+from ..helpers import TINY_OVERRIDES, TINY_TOML, USAGE, run_main, status_of
 
 SETTINGS = settings(max_examples=40, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -102,17 +99,6 @@ def base(tmp_path_factory):
     return root
 
 
-def run_main(args) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue()
-
-
 def tree_state(root: Path) -> dict[str, tuple]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
             for p in sorted(Path(root).rglob("*")) if not p.is_symlink()}
@@ -122,7 +108,7 @@ def assert_refused(scratch: Path, args: list, *needles: str) -> None:
     """The command ends with status 2 and one line naming what was bad; nothing under the
     scratch folder (its inputs and the run) changed."""
     before = tree_state(scratch)
-    code, err = run_main(args)
+    code, _, err = run_main(*args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and code == status_of(lines[0]), (args, err)
     assert "Traceback" not in err, err
@@ -235,7 +221,7 @@ def test_bad_values_stop_with_one_line_and_change_nothing(base, tmp_path_factory
 
 def test_a_guide_chosen_in_toml_is_not_overridden(base, tmp_path):
     (tmp_path / "vae.toml").write_text(toml_with("guide.kind", '"amortized"'))
-    code, err = run_main(["fit", "--config", tmp_path / "vae.toml", "--data", base / "store", "--out",
+    code, _, err = run_main(*["fit", "--config", tmp_path / "vae.toml", "--data", base / "store", "--out",
                           tmp_path / "run", "--steps", 1, "--quiet"])
     assert code == 0, err
     assert load_checkpoint(tmp_path / "run")["config"].guide.kind == "amortized"
@@ -244,7 +230,7 @@ def test_a_guide_chosen_in_toml_is_not_overridden(base, tmp_path):
 def test_usage_errors_are_one_line(base):
     for args in (["fit", "--no-such-option"], ["evaluate", "--json"], ["data", "generate", "tetrominoes"],
                  ["fit", "--steps"], ["plot", "nope", base / "run", "--out", "x.png"]):
-        code, err = run_main(args)
+        code, _, err = run_main(*args)
         assert code == USAGE and len(err.strip().splitlines()) == 1 and err.startswith("error: "), (args, err)
 
 

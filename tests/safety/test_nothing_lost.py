@@ -4,7 +4,6 @@ targets. Each case is one of docs/robustness.md."""
 
 import contextlib
 import importlib
-import io
 import json
 import os
 import resource
@@ -24,12 +23,11 @@ import iodine_pyro.data.batches as batches
 import iodine_pyro.training.state as training_state
 import iodine_pyro.training.step as training_step
 from iodine_pyro.checkpoint import load_checkpoint, save_checkpoint
-from iodine_pyro.cli import main
 from iodine_pyro.data import DatasetError, generate, is_store, open_dataset
 from iodine_pyro.io import WriteError, pid_alive
 from iodine_pyro.training import MANIFEST, TrainingError, fit
 
-from ..helpers import TINY_OVERRIDES, TINY_TOML, assert_same_params, params, status_of
+from ..helpers import TINY_OVERRIDES, TINY_TOML, assert_same_params, params, run_main, status_of
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}   # as the tests in this process
 
@@ -51,16 +49,9 @@ def tiny_toml(tmp_path_factory):
     return path
 
 
-def run_main(*args) -> tuple[int, str]:
-    """The command line in this process: (exit status, what it printed on stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    return exit_.value.code, err.getvalue()
-
-
-def assert_one_line(code: int, err: str, *needles: str) -> None:
+def assert_one_line(ran: tuple[int, str, str], *needles: str) -> None:
+    """`run_main`'s (status, stdout, stderr) of a failure: one error line naming every needle."""
+    code, _, err = ran
     assert code == status_of(err), err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
@@ -132,9 +123,8 @@ def test_a_directory_of_the_users_files_is_not_a_run(tmp_path, data, tiny_toml):
     (out / "decomposition.png").write_bytes(b"my picture")
     before = tree_state(out)
     for extra in ([], ["--overwrite"]):
-        code, err = run_main("fit", "--config", tiny_toml, "--data", data, "--out", out, "--steps", 1,
-                             "--quiet", *extra)
-        assert_one_line(code, err, "holds no run")
+        assert_one_line(run_main("fit", "--config", tiny_toml, "--data", data, "--out", out, "--steps", 1,
+                                 "--quiet", *extra), "holds no run")
         assert tree_state(out) == before
 
 
@@ -228,7 +218,7 @@ def test_fit_killed_at_every_phase_continues_with_the_same_command(tmp_path, tin
     assert load_checkpoint(out)["step"] == 0
     killed("decomposition.png:1", *args)                              # 4. drawing its pictures
     assert load_checkpoint(out)["step"] == 4 and not (out / "decomposition.png").exists()
-    code, err = run_main(*args)                                       # the same command, once more
+    code, _, err = run_main(*args)                                       # the same command, once more
     assert code == 0, err
     assert (out / "decomposition.png").is_file() and (out / "decomposition.npz").is_file()
     assert leftovers(out) == []
@@ -247,7 +237,7 @@ def test_data_generate_killed_midway_leaves_no_workers_and_is_done_again(tmp_pat
     killed("generation", *args, pids=pids)
     assert_gone(pids)
     assert not is_store(out)                                          # no store until it is complete
-    code, err = run_main(*args)
+    code, _, err = run_main(*args)
     assert code == 0, err
     assert leftovers(tmp_path) == []
     reference = generate("tetrominoes", 600, tmp_path / "reference", seed=0, progress=False, workers=1)
@@ -295,7 +285,7 @@ def test_data_show_and_info_name_a_damaged_chunk(tmp_path, data):
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     for args in (["data", "show", copy, "--out", tmp_path / "grid.png"], ["data", "info", copy]):
-        assert_one_line(*run_main(*args), str(chunk))
+        assert_one_line(run_main(*args), str(chunk))
     assert not (tmp_path / "grid.png").exists()
 
 
@@ -406,7 +396,7 @@ def test_every_writer_fails_whole_on_a_full_disk(tmp_path, tiny_runs):
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"], name   # nothing partial, nothing temporary
     assert (out / "checkpoint.pt").read_bytes() == old                            # the old checkpoint intact
     with disk_full():                                                             # the command line: one line
-        assert_one_line(*run_main("sample", tiny_runs["iterative"], "--num-images", 2, "--num-samples", 50,
+        assert_one_line(run_main("sample", tiny_runs["iterative"], "--num-images", 2, "--num-samples", 50,
                                   "--quiet", "--out", out / "post.nc"), f"cannot write {out / 'post.nc'}")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
 
@@ -414,7 +404,7 @@ def test_every_writer_fails_whole_on_a_full_disk(tmp_path, tiny_runs):
 def test_read_only_targets_give_one_line(tmp_path, tiny_runs):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert_one_line(*run_main("plot", "decomposition", tiny_runs["iterative"], "--out", blocker / "dec.png"),
+    assert_one_line(run_main("plot", "decomposition", tiny_runs["iterative"], "--out", blocker / "dec.png"),
                     f"cannot write {blocker / 'dec.npz'}")
     if os.geteuid() == 0:
         return                                                       # root writes into read-only folders
@@ -422,7 +412,7 @@ def test_read_only_targets_give_one_line(tmp_path, tiny_runs):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        assert_one_line(*run_main("sample", tiny_runs["iterative"], "--num-images", 2, "--num-samples", 2,
+        assert_one_line(run_main("sample", tiny_runs["iterative"], "--num-images", 2, "--num-samples", 2,
                                   "--quiet", "--out", ro / "post.nc"), f"cannot write {ro / 'post.nc'}",
                         "Permission denied")
         assert list(ro.iterdir()) == []
@@ -443,13 +433,12 @@ def test_a_run_directory_has_one_writer_at_a_time(tmp_path, data, tiny_toml):
     before = tree_state(out)
     with lock_dir(out):                                               # a fit that is running (another open file)
         for extra in ([], ["--resume", "--lr", "1e-5"], ["--overwrite"]):
-            code, err = run_main(*args, *extra)
-            assert_one_line(code, err, f"process {os.getpid()}", "is writing this run directory")
+            assert_one_line(run_main(*args, *extra), f"process {os.getpid()}", "is writing this run directory")
         assert tree_state(out) == before                              # metrics and checkpoint untouched
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, out], stdout=subprocess.PIPE, text=True, env=ENV)
     try:                                                              # another process, killed while it holds it
         assert holder.stdout.readline().strip() == "held"
-        assert_one_line(*run_main(*args, "--resume", "--lr", "1e-5"), f"process {holder.pid}")
+        assert_one_line(run_main(*args, "--resume", "--lr", "1e-5"), f"process {holder.pid}")
     finally:
         holder.kill()
         holder.wait()
@@ -585,20 +574,20 @@ def test_reads_are_bounded_by_what_the_files_hold(tmp_path, data):
     assert width in (4, 8) and _frame_size(bytes(raw)) is not None
     raw[at:at + width] = (2**32 - 1).to_bytes(width, "little")
     chunk.write_bytes(bytes(raw))
-    assert_one_line(*run_main("data", "show", copy, "--out", tmp_path / "grid.png"), str(chunk), "declares")
+    assert_one_line(run_main("data", "show", copy, "--out", tmp_path / "grid.png"), str(chunk), "declares")
     other = shutil.copytree(data, tmp_path / "gzip")                  # a compressor stores never use
     meta = json.loads((other / "mask" / "zarr.json").read_text())
     meta["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}},
                       {"name": "gzip", "configuration": {"level": 1}}]
     (other / "mask" / "zarr.json").write_text(json.dumps(meta))
-    assert_one_line(*run_main("data", "show", other, "--out", tmp_path / "grid.png"), "GzipCodec")
+    assert_one_line(run_main("data", "show", other, "--out", tmp_path / "grid.png"), "GzipCodec")
 
     for length in (2**64 - 1, 100 * 2**20):                           # a record's length field: huge, too large
         head = struct.pack("<Q", length)
         record = head + struct.pack("<I", masked_crc32c(head)) + b"\0" * 4096
         path = tmp_path / f"bad{length}.tfrecords"
         path.write_bytes(gzip.compress(record))
-        assert_one_line(*run_main("data", "convert", path, "--dataset", "tetrominoes", "--out",
+        assert_one_line(run_main("data", "convert", path, "--dataset", "tetrominoes", "--out",
                                   tmp_path / "conv", "--quiet"), str(path), "record 0")
         assert not (tmp_path / "conv").exists()
 
@@ -616,8 +605,7 @@ def test_data_paths_recorded_in_a_checkpoint_stay_inside_the_run(tmp_path):
         torch.save(ckpt, out / "checkpoint.pt")
         with pytest.raises(error, match="pass `data`"):
             Run.open(out).data_path()
-        code, err = run_main("evaluate", out, "--num-images", 4)
-        assert_one_line(code, err, "pass --data")
+        assert_one_line(run_main("evaluate", out, "--num-images", 4), "pass --data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]   # nothing written outside the run
 
 
