@@ -137,7 +137,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 Amp = Annotated[bool, typer.Option(
     "--amp/--no-amp",
     help="bf16 autocast for the networks: about twice the images per CPU-second on CPUs with bf16 "
-         "instructions (AVX512-BF16, AMX), the numbers changed in their last digits. Default: float32.")]
+         "instructions (AVX512-BF16, AMX; slower without them), the numbers changed in their last digits. "
+         "Default: float32.")]
 Threads = Annotated[Optional[int], typer.Option(
     min=1,
     help="CPU threads (default: one per core that other work leaves free when the command starts; "
