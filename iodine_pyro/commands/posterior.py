@@ -115,7 +115,7 @@ def compare(
                          iw_samples=iw_samples, evidence_samples=evidence_samples, gap_steps=gap_steps,
                          gap_lr=gap_lr, gap_check_every=gap_check_every, gap_patience=gap_patience,
                          generalize=generalize, time_limit=limit, seed=seed, data=data, batch_size=batch_size,
-                         merge=merge_scenes, device=device, amp=amp, progress=not as_json)
+                         merge=merge_scenes, device=device, progress=not as_json)
     first = opened[0]
     out = out or (first.home.resolve().parent / "compare" if first.home is not None else Path("compare"))
     paths = write_report(result, out)

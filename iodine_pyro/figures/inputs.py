@@ -41,7 +41,7 @@ def open_run(run: Opened | Run | str | Path, data: str | Path | None, device: st
     sequences, every other kind single images. An `Opened` run is returned as it is."""
     if isinstance(run, Opened):
         return run
-    run = run if isinstance(run, Run) else Run.open(run, device)
+    run = Run.of(run, device)
     need = {"sequence": SEQUENCES, "decomposition": None}.get(kind, IMAGES)   # fit draws sequence runs too
     ds, where = run.dataset(data, need=need, command=f"plot {kind}")
     return Opened(run, ds, where)
