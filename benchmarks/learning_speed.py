@@ -66,6 +66,8 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
                           {"train.geco_release_step": 1000}, True),
     "fast-last-2": ("fast, gradient through the last 2 decoder passes only (first-order before them)", "fast",
                     {"guide.grad_steps": 2}, True),
+    "fast-first-slot": ("fast, slot 1 refined from its own trained lambda_1", "fast",
+                        {"guide.first_slot_init": True}, True),
 }
 METRICS = ("fg_ari", "ari", "bg_slots", "mse", "kl")
 

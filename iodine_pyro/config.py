@@ -91,6 +91,9 @@ class GuideConfig:
     grad_steps: int | None = ruled(None, optional(integer(1)))      # training: differentiate only the last this many
                                                                     # decoder passes, lambda detached before them
                                                                     # (None: all of them, the paper)
+    first_slot_init: bool = ruled(False, boolean)                   # slot 1 starts from its own trainable lambda_1
+                                                                    # (mean drawn from the prior), the others share
+                                                                    # one (False: one for all slots, the paper)
 
     def active_inputs(self) -> tuple[str, ...]:
         return tuple(n for n in self.inputs if n not in self.disabled_inputs)
@@ -445,6 +448,8 @@ def validate(cfg: Config) -> None:
          f"{sorted(set(g.disabled_inputs) - set(g.inputs))}; inputs are {list(g.inputs)}"),
         (any(INPUTS[n].spatial for n in g.active_inputs() if n in INPUTS),
          "guide.disabled_inputs: at least one image-sized refinement input must stay enabled"),
+        (not g.first_slot_init or g.kind == ITERATIVE,
+         f"guide.first_slot_init: only the iterative guide starts from a trained lambda_1, not {g.kind!r}"),
         (m.decoder != "deconv" or len(m.decoder_channels) >= 1,
          "model.decoder_channels: the deconv decoder needs at least one layer"),
     ]

@@ -110,6 +110,9 @@ class IterativeGuide(Guide):
         self.norms = nn.ModuleDict({r.name: InputNorm(size[r.name]) for r in rows if r.layer_norm})
         s0 = initial_scale_param(g.posterior_scale, m.prior_var)
         self.lambda0 = nn.Parameter(torch.cat([torch.zeros(self.n_z), torch.full((self.n_z,), s0)]))
+        if g.first_slot_init:                                   # slot 1's own start: a mean drawn from the prior
+            mean = torch.randn(self.n_z) * m.prior_var ** 0.5
+            self.lambda0_first = nn.Parameter(torch.cat([mean, torch.full((self.n_z,), s0)]))
         self.net = RefinementNetwork(
             spatial_channels=sum(size[r.name] for r in self.spatial_inputs),
             vector_dim=sum(size[r.name] for r in self.vector_inputs), out_dim=2 * self.n_z,
@@ -129,8 +132,16 @@ class IterativeGuide(Guide):
 
     def initial_lambda(self, x: torch.Tensor, num_slots: int) -> torch.Tensor:
         """lambda_1 [N, K, 2 n_z] of images x [N, C, H, W] (frames [N, F, C, H, W]): the
-        trained vector, tiled."""
-        return self.lambda0.expand(x.shape[0], num_slots, 2 * self.n_z)
+        trained vector, tiled; with ``guide.first_slot_init`` slot 1 starts from its own.
+
+        A slot of its own start is the guide's half of MONet's and GENESIS's first scope:
+        the slots stay exchangeable under the prior, but one enters the refinement apart
+        from the others, so one slot can learn to take what no object explains."""
+        shared = self.lambda0.expand(x.shape[0], num_slots, 2 * self.n_z)
+        if not self.cfg.first_slot_init:
+            return shared
+        first = self.lambda0_first.expand(x.shape[0], 1, 2 * self.n_z)
+        return torch.cat([first, shared[:, 1:]], dim=1)
 
     def forward(self, x: torch.Tensor, weights: list[float] | None = None,
                 batch_size: int | None = None, num_slots: int | None = None,

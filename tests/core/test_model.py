@@ -408,3 +408,28 @@ def test_inference_runs_the_last_pass_without_autograd():
     with torch.no_grad():
         system.guide(torch.rand(2, 3, *cfg.model.image_size))
     assert len(seen) == 3 and seen[-1] is False              # the last pass needs no gradient at all
+
+
+def test_first_slot_init_gives_slot_one_its_own_trained_start():
+    """``guide.first_slot_init``: slot 1 starts from its own lambda_1, the others share
+    the paper's; both are trained, any number of slots works, and a run without it has
+    no such parameter (stored weights of the paper's guide load as they are)."""
+    torch.manual_seed(0)
+    plain = Iodine(tiny_config("paper"))
+    assert not any("lambda0_first" in n for n in plain.state_dict())
+    cfg = tiny_config("paper", **{"guide.first_slot_init": True})
+    torch.manual_seed(0)
+    system = Iodine(cfg)
+    guide = system.guide
+    x = torch.rand(2, 3, *cfg.model.image_size)
+    for k in (1, cfg.model.num_slots, cfg.model.num_slots + 2):
+        lam = guide.initial_lambda(x, k)
+        assert lam.shape == (2, k, 2 * guide.n_z)
+        assert torch.equal(lam[:, 0], guide.lambda0_first.expand(2, -1))
+        assert torch.equal(lam[:, 1:], guide.lambda0.expand(2, k - 1, -1))
+    assert not torch.allclose(guide.lambda0_first, guide.lambda0)       # a mean drawn from the prior
+    pyro.set_rng_seed(1)
+    system.loss(x).backward()
+    assert guide.lambda0_first.grad.abs().sum() > 0 and guide.lambda0.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="first_slot_init"):
+        tiny_config("paper", **{"guide.first_slot_init": True, "guide.kind": "amortized"})
