@@ -8,6 +8,8 @@ is loaded): the `fast` preset's Tetrominoes step (batch 8, bf16 where the CPU ha
     N threads        all cores, policy unset: torch's own default
     1/N passive      the same with OMP_WAIT_POLICY=PASSIVE (waiting threads sleep)
     N passive, interop 1   and one inter-op thread
+    N spin 1e4/1e5   all cores, policy unset, GOMP_SPINCOUNT=10000 / 100000: libgomp spins
+                     that many times before it sleeps (its default: 300,000)
     default          what the command line chooses (`iodine_pyro.threads`)
 
 and the situations: ``idle`` (nothing started; whatever else already runs is reported)
@@ -39,6 +41,8 @@ def settings(cores: int) -> dict[str, dict]:
         "1 passive": {"threads": 1, "policy": "PASSIVE"},
         f"{cores} passive": {"threads": cores, "policy": "PASSIVE"},
         f"{cores} passive, interop 1": {"threads": cores, "policy": "PASSIVE", "interop": 1},
+        f"{cores} spin 1e4": {"threads": cores, "policy": None, "spincount": "10000"},
+        f"{cores} spin 1e5": {"threads": cores, "policy": None, "spincount": "100000"},
         "default": {"threads": None, "policy": "default"},
     }
 
@@ -76,9 +80,12 @@ def child(threads: int | None, interop: int | None, seconds: float, batch: int) 
 
 
 def measure(setting: dict, seconds: float, batch: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     if setting["policy"] not in (None, "default"):
         env["OMP_WAIT_POLICY"] = setting["policy"]
+    if setting.get("spincount"):
+        env["GOMP_SPINCOUNT"] = setting["spincount"]
     cmd = [sys.executable, os.path.join(HERE, "bench_threads.py"), "--child", "--seconds", str(seconds),
            "--batch-size", str(batch)]
     if setting["threads"] is not None:

@@ -165,14 +165,25 @@ def slots_owning(true_masks: torch.Tensor, pred_masks: torch.Tensor, background:
     Returns:
         float64 [B] (whole numbers); NaN for an image without pixels of that region.
     """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"share must lie in [0, 1), got {share}")
+    held = region_shares(true_masks, pred_masks, background, region)    # [B, K]
+    count = ((held > 0) & (held >= share)).sum(1).to(torch.float64)     # [B]
+    return torch.where(held.isnan().any(1), torch.full_like(count, float("nan")), count)
+
+
+def region_shares(true_masks: torch.Tensor, pred_masks: torch.Tensor, background: int = 1,
+                  region: str = "background") -> torch.Tensor:
+    """The share of a region's pixels each slot holds (by the argmax of its masks, ties to
+    the first slot): float64 [B, K], rows summing to 1, NaN rows for images without pixels
+    of that region. Arguments as in :func:`slots_owning`; ``.max(1)`` of the background's
+    is how much of it one slot holds (1 when the background is one slot's)."""
     if true_masks.dim() != 4 or pred_masks.dim() != 4 or true_masks.shape[0] != pred_masks.shape[0] \
             or true_masks.shape[2:] != pred_masks.shape[2:]:
-        raise ValueError(f"slots_owning expects [B, G, H, W] and [B, K, H, W] masks, got shapes "
+        raise ValueError(f"region_shares expects [B, G, H, W] and [B, K, H, W] masks, got shapes "
                          f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}")
     if region not in ("background", "objects"):
         raise ValueError(f"region must be 'background' or 'objects', got {region!r}")
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"share must lie in [0, 1), got {share}")
     K = pred_masks.shape[1]
     groups = true_masks[:, :background] if region == "background" else true_masks[:, background:]
     inside = (groups.flatten(2) > 0).any(1).to(torch.float64)            # [B, N]
@@ -180,9 +191,7 @@ def slots_owning(true_masks: torch.Tensor, pred_masks: torch.Tensor, background:
     pred = pred if pred.is_floating_point() else pred.to(torch.float64)
     owner = F.one_hot(pred.argmax(1), K).to(torch.float64)               # [B, N, K]
     per_slot = torch.bmm(inside.unsqueeze(1), owner).squeeze(1)          # [B, K] pixels held
-    total = inside.sum(1, keepdim=True)                                  # [B, 1]
-    count = ((per_slot > 0) & (per_slot >= share * total)).sum(1).to(torch.float64)   # [B]
-    return torch.where(total.squeeze(1) > 0, count, torch.full_like(count, float("nan")))
+    return per_slot / inside.sum(1, keepdim=True)                        # 0 / 0: NaN
 
 
 def summarize(values: torch.Tensor) -> float:

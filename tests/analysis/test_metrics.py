@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iodine_pyro.metrics import ari, mse, slots_owning, summarize
+from iodine_pyro.metrics import ari, mse, region_shares, slots_owning, summarize
 
 PROPERTY = settings(
     derandomize=True, deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
@@ -356,6 +356,11 @@ def test_slots_owning_background_in_one_slot_and_spread():
     assert slots_owning(true, one).item() == 1
     assert slots_owning(true, spread).item() == 4
     assert slots_owning(true, one, region="objects").item() == 2
+    assert region_shares(true, one).tolist() == [[0.0, 0.0, 0.0, 1.0]]
+    assert region_shares(true, spread).tolist() == [[0.25, 0.25, 0.25, 0.25]]
+    assert region_shares(true, one, region="objects").tolist() == [[0.5, 0.5, 0.0, 0.0]]
+    nothing = onehot_masks(torch.tensor([[1, 1, 1, 1, 1, 1, 2, 2]])[:, None], 3)   # no background pixel
+    assert region_shares(nothing, one).isnan().all() and slots_owning(nothing, one).isnan().all()
 
 
 def test_slots_owning_no_region_is_nan_and_bad_input_raises():

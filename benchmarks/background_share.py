@@ -1,0 +1,57 @@
+"""Who holds the background: the share of each image's background pixels each slot holds.
+
+`bg_slots` counts the slots that hold at least 1% of the background, so it cannot tell a
+background split evenly over four slots from one held 97% by one slot with a few stray
+pixels elsewhere. This prints, for each run (a run directory, checkpoint or
+`pretrained:NAME`), on the first `--num-images` images of its held-out set, last refinement
+step: the mean share held by each slot index (a slot that a guide sets apart, e.g. with
+``guide.first_slot_init``, shows as its index), the mean over images of the largest share
+one slot holds (1.0: the background in one slot), and `bg_slots`.
+
+    python benchmarks/background_share.py pretrained:tetrominoes runs/study-anneal/runs/fast-anneal-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from iodine_pyro.data import load_images
+from iodine_pyro.metrics import region_shares, slots_owning
+from iodine_pyro.run import Run
+
+
+def shares(ref: str, num_images: int, batch_size: int = 32) -> dict:
+    run = Run.of(ref, "cpu", False)
+    ds, where = run.dataset(None, need="mask", command="background_share")
+    background = run.background_groups(ds)
+    n = min(num_images, ds.sizes["image"])
+    held, owning = [], []
+    for start in range(0, n, batch_size):
+        batch = load_images(ds, start, min(start + batch_size, n))
+        with torch.no_grad():
+            masks = run.system.infer(batch["image"])[-1].masks          # [b, K, H, W]
+        held.append(region_shares(batch["mask"], masks, background))
+        owning.append(slots_owning(batch["mask"], masks, background))
+    held = torch.cat(held)                                               # [n, K]
+    return {"run": ref, "step": run.step, "images": n, "data": str(where),
+            "per_slot": held.nanmean(0).tolist(),
+            "largest": float(held.max(1).values.nanmean()),
+            "bg_slots": float(torch.cat(owning).nanmean())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run directories, checkpoints or pretrained:NAME")
+    p.add_argument("--num-images", type=int, default=256)
+    a = p.parse_args()
+    print(f"{'run':<48} {'step':>6} {'largest share':>13} {'bg slots':>8}  mean share by slot")
+    for ref in a.runs:
+        r = shares(ref, a.num_images)
+        per = " ".join(f"{v:.3f}" for v in r["per_slot"])
+        print(f"{ref:<48} {r['step']:>6} {r['largest']:>13.3f} {r['bg_slots']:>8.2f}  {per}")
+
+
+if __name__ == "__main__":
+    main()
