@@ -24,6 +24,7 @@ CURVE_LABELS = {
     "kl": ("KL divergence", "KL, final step (nats)"),
     "fg_ari": ("segmentation FG-ARI", "FG-ARI, final step"),
     "ari": ("segmentation ARI", "ARI, final step"),
+    "bg_slots": ("slots holding background", "slots per image, final step"),
 }
 FEW_POINTS = 5     # curves of fewer logged points are drawn as points only
 
