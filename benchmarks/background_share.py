@@ -19,17 +19,19 @@ import torch
 
 from iodine_pyro.data import load_images
 from iodine_pyro.metrics import region_shares, slots_owning
-from iodine_pyro.run import Run
+from iodine_pyro.run import IMAGES, Run
 
 
 def shares(ref: str, num_images: int, batch_size: int = 32) -> dict:
     run = Run.of(ref, "cpu", False)
-    ds, where = run.dataset(None, need="mask", command="background_share")
+    ds, where = run.dataset(None, need=IMAGES, command="background_share")
     background = run.background_groups(ds)
     n = min(num_images, ds.sizes["image"])
     held, owning = [], []
     for start in range(0, n, batch_size):
         batch = load_images(ds, start, min(start + batch_size, n))
+        if "mask" not in batch:
+            raise SystemExit(f"{where} has no ground-truth masks: nothing to say who holds the background")
         with torch.no_grad():
             masks = run.system.infer(batch["image"])[-1].masks          # [b, K, H, W]
         held.append(region_shares(batch["mask"], masks, background))
