@@ -2,11 +2,13 @@
 
 `bg_slots` counts the slots that hold at least 1% of the background, so it cannot tell a
 background split evenly over four slots from one held 97% by one slot with a few stray
-pixels elsewhere. This prints, for each run (a run directory, checkpoint or
-`pretrained:NAME`), on the first `--num-images` images of its held-out set, last refinement
-step: the mean share held by each slot index (a slot that a guide sets apart, e.g. with
-``guide.first_slot_init``, shows as its index), the mean over images of the largest share
-one slot holds (1.0: the background in one slot), and `bg_slots`.
+pixels elsewhere; `bg_share` (`evaluate`, the training log) is the largest share one slot
+holds, at every refinement step. This adds which slot holds it: for each run (a run
+directory, checkpoint or `pretrained:NAME`), on the first `--num-images` images of its
+held-out set, last refinement step, the mean share held by each slot index (a slot that a
+guide sets apart, e.g. with ``guide.first_slot_init``, shows as its index), beside
+`bg_share` (the mean over images of the largest share; 1.0: the background in one slot) and
+`bg_slots`.
 
     python benchmarks/background_share.py pretrained:tetrominoes runs/study-anneal/runs/fast-anneal-s0
 """

@@ -145,7 +145,7 @@ def quality(out: Path, device: str, seconds: float, tiny: bool, eval_images: int
             continue
         res = evaluate(run, num_images=eval_images, batch_size=64, device=device, progress=False)
         rows.append({"dataset": dataset, "preset": preset, "step": res["step"], "train_seconds": seconds,
-                     **{k: res[k][-1] for k in ("fg_ari", "ari", "mse", "kl", "bg_slots")}})
+                     **{k: res[k][-1] for k in ("fg_ari", "ari", "mse", "kl", "bg_slots", "bg_share")}})
         log(f"quality {dataset} {preset}: step {res['step']}, FG-ARI {res['fg_ari'][-1]:.3f}, "
             f"ARI {res['ari'][-1]:.3f}")
     return rows
@@ -201,7 +201,7 @@ def main() -> None:
     q = quality(out, a.device, seconds, a.tiny, a.eval_images)
     (out / "quality.json").write_text(json.dumps(q, indent=1))
     (out / "quality.md").write_text(table(q, ["dataset", "preset", "step", "train_seconds", "fg_ari", "ari",
-                                               "bg_slots", "mse", "kl", "error"]))
+                                               "bg_slots", "bg_share", "mse", "kl", "error"]))
     log(f"done in {time.time() - t_start:.0f} s; results in {out}")
     if any("error" in r for r in q):
         sys.exit(1)

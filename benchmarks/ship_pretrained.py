@@ -10,7 +10,9 @@
 3. draws its decomposition and training curves into ``docs/img/`` (PNG and the data behind);
 4. rewrites the README's table of shipped models from every ``<name>.json`` there.
 
-``--table-only`` does step 4 alone.
+``--table-only`` does step 4 alone. ``--refresh NAME`` evaluates an already shipped model
+again (steps 1 and 4: its held-out set, ``--official`` where given) and rewrites the metrics
+of its ``<name>.json``, keeping its weights and the rest: for a metric added after it shipped.
 
 ``iodine-pyro evaluate pretrained:<name>`` (and sample, compare, plot) then use the weights.
 """
@@ -31,7 +33,7 @@ from iodine_pyro.evaluate import evaluate
 from iodine_pyro.run import PRETRAINED_DIR, Run
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOWN = ("fg_ari", "ari", "bg_slots", "mse", "kl")     # the last refinement step's, per held-out set
+SHOWN = ("fg_ari", "ari", "bg_slots", "bg_share", "mse", "kl")     # the last refinement step's, per held-out set
 
 
 def main() -> None:
@@ -44,14 +46,19 @@ def main() -> None:
     p.add_argument("--hardware", default=None, help="where it was trained, for the README's table")
     p.add_argument("--command", default=None, help="how it was trained, for the README's table")
     p.add_argument("--table-only", action="store_true", help="only rewrite the README's table")
+    p.add_argument("--refresh", metavar="NAME", help="evaluate the shipped NAME again and rewrite its metrics")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.table_only:
         write_table()
         return
+    if a.refresh:
+        refresh(a.refresh, a.num_images, a.official)
+        write_table()
+        return
     if not a.run:
-        p.error("--run is required (or --table-only)")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+        p.error("--run is required (or --table-only, --refresh)")
     run = Run.open(a.run)
     held_out = evaluate(run, num_images=a.num_images, batch_size=64, progress=True)
     ckpt = run.ckpt                                                   # loaded once, by Run.open
@@ -64,11 +71,7 @@ def main() -> None:
                             "num_images": held_out["num_images"],
                             **{k: held_out[k][-1] for k in SHOWN}}}
     if a.official:
-        with tempfile.TemporaryDirectory() as tmp:
-            store = convert_tfrecords(a.official, run.cfg.dataset, Path(tmp) / "official", progress=False)
-            official = evaluate(run, num_images=10**6, batch_size=64, data=store, progress=False)
-        summary["official"] = {"file": Path(a.official).name, "num_images": official["num_images"],
-                               **{k: official[k][-1] for k in SHOWN}}
+        summary["official"] = on_official(run, a.official)
     PRETRAINED_DIR.mkdir(parents=True, exist_ok=True)
     save_weights(PRETRAINED_DIR / f"{a.name}.pt", ckpt,
                  extra={"evaluation": summary})
@@ -82,13 +85,37 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
 
 
+def on_official(run: Run, path: str) -> dict:
+    """The last refinement step's `SHOWN` metrics on every image of an official file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = convert_tfrecords(path, run.cfg.dataset, Path(tmp) / "official", progress=False)
+        official = evaluate(run, num_images=10**6, batch_size=64, data=store, progress=False)
+    return {"file": Path(path).name, "num_images": official["num_images"], **{k: official[k][-1] for k in SHOWN}}
+
+
+def refresh(name: str, num_images: int, official: str | None) -> None:
+    """Evaluate the shipped `name` again on the held-out set it was judged on (and `official`)
+    and rewrite the metrics in its json; its weights and training record stay."""
+    path = PRETRAINED_DIR / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"no shipped model {name!r}: {path} does not exist")
+    info = json.loads(path.read_text())
+    run = Run.open(f"pretrained:{name}")
+    held_out = evaluate(run, num_images=num_images, batch_size=64, progress=True)
+    info["held_out"].update(num_images=held_out["num_images"], **{k: held_out[k][-1] for k in SHOWN})
+    if official:
+        info["official"] = on_official(run, official)
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    print(json.dumps(info, indent=1))
+
+
 TABLE_START, TABLE_END = "<!-- shipped models: benchmarks/ship_pretrained.py -->", "<!-- end of shipped models -->"
 
 
 def write_table() -> None:
     """The README's table of shipped models, between its two markers, from their JSON files."""
-    rows = ["| model | guide | held-out set | images | FG-ARI | ARI | bg slots | MSE | KL | steps | training | "
-            "trained with |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | guide | held-out set | images | FG-ARI | ARI | bg slots | bg share | MSE | KL | steps | "
+            "training | trained with |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shipped = [json.loads(p.read_text()) for p in PRETRAINED_DIR.glob("*.json")]
     for info in sorted(shipped, key=lambda i: (i.get("guide", "iterative") != "iterative", i["name"])):
         hours = f"{info['train_minutes'] / 60:.1f} h on {info.get('hardware') or 'a CPU'}"
@@ -99,7 +126,8 @@ def write_table() -> None:
             where = ev.get("data") or ev.get("file")
             cells = [f"`pretrained:{info['name']}`", info.get("guide", "iterative"), where, str(ev["num_images"]),
                      f"{ev['fg_ari']:.3f}", f"{ev['ari']:.3f}",
-                     f"{ev['bg_slots']:.2f}" if "bg_slots" in ev else "-", f"{ev['mse']:.4f}", f"{ev['kl']:.0f}",
+                     f"{ev['bg_slots']:.2f}" if "bg_slots" in ev else "-",
+                     f"{ev['bg_share']:.2f}" if "bg_share" in ev else "-", f"{ev['mse']:.4f}", f"{ev['kl']:.0f}",
                      f"{info['step']:,}", hours, f"`{info['command']}`" if info.get("command") else "-"]
             rows.append("| " + " | ".join(cells) + " |")
     readme = ROOT / "README.md"

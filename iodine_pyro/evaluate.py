@@ -76,6 +76,12 @@ def _owning(region: str) -> Callable[[Scored], torch.Tensor | None]:
     return compute
 
 
+def _bg_share(s: Scored) -> torch.Tensor | None:
+    if s.true is None:
+        return None
+    return metrics.region_shares(s.true, s.step.masks, s.background).max(1).values
+
+
 def _next_nll(s: Scored) -> torch.Tensor | None:
     if s.next_x is None:
         return None
@@ -88,6 +94,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("ari", "ARI", ".4f", _ari, "ARI of the masks' argmax over all labelled pixels"),
     Metric("bg_slots", "bg slots", ".2f", _owning("background"),
            "slots owning the background (argmax of >= 1% of its pixels): 1 when it is one slot's"),
+    Metric("bg_share", "bg share", ".3f", _bg_share,
+           "the largest share of the background's pixels one slot holds (argmax): 1 when it is one slot's"),
     Metric("fg_slots", "obj slots", ".2f", _owning("objects"),
            "slots owning the objects' pixels (argmax of >= 1% of them)"),
     Metric("mse", "MSE", ".5f", lambda s: metrics.mse(s.x, s.step.recon), "reconstruction MSE, [0, 1] scale"),

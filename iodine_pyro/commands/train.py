@@ -158,12 +158,14 @@ def logged(rows: list[dict], step: int) -> str:
 
 
 JUDGED_IMAGES = 64        # held-out images behind the closing lines
+ONE_SLOT_SHARE = 0.9      # the background is one slot's when one slot holds this much of it (mean over images)
 
 
 def segmentation_numbers(run, device: str, num_images: int = JUDGED_IMAGES) -> dict | None:
     """What the decomposition picture shows, measured on held-out images at the final
     refinement step: FG-ARI, ARI, the slots owning the background and the objects per
-    image (`evaluate`'s ``bg_slots`` and ``fg_slots``), the objects per image, and the
+    image (`evaluate`'s ``bg_slots`` and ``fg_slots``), the largest share of the background
+    one slot holds (``bg_share``), the objects per image, and the
     FG-ARI of cutting every image into K equal bands (the better of vertical and horizontal):
     a reference that knows nothing of objects. None for sequences or without a held-out set."""
     import torch
@@ -193,22 +195,27 @@ def segmentation_numbers(run, device: str, num_images: int = JUDGED_IMAGES) -> d
                                                    foreground_only=background)))
     objects = (true[:, background:].flatten(2).amax(2) > 0).sum(1).double().mean()
     return {"num_images": result["num_images"], "fg_ari": result["fg_ari"][-1], "ari": result["ari"][-1],
-            "bg_slots": result["bg_slots"][-1], "fg_slots": result["fg_slots"][-1], "objects": float(objects),
+            "bg_slots": result["bg_slots"][-1], "bg_share": result["bg_share"][-1], "fg_slots": result["fg_slots"][-1],
+            "objects": float(objects),
             "bands_fg_ari": max(bands), "num_slots": K}
 
 
 def what_it_shows(m: dict) -> str:
     """The judgement of `segmentation_numbers` in words, from the numbers alone: objects are
     separated when FG-ARI beats cutting the images into K bands; the background is one
-    slot's when about one slot owns it."""
+    slot's when one slot holds at least `ONE_SLOT_SHARE` of it (``bg_share``; stray pixels
+    in other slots, which ``bg_slots`` counts, do not split it)."""
     if m["fg_ari"] > m["bands_fg_ari"]:
         objects = (f"the slots separate objects better than cutting each image into {m['num_slots']} bands would "
                    f"(FG-ARI {m['fg_ari']:.2f} against {m['bands_fg_ari']:.2f})")
     else:
         objects = (f"the slots cut the images into regions, not objects: FG-ARI {m['fg_ari']:.2f} is no better than "
                    f"the {m['bands_fg_ari']:.2f} of cutting each image into {m['num_slots']} bands")
-    background = ("the background is one slot's" if m["bg_slots"] < 1.5 else
-                  f"the background is split over {m['bg_slots']:.1f} slots per image")
+    if m["bg_share"] >= ONE_SLOT_SHARE:
+        background = f"the background is one slot's ({m['bg_share']:.0%} of it in one slot per image)"
+    else:
+        background = (f"the background is split over {m['bg_slots']:.1f} slots per image (the largest part "
+                      f"one slot holds: {m['bg_share']:.0%})")
     return f"what the pictures show: {objects}; {background}"
 
 

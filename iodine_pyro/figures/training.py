@@ -25,6 +25,7 @@ CURVE_LABELS = {
     "fg_ari": ("segmentation FG-ARI", "FG-ARI, final step"),
     "ari": ("segmentation ARI", "ARI, final step"),
     "bg_slots": ("slots holding background", "slots per image, final step"),
+    "bg_share": ("background held by one slot", "largest share, final step"),
 }
 FEW_POINTS = 5     # curves of fewer logged points are drawn as points only
 

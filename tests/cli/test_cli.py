@@ -102,12 +102,14 @@ def test_threads_do_not_apply_to_curves(run_dir, tmp_path):
 def test_the_closing_judgement_comes_from_the_numbers():
     from iodine_pyro.commands.train import what_it_shows
 
-    bands = {"fg_ari": 0.18, "bands_fg_ari": 0.21, "bg_slots": 3.6, "num_slots": 4}
+    bands = {"fg_ari": 0.18, "bands_fg_ari": 0.21, "bg_slots": 3.6, "bg_share": 0.35, "num_slots": 4}
     said = what_it_shows(bands)
-    assert "regions, not objects" in said and "split over 3.6 slots" in said
-    objects = {"fg_ari": 0.9, "bands_fg_ari": 0.21, "bg_slots": 1.1, "num_slots": 4}
+    assert "regions, not objects" in said and "split over 3.6 slots" in said and "35%" in said
+    objects = {"fg_ari": 0.9, "bands_fg_ari": 0.21, "bg_slots": 1.1, "bg_share": 0.99, "num_slots": 4}
     said = what_it_shows(objects)
-    assert "separate objects better than" in said and "the background is one slot's" in said
+    assert "separate objects better than" in said and "the background is one slot's (99%" in said
+    stray = {"fg_ari": 0.9, "bands_fg_ari": 0.21, "bg_slots": 1.9, "bg_share": 0.97, "num_slots": 4}
+    assert "the background is one slot's" in what_it_shows(stray)      # stray pixels elsewhere do not split it
 
 
 @pytest.mark.slow
@@ -186,10 +188,15 @@ def test_evaluate_json(run_dir):
     proc = cli("evaluate", run_dir, "--num-images", 8, "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    for key in ["fg_ari", "ari", "mse", "kl"]:
+    for key in ["fg_ari", "ari", "bg_slots", "bg_share", "mse", "kl"]:
         assert isinstance(result[key], list) and len(result[key]) == 5, key
         assert all(isinstance(v, float) for v in result[key])
     assert all(0 <= v <= 1 for v in result["mse"])
+    K = result["num_slots"]
+    # one slot holds at least 1/K of the background; when it is the only slot holding 1% of
+    # it, the others hold under 1% each
+    assert all(1 / K - 1e-9 <= v <= 1 for v in result["bg_share"])
+    assert all(share >= 1 - (K - 1) * 0.01 for share, n in zip(result["bg_share"], result["bg_slots"]) if n == 1)
     assert result["num_images"] == 8
 
 
