@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from iodine_pyro.data import load_images
-from iodine_pyro.metrics import region_shares, slots_owning
+from iodine_pyro.metrics import owners, region_shares
 from iodine_pyro.run import IMAGES, Run
 
 
@@ -29,7 +29,7 @@ def shares(ref: str, num_images: int, batch_size: int = 32) -> dict:
     ds, where = run.dataset(None, need=IMAGES, command="background_share")
     background = run.background_groups(ds)
     n = min(num_images, ds.sizes["image"])
-    held, owning = [], []
+    held = []
     for start in range(0, n, batch_size):
         batch = load_images(ds, start, min(start + batch_size, n))
         if "mask" not in batch:
@@ -37,12 +37,11 @@ def shares(ref: str, num_images: int, batch_size: int = 32) -> dict:
         with torch.no_grad():
             masks = run.system.infer(batch["image"])[-1].masks          # [b, K, H, W]
         held.append(region_shares(batch["mask"], masks, background))
-        owning.append(slots_owning(batch["mask"], masks, background))
     held = torch.cat(held)                                               # [n, K]
     return {"run": ref, "step": run.step, "images": n, "data": str(where),
             "per_slot": held.nanmean(0).tolist(),
             "largest": float(held.max(1).values.nanmean()),
-            "bg_slots": float(torch.cat(owning).nanmean())}
+            "bg_slots": float(owners(held).nanmean())}
 
 
 def main() -> None:

@@ -40,6 +40,9 @@ from pathlib import Path
 # fast preset without its decay, which starts at step 3,000 (after every run of the study).
 BASE = ("fast", {"train.init": "torch", "train.lr_decay": 1.0})
 
+# sigma 0.3 -> 0.1 over steps 1,000-2,000, the annealing the background levers build on
+ANNEAL = {"train.pixel_scale_final": 0.1, "train.pixel_anneal_start": 1000, "train.pixel_anneal_steps": 1000}
+
 # name: (what it is, preset, overrides on top of that preset, amp)
 VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
     "paper": ("the paper: sigma 0.1, lr 3e-4, batch 32, PyTorch init", "paper", {}, True),
@@ -59,18 +62,13 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
     # The background levers, each against the fast preset as it is (with its decay). They act
     # once segmentation has begun: from step 1,000 (about 11 CPU-minutes on the AMX Xeon).
     "fast": ("the fast preset", "fast", {}, True),
-    "fast-anneal": ("fast, pixel sigma 0.3 -> 0.1 over steps 1,000-2,000", "fast",
-                    {"train.pixel_scale_final": 0.1, "train.pixel_anneal_start": 1000,
-                     "train.pixel_anneal_steps": 1000}, True),
+    "fast-anneal": ("fast, pixel sigma 0.3 -> 0.1 over steps 1,000-2,000", "fast", ANNEAL, True),
     "fast-anneal-lr": ("fast-anneal with lr halved every 1,000 steps (5e-4 from step 1,000, 2.5e-4 from 2,000)", "fast",
-                       {"train.pixel_scale_final": 0.1, "train.pixel_anneal_start": 1000,
-                        "train.pixel_anneal_steps": 1000, "train.lr_decay_steps": 1000}, True),
+                       {**ANNEAL, "train.lr_decay_steps": 1000}, True),
     "fast-anneal-0.15": ("fast, pixel sigma 0.3 -> 0.15 over steps 1,000-2,000", "fast",
-                         {"train.pixel_scale_final": 0.15, "train.pixel_anneal_start": 1000,
-                          "train.pixel_anneal_steps": 1000}, True),
+                         {**ANNEAL, "train.pixel_scale_final": 0.15}, True),
     "fast-anneal-release": ("fast-anneal with GECO's beta back to 1 from step 1,000: the paper's ELBO at sigma 0.1",
-                            "fast", {"train.pixel_scale_final": 0.1, "train.pixel_anneal_start": 1000,
-                                     "train.pixel_anneal_steps": 1000, "train.geco_release_step": 1000}, True),
+                            "fast", {**ANNEAL, "train.geco_release_step": 1000}, True),
     "fast-geco-release": ("fast, GECO's beta back to 1 from step 1,000", "fast",
                           {"train.geco_release_step": 1000}, True),
     "fast-last-2": ("fast, gradient through the last 2 decoder passes only (first-order before them)", "fast",

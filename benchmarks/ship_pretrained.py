@@ -69,7 +69,7 @@ def main() -> None:
                "held_out": {"data": (f"generated: {generated[0]} images, seed {generated[1]}" if generated
                                      else Path(held_out["data"]).name),
                             "num_images": held_out["num_images"],
-                            **{k: held_out[k][-1] for k in SHOWN}}}
+                            **shown(held_out)}}
     if a.official:
         summary["official"] = on_official(run, a.official)
     PRETRAINED_DIR.mkdir(parents=True, exist_ok=True)
@@ -85,12 +85,17 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
 
 
+def shown(result: dict) -> dict:
+    """The `SHOWN` metrics of an `evaluate` result, at its last refinement step."""
+    return {k: result[k][-1] for k in SHOWN}
+
+
 def on_official(run: Run, path: str) -> dict:
     """The last refinement step's `SHOWN` metrics on every image of an official file."""
     with tempfile.TemporaryDirectory() as tmp:
         store = convert_tfrecords(path, run.cfg.dataset, Path(tmp) / "official", progress=False)
         official = evaluate(run, num_images=10**6, batch_size=64, data=store, progress=False)
-    return {"file": Path(path).name, "num_images": official["num_images"], **{k: official[k][-1] for k in SHOWN}}
+    return {"file": Path(path).name, "num_images": official["num_images"], **shown(official)}
 
 
 def refresh(name: str, num_images: int, official: str | None) -> None:
@@ -102,7 +107,7 @@ def refresh(name: str, num_images: int, official: str | None) -> None:
     info = json.loads(path.read_text())
     run = Run.open(f"pretrained:{name}")
     held_out = evaluate(run, num_images=num_images, batch_size=64, progress=True)
-    info["held_out"].update(num_images=held_out["num_images"], **{k: held_out[k][-1] for k in SHOWN})
+    info["held_out"].update(num_images=held_out["num_images"], **shown(held_out))
     if official:
         info["official"] = on_official(run, official)
     path.write_text(json.dumps(info, indent=1) + "\n")

@@ -40,6 +40,17 @@ class Scored(NamedTuple):
     true: torch.Tensor | None        # [B, G, H, W] ground-truth masks, when known
     background: int                  # leading groups FG-ARI drops
     next_x: torch.Tensor | None      # [B, C, H, W] the next frame of a sequence, or None
+    shares: dict[str, torch.Tensor]  # `region_shares` of each region, filled by the first metric that reads it
+
+
+def _shares(s: Scored, region: str) -> torch.Tensor | None:
+    """[B, K] share of `region` each slot holds, computed once per step for every metric
+    that reads it (`bg_slots` and `bg_share` both read the background's)."""
+    if s.true is None:
+        return None
+    if region not in s.shares:
+        s.shares[region] = metrics.region_shares(s.true, s.step.masks, s.background, region)
+    return s.shares[region]
 
 
 @dataclass(frozen=True)
@@ -72,14 +83,14 @@ def _ari(s: Scored) -> torch.Tensor | None:
 
 def _owning(region: str) -> Callable[[Scored], torch.Tensor | None]:
     def compute(s: Scored) -> torch.Tensor | None:
-        return None if s.true is None else metrics.slots_owning(s.true, s.step.masks, s.background, region)
+        held = _shares(s, region)
+        return None if held is None else metrics.owners(held)
     return compute
 
 
 def _bg_share(s: Scored) -> torch.Tensor | None:
-    if s.true is None:
-        return None
-    return metrics.region_shares(s.true, s.step.masks, s.background).max(1).values
+    held = _shares(s, "background")
+    return None if held is None else held.max(1).values
 
 
 def _next_nll(s: Scored) -> torch.Tensor | None:
@@ -119,7 +130,7 @@ def score_steps(system: Iodine, x: torch.Tensor, steps: list[StepResult], true: 
     sequence = x.dim() == 5
     for t, step in enumerate(steps):
         nxt = x[:, t + 1] if sequence and t + 1 < x.shape[1] else None
-        s = Scored(system, frame(x, t), step, frame(true, t) if true is not None else None, background, nxt)
+        s = Scored(system, frame(x, t), step, frame(true, t) if true is not None else None, background, nxt, {})
         for name in names or METRICS:
             value = METRICS[name].compute(s)
             if value is not None:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ari", "summarize", "mse", "slot_stability", "slots_owning"]
+__all__ = ["ari", "owners", "region_shares", "summarize", "mse", "slot_stability", "slots_owning"]
 
 
 def _num_dropped_groups(foreground_only: bool | int, n_groups: int) -> int:
@@ -165,9 +165,14 @@ def slots_owning(true_masks: torch.Tensor, pred_masks: torch.Tensor, background:
     Returns:
         float64 [B] (whole numbers); NaN for an image without pixels of that region.
     """
+    return owners(region_shares(true_masks, pred_masks, background, region), share)
+
+
+def owners(held: torch.Tensor, share: float = OWNING_SHARE) -> torch.Tensor:
+    """:func:`slots_owning` from the shares :func:`region_shares` gives ([B, K]): the slots
+    holding at least `share` (in [0, 1)) of the region, float64 [B]; NaN for NaN rows."""
     if not 0.0 <= share < 1.0:
         raise ValueError(f"share must lie in [0, 1), got {share}")
-    held = region_shares(true_masks, pred_masks, background, region)    # [B, K]
     count = ((held > 0) & (held >= share)).sum(1).to(torch.float64)     # [B]
     return torch.where(held.isnan().any(1), torch.full_like(count, float("nan")), count)
 
