@@ -481,17 +481,23 @@ def test_ctrl_c_during_generation_prints_one_line_and_leaves_no_process(tmp_path
                                  "--num-images", "10000", "--workers", "2", "--out", str(out), "--quiet"],
                                 stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV,
                                 start_new_session=True)
-        deadline = time.time() + 120
-        while not list(tmp_path.glob(f".store{attempt}.*.partial")) and time.time() < deadline:
+        started = time.time()
+        while not list(tmp_path.glob(f".store{attempt}.*.partial")) and time.time() < started + 120:
             time.sleep(0.05)
         time.sleep(delay)
+        ignored = []                                                  # what the child ignores, should it fail
+        with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/status") as f:
+            ignored = [line.split()[1] for line in f if line.startswith("SigIgn")]
+        waited = time.time() - started
         os.killpg(proc.pid, signal.SIGINT)                            # Ctrl-C: the terminal's whole group
         try:
             _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("Ctrl-C during generation hung")
-        assert proc.returncode == 130 and err.strip() == "interrupted", err
+        assert proc.returncode == 130 and err.strip() == "interrupted", (
+            f"exit {proc.returncode}, stderr {err!r}, Ctrl-C sent {waited:.1f} s after the start, "
+            f"child's SigIgn {ignored}, ours {signal.getsignal(signal.SIGINT)}")
         assert not is_store(out) and leftovers(tmp_path) == []
         with contextlib.suppress(ProcessLookupError):                 # no worker or fork server left
             deadline = time.time() + 20
