@@ -62,6 +62,14 @@ def _num_dropped_groups(foreground_only: bool | int, n_groups: int) -> int:
     return n_drop
 
 
+def first_argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The index of the largest value along `dim`, ties to the first: what ``argmax`` gives,
+    from ``max``, which finds it faster when `dim` is not the innermost (float32 [8, 4, 1225]
+    over the 4 slots, one thread of a Xeon: 0.13 against 1.07 ms; the metrics of one
+    training-log row call it 30 times)."""
+    return x.max(dim).indices
+
+
 def ari(
     true_masks: torch.Tensor,
     pred_masks: torch.Tensor,
@@ -108,9 +116,9 @@ def ari(
     pred = pred_masks.flatten(2)  # pred: [B, K, N]
     if not pred.is_floating_point():
         pred = pred.to(torch.float64)  # argmax is not defined for bool
-    pred_ids = pred.argmax(dim=1)  # pred_ids: [B, N]
+    pred_ids = first_argmax(pred, 1)  # pred_ids: [B, N]
     pred_oh = F.one_hot(pred_ids, K).to(torch.float64)  # pred_oh: [B, N, K]
-    true_ids = true.argmax(dim=1)  # true_ids: [B, N]; 0 for all-zero (ignored) pixels, as officially
+    true_ids = first_argmax(true, 1)  # true_ids: [B, N]; 0 for all-zero (ignored) pixels, as officially
 
     nij = torch.bmm(true, pred_oh)  # nij: [B, G', K]
     a = nij.sum(dim=2)  # a: [B, G']
@@ -194,7 +202,7 @@ def region_shares(true_masks: torch.Tensor, pred_masks: torch.Tensor, background
     inside = (groups.flatten(2) > 0).any(1).to(torch.float64)            # [B, N]
     pred = pred_masks.flatten(2)
     pred = pred if pred.is_floating_point() else pred.to(torch.float64)
-    owner = F.one_hot(pred.argmax(1), K).to(torch.float64)               # [B, N, K]
+    owner = F.one_hot(first_argmax(pred, 1), K).to(torch.float64)       # [B, N, K]
     per_slot = torch.bmm(inside.unsqueeze(1), owner).squeeze(1)          # [B, K] pixels held
     return per_slot / inside.sum(1, keepdim=True)                        # 0 / 0: NaN
 
@@ -248,7 +256,7 @@ def slot_stability(true_masks: torch.Tensor, pred_masks: torch.Tensor, backgroun
     true = true_masks[:, :, background:].flatten(3).to(torch.float64)      # [B, F, G', N]
     pred = pred_masks.flatten(3)                                            # [B, F, K, N]
     pred = pred if pred.is_floating_point() else pred.to(torch.float64)
-    pred_oh = F.one_hot(pred.argmax(dim=2), K).to(torch.float64)           # [B, F, N, K]
+    pred_oh = F.one_hot(first_argmax(pred, 2), K).to(torch.float64)        # [B, F, N, K]
     overlap = true @ pred_oh                                                # [B, F, G', K] pixels
     visible = overlap.sum(-1) > 0                                           # [B, F, G']
     slot = F.one_hot(overlap.argmax(-1), K) * visible.unsqueeze(-1)         # [B, F, G', K]
