@@ -122,6 +122,8 @@ class TrainConfig:
     pixel_scale_final: float | None = ruled(None, optional(number(0)))  # anneal model.pixel_scale geometrically
     pixel_anneal_start: int = ruled(0, integer(0))                  # ... from this step ...
     pixel_anneal_steps: int = ruled(1, integer(1))                  # ... over this many steps (`pixel_scale_at`)
+    pixel_return_start: int | None = ruled(None, optional(integer(0)))  # from this step back to model.pixel_scale,
+                                                                    # over pixel_anneal_steps again
 
 
 @dataclass
@@ -346,7 +348,8 @@ def field_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 # (model, guide, data, batch). Lowering the learning rate of a long run is the common case.
 SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.warmup_steps",
                    "train.clip_norm", "train.max_bad_steps", "train.geco_release_step",
-                   "train.pixel_scale_final", "train.pixel_anneal_start", "train.pixel_anneal_steps")
+                   "train.pixel_scale_final", "train.pixel_anneal_start", "train.pixel_anneal_steps",
+                   "train.pixel_return_start")
 
 
 def pixel_scale_at(cfg: Config, step: int) -> float:
@@ -358,12 +361,25 @@ def pixel_scale_at(cfg: Config, step: int) -> float:
     shared by every slot (a slightly wrong slot pays almost nothing on a background pixel);
     the anchors that give the background to one slot use a sharp one (0.05-0.1). The
     schedule is a function of the step, so a resumed run and an evaluation of a checkpoint
-    use the sigma its step was trained with."""
+    use the sigma its step was trained with.
+
+    With ``train.pixel_return_start`` set, sigma goes back from wherever the anneal has
+    brought it to ``model.pixel_scale``, geometrically over ``pixel_anneal_steps`` from
+    that step on: a sharp phase that gathers the background between two wide ones that
+    separate the objects."""
     t, start = cfg.train, float(cfg.model.pixel_scale)
     if t.pixel_scale_final is None or step <= t.pixel_anneal_start:
         return start
-    done = min(1.0, (step - t.pixel_anneal_start) / t.pixel_anneal_steps)
-    return start * (t.pixel_scale_final / start) ** done
+
+    def annealed(s: int) -> float:
+        done = min(1.0, (s - t.pixel_anneal_start) / t.pixel_anneal_steps)
+        return start * (t.pixel_scale_final / start) ** done
+
+    if t.pixel_return_start is None or step <= t.pixel_return_start:
+        return annealed(step)
+    low = annealed(max(t.pixel_return_start, t.pixel_anneal_start))
+    back = min(1.0, (step - t.pixel_return_start) / t.pixel_anneal_steps)
+    return low * (start / low) ** back
 
 
 def resumed_config(stored: Config, overrides: dict[str, Any] | None) -> tuple[Config, list[str]]:

@@ -137,6 +137,20 @@ def test_pixel_scale_anneals_geometrically_from_its_start_step():
     assert pixel_scale_at(make_config("tetrominoes", "fast"), 10**6) == 0.3   # no anneal: constant
 
 
+def test_pixel_scale_returns_to_its_start_after_the_sharp_phase():
+    cfg = make_config("tetrominoes", "fast", {"train.pixel_scale_final": 0.075, "train.pixel_anneal_start": 100,
+                                              "train.pixel_anneal_steps": 200, "train.pixel_return_start": 400})
+    assert pixel_scale_at(cfg, 300) == pixel_scale_at(cfg, 400) == pytest.approx(0.075)   # held until the return
+    assert pixel_scale_at(cfg, 500) == pytest.approx(0.15)          # halfway back: the geometric mean
+    assert pixel_scale_at(cfg, 600) == pixel_scale_at(cfg, 10**6) == pytest.approx(0.3)
+    # a return that starts mid-anneal goes back from the sigma reached there
+    early = make_config("tetrominoes", "fast", {"train.pixel_scale_final": 0.075, "train.pixel_anneal_start": 100,
+                                                "train.pixel_anneal_steps": 200, "train.pixel_return_start": 200})
+    assert pixel_scale_at(early, 200) == pytest.approx(0.15)
+    assert pixel_scale_at(early, 300) == pytest.approx((0.15 * 0.3) ** 0.5)
+    assert pixel_scale_at(early, 400) == pytest.approx(0.3)
+
+
 def test_geco_release_returns_beta_to_one_whatever_the_mse():
     geco = Geco(goal=0.01, rate=0.1, ema=0.0)
     for _ in range(20):
