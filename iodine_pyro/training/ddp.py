@@ -146,8 +146,15 @@ def setup(device: str | torch.device = "cpu") -> Processes:
                      device=device, owns_group=owns, host_group=host_group)
 
 
-def teardown(processes: Processes) -> None:
+def teardown(processes: Processes, finished: bool = True) -> None:
+    """End the process group `setup` started. After a run that `finished` on every process,
+    the processes first wait for each other, so that none closes its connections while
+    another may still be completing the last collective (a process that leaves early can
+    make gloo abort the other at exit). After an error there is nothing to wait for: the
+    others may be stopped inside a collective."""
     if processes.owns_group and dist.is_initialized():
+        if finished and processes.distributed:
+            dist.barrier(group=processes.host_group)
         dist.destroy_process_group()
 
 
@@ -212,6 +219,18 @@ def strip_option(argv: list[str], name: str = "--nproc") -> list[str]:
     return out
 
 
+def exit_in_words(code: int) -> str:
+    """How a process ended, in words: 'exited with status 3', 'was killed by SIGABRT'."""
+    if code < 0:
+        import signal
+
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
     """Run ``python -m iodine_pyro ARGV`` on `nproc` local processes with torchrun
     (``torch.distributed.run --standalone``); returns the exit status.
@@ -239,7 +258,8 @@ def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
         printed = [c for c in codes if c in (1, 2)]    # the command line's statuses for an error it
         if printed:                                     # printed (the other processes were stopped after it)
             return max(printed)
-        log.error("training processes failed with exit status %s", ", ".join(map(str, codes)))
+        log.error("training processes failed: %s", "; ".join(
+            f"process {rank} {exit_in_words(f.exitcode)}" for rank, f in sorted(e.failures.items())))
         return 1
     except SignalException as e:
         return 128 + int(e.sigval)

@@ -56,9 +56,12 @@ def fit(request: FitRequest | None = None, /, **arguments: Any) -> FitResult:
     processes = setup(request.device)
     try:
         with run_lock(request.out, processes.is_main):
-            return _train(request, processes)
-    finally:
-        teardown(processes)
+            result = _train(request, processes)
+    except BaseException:
+        teardown(processes, finished=False)
+        raise
+    teardown(processes)
+    return result
 
 
 def _train(request: FitRequest, processes: Processes) -> FitResult:

@@ -186,3 +186,8 @@ def test_a_single_process_is_not_distributed(monkeypatch):
     p = ddp.setup("cpu")
     assert (p.rank, p.world, p.distributed, p.is_main) == (0, 1, False, True)
     assert p.main_first(lambda a: a + 1, 1) == 2 and p.any(True) and not p.any(False)
+
+
+def test_a_failed_process_is_reported_with_its_signal():
+    assert ddp.exit_in_words(-6) == "was killed by SIGABRT"
+    assert ddp.exit_in_words(3) == "exited with status 3"
