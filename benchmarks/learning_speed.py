@@ -69,6 +69,8 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
                        {**ANNEAL, "train.lr_decay_steps": 1000}, True),
     "fast-anneal-0.15": ("fast, pixel sigma 0.3 -> 0.15 over steps 1,000-2,000", "fast",
                          {**ANNEAL, "train.pixel_scale_final": 0.15}, True),
+    "fast-anneal-0.2": ("fast, pixel sigma 0.3 -> 0.2 over steps 1,000-2,000", "fast",
+                        {**ANNEAL, "train.pixel_scale_final": 0.2}, True),
     "fast-anneal-return": ("fast-anneal with sigma back to 0.3 over steps 2,500-3,500: the background gathered, "
                            "then the objects separated", "fast", {**ANNEAL, "train.pixel_return_start": 2500}, True),
     "fast-anneal-release": ("fast-anneal with GECO's beta back to 1 from step 1,000: the paper's ELBO at sigma 0.1",

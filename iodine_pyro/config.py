@@ -466,6 +466,8 @@ def validate(cfg: Config) -> None:
          "guide.disabled_inputs: at least one image-sized refinement input must stay enabled"),
         (not g.first_slot_init or g.kind == ITERATIVE,
          f"guide.first_slot_init: only the iterative guide starts from a trained lambda_1, not {g.kind!r}"),
+        (cfg.train.pixel_return_start is None or cfg.train.pixel_scale_final is not None,
+         "train.pixel_return_start: sigma returns from an anneal; set train.pixel_scale_final too"),
         (m.decoder != "deconv" or len(m.decoder_channels) >= 1,
          "model.decoder_channels: the deconv decoder needs at least one layer"),
     ]

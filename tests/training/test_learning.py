@@ -149,6 +149,8 @@ def test_pixel_scale_returns_to_its_start_after_the_sharp_phase():
     assert pixel_scale_at(early, 200) == pytest.approx(0.15)
     assert pixel_scale_at(early, 300) == pytest.approx((0.15 * 0.3) ** 0.5)
     assert pixel_scale_at(early, 400) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="set train.pixel_scale_final too"):   # a return from no anneal
+        make_config("tetrominoes", "fast", {"train.pixel_return_start": 400})
 
 
 def test_geco_release_returns_beta_to_one_whatever_the_mse():
