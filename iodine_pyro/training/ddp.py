@@ -31,6 +31,7 @@ import inspect
 import logging
 import os
 import pickle
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,9 +154,11 @@ def teardown(processes: Processes, finished: bool = True) -> None:
     make gloo abort the other at exit). After an error there is nothing to wait for: the
     others may be stopped inside a collective."""
     if processes.owns_group and dist.is_initialized():
-        if finished and processes.distributed:
-            dist.barrier(group=processes.host_group)
-        dist.destroy_process_group()
+        try:
+            if finished and processes.distributed:
+                dist.barrier(group=processes.host_group)
+        finally:
+            dist.destroy_process_group()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -222,8 +225,6 @@ def strip_option(argv: list[str], name: str = "--nproc") -> list[str]:
 def exit_in_words(code: int) -> str:
     """How a process ended, in words: 'exited with status 3', 'was killed by SIGABRT'."""
     if code < 0:
-        import signal
-
         try:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
