@@ -237,7 +237,8 @@ def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
     (``torch.distributed.run --standalone``); returns the exit status.
 
     On CPU each process gets cpu_count / nproc threads unless OMP_NUM_THREADS is set. The
-    processes print for themselves (rank 0 alone prints results and errors).
+    processes print for themselves (rank 0 alone prints results and errors); one killed by a
+    fatal signal also prints its Python stacks (faulthandler).
     """
     # the launcher's machinery (elastic agents, rendezvous) only when launching: importing it
     # for every fit would slow the command line's start
@@ -249,6 +250,8 @@ def launch(nproc: int, argv: list[str], device: str = "cpu") -> int:
         raise ValueError(f"`nproc` {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible")
     if torch.device(device).type == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # a process that aborts (SIGABRT, SIGSEGV) prints where each of its threads stood
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # the processes report for themselves
     args = torchrun.parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "iodine_pyro", *argv])

@@ -3,7 +3,10 @@
 Each row has the step, the loss and gradient norm of that step, the steps skipped so far,
 ``time`` and ``cpu_time`` (the run's training wall and process CPU seconds, summed over
 every call that trained it), GECO's beta and the pixel scale where they change, and the
-metrics of the step's batch (`evaluate.batch_metrics`).
+metrics of the step's batch (`evaluate.batch_metrics`). Those metrics sample posteriors on
+a random stream of their own (seeded by the step), so logging draws nothing from training's:
+a run is the same whatever `log_every`, and a run stopped between two logged steps (a time
+limit, a signal) resumes exactly.
 """
 
 from __future__ import annotations
@@ -52,9 +55,16 @@ class MetricsLog:
                      **{k: round(v, 3) for k, v in state.clock().items()},
                      **({"beta": float(geco.beta)} if geco is not None else {}),
                      **({"pixel_scale": system.model.pixel_scale} if state.cfg.train.pixel_scale_final else {}),
-                     **(batch_metrics(system, batch, self.background) if self.main else {})}
+                     **(self._batch_metrics(state.step, system, batch) if self.main else {})}
         self.file.write(json.dumps(self.last) + "\n")
         return self.last
+
+    def _batch_metrics(self, step: int, system, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """`batch_metrics` on the random stream of `step`, leaving training's stream as it was."""
+        device = batch["image"].device
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+            torch.manual_seed(step)
+            return batch_metrics(system, batch, self.background)
 
 
 class TrainingBar:

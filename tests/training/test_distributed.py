@@ -191,3 +191,17 @@ def test_a_single_process_is_not_distributed(monkeypatch):
 def test_a_failed_process_is_reported_with_its_signal():
     assert ddp.exit_in_words(-6) == "was killed by SIGABRT"
     assert ddp.exit_in_words(3) == "exited with status 3"
+
+
+def test_launched_processes_print_their_stacks_when_killed(monkeypatch):
+    """A process that aborts (as gloo's threads can at exit) says where it stood."""
+    from torch.distributed import run as torchrun
+
+    seen = {}
+    for name in ("PYTHONFAULTHANDLER", "OMP_NUM_THREADS"):     # restored after the test, set or not
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torchrun, "run", lambda args: seen.update(env=os.environ.get("PYTHONFAULTHANDLER"),
+                                                                   nproc=args.nproc_per_node))
+    assert ddp.launch(2, ["fit", "--steps", "1"]) == 0
+    assert seen == {"env": "1", "nproc": "2"}

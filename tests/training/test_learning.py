@@ -99,6 +99,22 @@ def test_fit_with_geco_logs_beta_and_resumes_it_exactly(tmp_path, data):
         assert torch.equal(v, b["system"][k]), k
 
 
+def test_a_run_stopped_between_logged_steps_resumes_exactly(tmp_path, data):
+    """The log's metrics sample posteriors on their own stream: the extra row written where a
+    run stops (a time limit, a signal) takes nothing from training's noise."""
+    full = fit(out=tmp_path / "full", data=data, steps=4, overrides=TINY_OVERRIDES, progress=False, log_every=2)
+    fit(out=tmp_path / "cut", data=data, steps=3, overrides=TINY_OVERRIDES, progress=False, log_every=2)
+    cut = fit(out=tmp_path / "cut", data=data, steps=4, overrides=TINY_OVERRIDES, progress=False, log_every=2)
+    a, b = load_checkpoint(full.out), load_checkpoint(cut.out)
+    for k, v in a["system"].items():
+        assert torch.equal(v, b["system"][k]), k
+    rows = {r["step"]: r for r in map(json.loads, (cut.out / "metrics.jsonl").read_text().splitlines())}
+    last = json.loads((full.out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sorted(rows) == [2, 3, 4]
+    assert {k: rows[4][k] for k in ("loss", "fg_ari", "ari", "per_step")} == \
+        {k: last[k] for k in ("loss", "fg_ari", "ari", "per_step")}
+
+
 def test_time_limit_stops_with_a_checkpoint_and_the_run_continues(tmp_path, data):
     first = fit(out=tmp_path / "run", data=data, steps=10**6, overrides=TINY_OVERRIDES, progress=False,
                 log_every=1, time_limit=0.5)
