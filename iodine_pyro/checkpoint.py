@@ -10,6 +10,8 @@ import io
 import json
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def seeded(seed: int, like: torch.Tensor) -> Iterator[None]:
+    """Torch's draws inside come from a stream seeded by `seed` (the CPU's and `like`'s
+    GPU's); the stream outside, training's or a caller's, is left as it was."""
+    with torch.random.fork_rng(devices=[like.device.index or 0] if like.is_cuda else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def save_checkpoint(path: Path, *, cfg: Config, system_state: dict, optimizer_state: dict,

@@ -85,6 +85,7 @@ import xarray as xr
 from pyro.infer import Predictive
 from tqdm.auto import tqdm
 
+from .checkpoint import seeded
 from .memory import check_memory, memory_available
 from .models import Decoded
 from .system import Iodine
@@ -105,10 +106,6 @@ def version() -> str:
         return f"iodine-pyro {pkg_version('iodine-pyro')}"
     except PackageNotFoundError:
         return "iodine-pyro"
-
-
-def rng_devices(x: torch.Tensor) -> list[int]:
-    return [x.device.index or 0] if x.is_cuda else []
 
 
 def check_slots(system: Iodine, num_slots: int | None) -> None:
@@ -313,8 +310,7 @@ def _draw_all(system: Iodine, x: torch.Tensor, num_samples: int, *, batch_size: 
     log.info("drawing %d posterior samples for %d images, %d at a time", num_samples, N, batch_size)
     chunks: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=N * num_samples, disable=not progress, desc="sample", unit="sample", dynamic_ncols=True)
-    with torch.random.fork_rng(devices=rng_devices(x)):
-        torch.manual_seed(seed)
+    with seeded(seed, x):
         for start in range(0, N, batch_size):
             xb, parts = x[start:start + batch_size], []
             for s0 in range(0, num_samples, SAMPLE_CHUNK):     # a few samples at a time: progress
@@ -441,8 +437,7 @@ def plot_multistability(system: Iodine, x: torch.Tensor, path: str | Path, num_s
         x = x.unsqueeze(0)                                                # [1, C, H, W]
     if x.shape[0] != 1:
         raise ValueError(f"multi-stability takes one image, got {x.shape[0]}")
-    with torch.random.fork_rng(devices=rng_devices(x)):
-        torch.manual_seed(seed)
+    with seeded(seed, x):
         s = draw_samples(system, x, num_samples, num_iters=num_iters, num_slots=num_slots,
                          predictive=True, keep_means=True)
     S = num_samples

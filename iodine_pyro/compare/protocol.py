@@ -20,7 +20,8 @@ from .. import metrics
 from ..evaluate import METRICS as TABLE
 from ..evaluate import score_steps
 from ..memory import check_memory
-from ..posterior import check_slots, rng_devices
+from ..checkpoint import seeded
+from ..posterior import check_slots
 from ..run import Run
 from ..system import Iodine
 from .estimators import (
@@ -341,8 +342,7 @@ def _batches(system: Iodine, x_all, m_all, batch_size: int, seed: int, gap_image
     """`evaluate_guide` over the images in batches, seeded: {metric: [L, N] or [N]}. q* is
     fitted on the first `gap_images` images (default all); its values are NaN for the rest."""
     parts: list[dict[str, torch.Tensor]] = []
-    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=rng_devices(x_all)):
-        torch.manual_seed(seed)
+    with pyro.get_param_store().scope(), seeded(seed, x_all):
         for start in range(0, x_all.shape[0], batch_size):
             stop = min(start + batch_size, x_all.shape[0])
             without = gap_images is not None and start >= gap_images

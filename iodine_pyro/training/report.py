@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint import seeded
 from ..evaluate import batch_metrics
 from ..io import open_append
 from .state import TrainingState
@@ -61,9 +62,7 @@ class MetricsLog:
 
     def _batch_metrics(self, step: int, system, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """`batch_metrics` on the random stream of `step`, leaving training's stream as it was."""
-        device = batch["image"].device
-        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
-            torch.manual_seed(step)
+        with seeded(step, batch["image"]):
             return batch_metrics(system, batch, self.background)
 
 
