@@ -34,6 +34,7 @@ from .store import (
     CHUNK_SIZE,
     FORMAT,
     FORMAT_VERSION,
+    interrupt_deferred,
     is_store,
     new_store,
     open_store,
@@ -91,29 +92,12 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_watch_parent, initargs=(lifeline,))
     pool._lifeline = (lifeline, keep)                          # alive as long as the pool
     try:
-        with _interrupt_deferred():                            # every worker known before a Ctrl-C acts
+        with interrupt_deferred():                            # every worker known before a Ctrl-C acts
             pool.submit(int)                                   # starts them all (forkserver: at once)
     except BaseException:
         _stop_workers(pool)
         raise
     return pool
-
-
-@contextlib.contextmanager
-def _interrupt_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C back until the block ends, then raise it: a worker whose start it cut
-    short would be unknown to `_stop_workers` and fail noisily once this process left."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    hit: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if hit:
-        raise KeyboardInterrupt
 
 
 def _start_forkserver() -> None:

@@ -30,6 +30,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,28 @@ def new_store(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def interrupt_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends, then raise it, for work that a Ctrl-C must
+    not cut in the middle: starting a worker pool (a worker whose start it cut short would
+    be unknown to the code that stops them, and fail noisily once this process left), or
+    writing a chunk (zarr writes on its own event loop thread; a Ctrl-C in this thread left
+    its write pending, and asyncio reported the destroyed task on stderr at exit). Both
+    take well under a second. Outside the main thread (which alone receives signals) it
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
+
+
 def write_chunks(out: str | Path, chunks: Iterable[dict[str, np.ndarray]], attrs: dict[str, Any], *,
                  factor_dims: dict[str, tuple[str, ...]], chunk_size: int = CHUNK_SIZE,
                  bar: Any = None) -> int:
@@ -186,16 +210,18 @@ def write_chunks(out: str | Path, chunks: Iterable[dict[str, np.ndarray]], attrs
     for i, arrays in enumerate(chunks):
         chunk = _to_xarray(arrays, factor_dims)
         chunk.attrs.update(attrs)  # an append rewrites the group's attributes
-        if i == 0:
-            chunk.to_zarr(out, mode="w", encoding=_encoding(chunk, chunk_size), consolidated=False,
-                          zarr_format=3, write_empty_chunks=True)
-        else:
-            chunk.to_zarr(out, append_dim="image", consolidated=False, write_empty_chunks=True)
+        with interrupt_deferred():
+            if i == 0:
+                chunk.to_zarr(out, mode="w", encoding=_encoding(chunk, chunk_size), consolidated=False,
+                              zarr_format=3, write_empty_chunks=True)
+            else:
+                chunk.to_zarr(out, append_dim="image", consolidated=False, write_empty_chunks=True)
         total += chunk.sizes["image"]
         if bar is not None:
             bar.update(chunk.sizes["image"])
     if total and not counted:
-        zarr.open_group(out, mode="r+").attrs["num_images"] = total
+        with interrupt_deferred():
+            zarr.open_group(out, mode="r+").attrs["num_images"] = total
     return total
 
 

@@ -507,6 +507,26 @@ def test_ctrl_c_during_generation_prints_one_line_and_leaves_no_process(tmp_path
             raise AssertionError("processes of the interrupted generation still run")
 
 
+def test_ctrl_c_during_a_chunk_write_lets_the_write_finish_first(tmp_path, monkeypatch):
+    """zarr writes on its own event-loop thread: a Ctrl-C raised in the main thread while it
+    waited left the write's task pending, and asyncio printed "Task was destroyed but it is
+    pending" at exit. The Ctrl-C now waits for the chunk's write, then interrupts."""
+    written = []
+    to_zarr = xr.Dataset.to_zarr
+
+    def ctrl_c_then_write(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)                          # Ctrl-C as the write starts
+        result = to_zarr(self, *args, **kwargs)
+        written.append(self.sizes["image"])
+        return result
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", ctrl_c_then_write)
+    with pytest.raises(KeyboardInterrupt):
+        generate("tetrominoes", 32, tmp_path / "store", workers=1, progress=False, chunk_size=16)
+    assert written == [16]                                            # the first write whole, no second
+    assert not is_store(tmp_path / "store") and leftovers(tmp_path) == []
+
+
 def test_stopping_workers_never_waits_on_a_message_cut_short():
     import struct
     import threading
