@@ -75,6 +75,8 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
                                {**ANNEAL, "train.pixel_scale_final": 0.15, "train.lr_decay": 1.0}, True),
     "fast-anneal-0.2-k5": ("fast-anneal-0.2 with 5 slots for Tetrominoes' 3 objects and background (K = 4)", "fast",
                            {**ANNEAL, "train.pixel_scale_final": 0.2, "model.num_slots": 5}, True),
+    "fast-anneal-0.2-k6": ("fast-anneal-0.2 with 6 slots: two to spare", "fast",
+                           {**ANNEAL, "train.pixel_scale_final": 0.2, "model.num_slots": 6}, True),
     "fast-anneal-return": ("fast-anneal with sigma back to 0.3 over steps 2,500-3,500: the background gathered, "
                            "then the objects separated", "fast", {**ANNEAL, "train.pixel_return_start": 2500}, True),
     "fast-anneal-release": ("fast-anneal with GECO's beta back to 1 from step 1,000: the paper's ELBO at sigma 0.1",
