@@ -92,7 +92,7 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_watch_parent, initargs=(lifeline,))
     pool._lifeline = (lifeline, keep)                          # alive as long as the pool
     try:
-        with interrupt_deferred():                            # every worker known before a Ctrl-C acts
+        with interrupt_deferred():                             # every worker known before a Ctrl-C acts
             pool.submit(int)                                   # starts them all (forkserver: at once)
     except BaseException:
         _stop_workers(pool)
