@@ -77,6 +77,8 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
                            {**ANNEAL, "train.pixel_scale_final": 0.2, "model.num_slots": 5}, True),
     "fast-anneal-0.2-k6": ("fast-anneal-0.2 with 6 slots: two to spare", "fast",
                            {**ANNEAL, "train.pixel_scale_final": 0.2, "model.num_slots": 6}, True),
+    "fast-anneal-0.25-k5": ("fast, pixel sigma 0.3 -> 0.25 over steps 1,000-2,000, with 5 slots", "fast",
+                            {**ANNEAL, "train.pixel_scale_final": 0.25, "model.num_slots": 5}, True),
     "fast-anneal-return": ("fast-anneal with sigma back to 0.3 over steps 2,500-3,500: the background gathered, "
                            "then the objects separated", "fast", {**ANNEAL, "train.pixel_return_start": 2500}, True),
     "fast-anneal-release": ("fast-anneal with GECO's beta back to 1 from step 1,000: the paper's ELBO at sigma 0.1",

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .checkpoint import seeded
 from .memory import check_memory
 from .data import is_sequence, load_images
 from .models.generative import Decoded, frame
@@ -176,23 +177,23 @@ def evaluate(run: Run | str | Path, *, num_images: int = 256, batch_size: int = 
     background = run.background_groups(ds)
     system = run.system
     n = min(num_images, ds.sizes["image"])
-    torch.manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {}
     stability = []
     bar = tqdm(total=n, disable=not progress, desc="evaluate", unit="img", dynamic_ncols=True)
-    for start in range(0, n, batch_size):
-        batch = load_images(ds, start, min(start + batch_size, n))
-        x = batch["image"].to(run.device)                                  # [b, (F,) C, H, W]
-        true = batch["mask"].to(run.device) if "mask" in batch else None
-        steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)   # one per step (frame)
-        if sequence:
-            x, true = x[:, :len(steps)], true[:, :len(steps)] if true is not None else None
-        for k, v in score_steps(system, x, steps, true, background).items():
-            parts.setdefault(k, []).append(v)                               # [steps, b]
-        if sequence and true is not None:
-            masks = torch.stack([s.masks for s in steps], 1)                # [b, frames, K, H, W]
-            stability.append(metrics.slot_stability(true, masks, background).cpu())
-        bar.update(x.shape[0])
+    with seeded(seed, torch.empty(0, device=run.device)):   # the caller's stream is left as it was
+        for start in range(0, n, batch_size):
+            batch = load_images(ds, start, min(start + batch_size, n))
+            x = batch["image"].to(run.device)                                  # [b, (F,) C, H, W]
+            true = batch["mask"].to(run.device) if "mask" in batch else None
+            steps = system.infer(x, num_iters=num_iters, num_slots=num_slots)   # one per step (frame)
+            if sequence:
+                x, true = x[:, :len(steps)], true[:, :len(steps)] if true is not None else None
+            for k, v in score_steps(system, x, steps, true, background).items():
+                parts.setdefault(k, []).append(v)                               # [steps, b]
+            if sequence and true is not None:
+                masks = torch.stack([s.masks for s in steps], 1)                # [b, frames, K, H, W]
+                stability.append(metrics.slot_stability(true, masks, background).cpu())
+            bar.update(x.shape[0])
     bar.close()
     result: dict[str, Any] = {k: [metrics.summarize(row) for row in torch.cat(v, 1)] for k, v in parts.items()}
     cfg = run.cfg

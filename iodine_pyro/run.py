@@ -150,7 +150,8 @@ class Run:
             run_name = home.resolve().name or "run"
             text = str(path.resolve())
         ckpt = load_checkpoint(path, map_location=device)
-        system = Iodine(ckpt["config"]).to(device)
+        with torch.random.fork_rng(devices=[]):   # its initial weights are replaced: draw them apart
+            system = Iodine(ckpt["config"]).to(device)
         try:
             system.load_state_dict(ckpt["system"])
         except RuntimeError as e:

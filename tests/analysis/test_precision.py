@@ -54,6 +54,18 @@ def test_amp_runs_the_networks_in_bf16_near_the_float32_numbers(runs):
     assert Run.of(run, amp=False).system.precision == "float32"        # unless amp is given
 
 
+def test_evaluate_draws_from_its_own_seeded_stream_and_leaves_the_callers(runs):
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    a = evaluate(runs["iterative"], num_images=4, batch_size=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)                   # the caller's stream is as it was
+    torch.manual_seed(12)                                              # and does not change the scores
+    b = evaluate(runs["iterative"], num_images=4, batch_size=2, progress=False)
+    c = evaluate(runs["iterative"], num_images=4, batch_size=2, seed=1, progress=False)
+    assert a["kl"] == b["kl"] and a["mse"] == b["mse"]
+    assert c["kl"] != a["kl"]                                          # the seed picks the draws
+
+
 def test_the_commands_take_amp_and_record_it(runs, tmp_path):
     code, out, err = run_main("evaluate", runs["iterative"], "--num-images", 4, "--amp", "--json")
     assert code == 0, err
