@@ -5,7 +5,9 @@ Every variant trains on the same generated Tetrominoes images with the project's
 idle core would take, whatever else runs on the machine), and is evaluated on the same
 held-out images at ``--evals`` evenly spaced points of its budget (evaluation time is not
 counted). Runs are resumable: run the same command again and finished points are kept,
-unfinished runs continue exactly from their checkpoints.
+unfinished runs continue exactly from their checkpoints. A run stopped by a signal
+(Ctrl-C, SIGTERM) checkpoints where it stands and records no point; resumed, its next
+point comes one full spacing (budget / evals) of CPU time later.
 
 Writes under ``--out``:
 
@@ -77,6 +79,9 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
                            {**ANNEAL, "train.pixel_scale_final": 0.2, "model.num_slots": 5}, True),
     "fast-anneal-0.2-k6": ("fast-anneal-0.2 with 6 slots: two to spare", "fast",
                            {**ANNEAL, "train.pixel_scale_final": 0.2, "model.num_slots": 6}, True),
+    "fast-anneal-0.2-k6-goal": ("fast-anneal-0.2-k6 with GECO's goal at MSE 0.005: beta kept at its floor longer",
+                                "fast", {**ANNEAL, "train.pixel_scale_final": 0.2, "model.num_slots": 6,
+                                         "train.geco_goal": 0.005}, True),
     "fast-anneal-0.25-k5": ("fast, pixel sigma 0.3 -> 0.25 over steps 1,000-2,000, with 5 slots", "fast",
                             {**ANNEAL, "train.pixel_scale_final": 0.25, "model.num_slots": 5}, True),
     "fast-anneal-return": ("fast-anneal with sigma back to 0.3 over steps 2,500-3,500: the background gathered, "
@@ -137,6 +142,10 @@ def worker(a) -> None:
                      data=out / "data" / "train", eval_data=out / "data" / "test", seed=a.seed,
                      log_every=100, checkpoint_every=10**9, progress=False, amp=amp,
                      time_limit=a.budget * 60 / a.evals, time_clock="cpu")
+        if result.stopped == "signal":     # short of the point: its steps are in the checkpoint, the
+            print(f"{a.variant} seed {a.seed}: stopped at step {result.step} before point {point}; "
+                  "resume to measure it", flush=True)
+            return                         # point is measured from there when the study is resumed
         rows = read_metrics(run)
         trained = Run.open(run)                                       # the checkpoint, loaded once
         res = evaluate(trained, num_images=a.eval_images, batch_size=64, progress=False)
