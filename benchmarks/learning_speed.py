@@ -142,10 +142,11 @@ def worker(a) -> None:
                      data=out / "data" / "train", eval_data=out / "data" / "test", seed=a.seed,
                      log_every=100, checkpoint_every=10**9, progress=False, amp=amp,
                      time_limit=a.budget * 60 / a.evals, time_clock="cpu")
-        if result.stopped == "signal":     # short of the point: its steps are in the checkpoint, the
+        if result.stopped == "signal":   # short of the point: its steps are in the checkpoint, and the
+            # point is measured from there when the study is resumed
             print(f"{a.variant} seed {a.seed}: stopped at step {result.step} before point {point}; "
                   "resume to measure it", flush=True)
-            return                         # point is measured from there when the study is resumed
+            return
         rows = read_metrics(run)
         trained = Run.open(run)                                       # the checkpoint, loaded once
         res = evaluate(trained, num_images=a.eval_images, batch_size=64, progress=False)
