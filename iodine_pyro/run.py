@@ -29,7 +29,8 @@ from .config import Config, held_out, pixel_scale_at
 from .data import DatasetError, background_groups, ensure_generated, is_sequence, is_store, load_images, open_dataset
 from .system import Iodine
 
-__all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset", "open_checked", "recorded_data"]
+__all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset", "data_location", "open_checked",
+           "recorded_data"]
 
 PRETRAINED_PREFIX = "pretrained:"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -62,10 +63,27 @@ def check_dataset(ds: xr.Dataset, cfg: Config, where: str, need: str | None = No
         raise DatasetError(f"{where} holds single images, not sequences; {command} needs a sequence run")
 
 
+DATA_DIR = "data"                                   # a run's generated datasets: OUT/data/train, OUT/data/test
+DATA_NAMES = {"train": "train", "eval": "test"}
+
+
 def recorded_data(data: dict[str, Any], which: str, out: Path, progress: bool) -> str | None:
-    """The ``train`` or ``eval`` set a checkpoint records, as a path: relative ones lie in the
-    run directory; data that fit generated is generated again, exactly, when it is gone
-    (a run directory copied without its data, a checkpoint committed without it).
+    """The ``train`` or ``eval`` set a checkpoint records, as a path (`data_location`),
+    generated first when it has to be."""
+    path, make = data_location(data, which, out)
+    if make:
+        n, seed = data["generated"][which]
+        ensure_generated(data["generated"]["dataset"], int(n), path, seed=int(seed), progress=progress)
+    return path
+
+
+def data_location(data: dict[str, Any], which: str, out: Path) -> tuple[str | None, bool]:
+    """Where the ``train`` or ``eval`` set a checkpoint records is, and whether it must be
+    generated there. Relative paths lie in the run directory. Generated data (the record
+    says how it was made) is generated again, exactly, when it is gone: where it was when
+    that lies inside the run directory (a run directory copied without its data, a
+    checkpoint committed without it), else in OUT/data (a run moved away from a store it
+    was given).
 
     A checkpoint may come from anyone, so what it records is checked before it is used: a
     relative path must stay inside the run directory (no ``..``, no symbolic link on the
@@ -73,24 +91,20 @@ def recorded_data(data: dict[str, Any], which: str, out: Path, progress: bool) -
     with --data) is only read. Anything else is refused in one line: pass --data."""
     value = data.get(which)
     if not value:
-        return None
+        return None, False
     if not isinstance(value, str) or "\0" in value:
         raise CheckpointError(f"the checkpoint in {out} names its {which} data oddly ({value!r}); pass `data`")
     made = data.get("generated")
+    generated = bool(made) and which in made
     if Path(value).is_absolute():
-        path = Path(value)
-        if made and which in made and not is_store(path):
-            raise DatasetError(f"the {which} data recorded in {out}, {value}, is gone and lies outside the run "
-                               f"directory, where nothing is generated; pass `data`")
-        return str(path)
+        if is_store(value) or not generated:
+            return value, False
+        value = f"{DATA_DIR}/{DATA_NAMES[which]}"       # the run has moved from it: made again inside
     path = _inside_run(Path(out), value)
     if path is None:
         raise CheckpointError(f"the checkpoint in {out} records {which} data at {value!r}, outside its run "
                               f"directory (through '..' or a symbolic link); pass `data`")
-    if not is_store(path) and made and which in made:
-        n, seed = made[which]
-        ensure_generated(made["dataset"], int(n), path, seed=int(seed), progress=progress)
-    return str(path)
+    return str(path), generated and not is_store(path)
 
 
 def _inside_run(out: Path, rel: str) -> Path | None:

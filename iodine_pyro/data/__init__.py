@@ -21,7 +21,7 @@ from .batches import Batches, load_images, object_counts
 from .convert import convert as convert_tfrecords
 from .errors import DatasetError
 from .generate import ensure as ensure_generated
-from .generate import generate
+from .generate import generate, generation
 from .registry import DATASETS, background_groups, check_matches_spec, dataset_spec
 from .spec import DatasetSpec
 from .store import (
@@ -48,6 +48,7 @@ __all__ = [
     "dataset_spec",
     "ensure_generated",
     "generate",
+    "generation",
     "is_sequence",
     "is_store",
     "load_images",

@@ -269,6 +269,22 @@ def generate(
     return out
 
 
+def generation(ds) -> tuple[str, int, int] | None:
+    """How the store `ds` (an opened dataset) was generated: (dataset, images, seed), which
+    `ensure` makes again image for image; None for any other store (a converted official
+    file, one generated in chunks of another size, which draw other images, one written by
+    other code). Two stores with the same generation hold the same data."""
+    attrs = ds.attrs
+    name, seed, n = attrs.get("dataset"), attrs.get("seed"), attrs.get("num_images")
+    if attrs.get("format") != FORMAT or name not in DATASETS or "converted_from" in attrs:
+        return None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in (seed, n)) \
+            or int(n) != ds.sizes["image"] or "image" not in ds \
+            or tuple(ds["image"].encoding.get("chunks") or (None,))[0] != CHUNK_SIZE:
+        return None
+    return str(name), int(n), int(seed)
+
+
 def ensure(name: str, num_images: int, out: str | Path, *, seed: int = 0, progress: bool = True,
            workers: int | None = None) -> Path:
     """A complete store of `num_images` images of dataset `name` from `seed` at `out`:
@@ -282,10 +298,11 @@ def ensure(name: str, num_images: int, out: str | Path, *, seed: int = 0, progre
             ds = None
         if ds is not None:
             attrs = ds.attrs
-            if (attrs.get("dataset"), ds.sizes["image"], attrs.get("seed")) != (name, num_images, seed):
+            if generation(ds) != (name, num_images, seed):
+                chunks = tuple(ds["image"].encoding.get("chunks") or (None,))[0] if "image" in ds else None
                 raise DatasetError(f"{out} holds {ds.sizes['image']} {attrs.get('dataset')} images of seed "
-                                   f"{attrs.get('seed')}, not {num_images} {name} images of seed {seed}; "
-                                   f"choose another directory or remove it")
+                                   f"{attrs.get('seed')} in chunks of {chunks}, not {num_images} {name} images "
+                                   f"of seed {seed} in chunks of {CHUNK_SIZE}; choose another directory or remove it")
             return out
         return generate(name, num_images, out, seed=seed, progress=progress, overwrite=True, workers=workers)
     return generate(name, num_images, out, seed=seed, progress=progress, workers=workers)

@@ -19,15 +19,24 @@ from typing import Any
 import torch
 
 from ..checkpoint import CHECKPOINT, METRICS, CheckpointError, check_resumable, truncate_metrics
-from ..config import SEED_MAX, Config, held_out, make_config, resumed_config
+from ..config import SEED_MAX, Config, make_config, resumed_config
 from ..memory import check_memory
 from ..data import DATASETS, DatasetError, background_groups
 from ..guides import guide_class
-from ..run import open_checked, recorded_data
+from ..run import open_checked
 from .ddp import Processes, setup, teardown
 from .loop import Loop
 from .request import FitRequest, FitResult
-from .rundir import check_same_data, default_datasets, held_out_for, prepare_run_dir, recorded_path, run_lock
+from .rundir import (
+    check_same_data,
+    default_datasets,
+    generation_record,
+    held_out_for,
+    prepare_run_dir,
+    recorded_path,
+    run_data,
+    run_lock,
+)
 from .speed import speed_settings
 from .state import TrainingState
 from .step import make_step
@@ -102,8 +111,8 @@ def _report_resumed(request: FitRequest, processes: Processes, step: int, change
 # -- what a request comes to ------------------------------------------------------------
 
 
-# (training set, held-out set or None, how fit generated them or None)
-Datasets = tuple[str | Path, str | Path | None, dict[str, Any] | None]
+# (training set, held-out set or None)
+Datasets = tuple[str | Path, str | Path | None]
 
 
 @dataclass
@@ -134,22 +143,21 @@ def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
                                 keep=(request.data, request.eval_data))
     if ckpt is not None:
         cfg, seed, changes = _continued_settings(request, ckpt, resuming, device)
-        train, held, generated = _recorded_datasets(request, processes, ckpt)
+        train, held = _recorded_datasets(request, processes, ckpt)
     else:
         seed, changes = request.seed, []
-        train, held, generated = _new_datasets(request, processes, cfg)
+        train, held = _new_datasets(request, processes, cfg)
     show = request.progress and processes.is_main
     ds = open_checked(train, cfg, command="fit")
     if held is None and ckpt is None:                  # --data without --eval-data: a held-out set
         held = processes.main_first(held_out_for, ds, out, seed, show)
-    if held is not None:
-        open_checked(held, cfg, command="fit")
+    held_ds = open_checked(held, cfg, command="fit") if held is not None else None
     background = background_groups(ds.attrs)
     if cfg.train.batch_size > ds.sizes["image"]:
         raise DatasetError(f"`batch_size` {cfg.train.batch_size} exceeds the {ds.sizes['image']} images of {train}")
     processes.check_batch_size(cfg.train.batch_size)
     data = {"train": recorded_path(train, out), "eval": recorded_path(held, out) if held else None,
-            "generated": generated}
+            "generated": generation_record(ds, held_ds)}      # what the stores say of themselves
     return RunPlan(cfg, ckpt, seed, ds, background, data, changes)
 
 
@@ -167,26 +175,25 @@ def _continued_settings(request: FitRequest, ckpt: dict[str, Any], resuming: boo
 
 
 def _recorded_datasets(request: FitRequest, processes: Processes, ckpt: dict[str, Any]) -> Datasets:
-    """(training set, held-out set, generation record) of a continued run: those given,
+    """(training set, held-out set) of a continued run: those given,
     else those its checkpoint records (generated again when they are gone)."""
     out, show, recorded = request.out, request.progress and processes.is_main, ckpt["data"]
     if request.data is not None and processes.is_main:
         check_same_data(recorded, request.data, out)
-    train = request.data or processes.main_first(recorded_data, recorded, "train", out, show)
-    held = request.eval_data or processes.main_first(recorded_data, recorded, "eval", out, show)
-    return train, held, recorded.get("generated")
+    train = request.data or processes.main_first(run_data, recorded, "train", out, show)
+    held = request.eval_data or processes.main_first(run_data, recorded, "eval", out, show)
+    return train, held
 
 
 def _new_datasets(request: FitRequest, processes: Processes, cfg: Config) -> Datasets:
-    """(training set, held-out set, generation record) of a new run: those given, else a
-    generated pair in OUT/data (the record says how to make them again)."""
+    """(training set, held-out set) of a new run: those given, else a generated pair in
+    OUT/data."""
     if request.data is not None:
-        return request.data, request.eval_data, None
+        return request.data, request.eval_data
     n, seed = request.num_images, request.seed
     train, held = processes.main_first(default_datasets, request.out, cfg.dataset, n, seed,
                                        request.progress and processes.is_main)
-    generated = {"dataset": cfg.dataset, "train": [n, seed], "eval": list(held_out(n, seed))}
-    return train, request.eval_data or held, generated
+    return train, request.eval_data or held
 
 
 def _check_request(cfg: Config, out: Path, data, num_images: int) -> None:

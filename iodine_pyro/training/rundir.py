@@ -23,8 +23,10 @@ from typing import Any
 
 from ..checkpoint import CHECKPOINT, METRICS, CheckpointError, load_checkpoint
 from ..config import Config, field_differences, held_out
-from ..data import DATASETS, DatasetError, ensure_generated, is_store
+from ..data import DATASETS, DatasetError, ensure_generated, generation, is_store
+from ..data.store import open_store
 from ..io import TEMP_SUFFIX, WriteError, in_use, lock_dir, remove_stale, remove_tree, write_text
+from ..run import DATA_DIR, DATA_NAMES, data_location, recorded_data
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "iodine-pyro-run"
 RUN_FILES = (CHECKPOINT, METRICS, "decomposition.png", "decomposition.npz", "curves.png", "curves.json")
-DATA_DIR = "data"
 
 
 def run_lock(out: Path, main: bool):
@@ -289,10 +290,19 @@ def default_datasets(out: Path, dataset: str, num_images: int, seed: int,
                            f"(generators: {', '.join(DATASETS)})")
     data = out / DATA_DIR
     paths = []
-    for name, n, s in (("train", num_images, seed), ("test", *held_out(num_images, seed))):
+    for name, n, s in ((DATA_NAMES["train"], num_images, seed), (DATA_NAMES["eval"], *held_out(num_images, seed))):
         record_store(out, data / name)
         paths.append(ensure_generated(dataset, n, data / name, seed=s, progress=progress))
     return paths[0], paths[1]
+
+
+def run_data(recorded: dict[str, Any], which: str, out: Path, progress: bool) -> str | None:
+    """`recorded_data` for `fit`: a dataset it makes again inside its run directory is
+    recorded in the manifest first, as one it generates."""
+    path, make = data_location(recorded, which, out)
+    if make:
+        record_store(out, Path(path))
+    return recorded_data(recorded, which, out, progress)
 
 
 def held_out_for(ds, out: Path, seed: int, progress: bool) -> Path | None:
@@ -303,9 +313,9 @@ def held_out_for(ds, out: Path, seed: int, progress: bool) -> Path | None:
     if name not in DATASETS:
         log.warning("no generator for %r: the run records no held-out set (evaluate it with --data)", name)
         return None
-    record_store(out, out / DATA_DIR / "test")
+    record_store(out, out / DATA_DIR / DATA_NAMES["eval"])
     n, held_out_seed = held_out(ds.sizes["image"], seed)
-    return ensure_generated(name, n, out / DATA_DIR / "test", seed=held_out_seed, progress=progress)
+    return ensure_generated(name, n, out / DATA_DIR / DATA_NAMES["eval"], seed=held_out_seed, progress=progress)
 
 
 def recorded_path(path: str | Path, out: Path) -> str:
@@ -321,12 +331,48 @@ def recorded_path(path: str | Path, out: Path) -> str:
 def check_same_data(recorded: dict[str, Any], given: str | Path, out: Path) -> None:
     """A run continues on the store it was trained on (its checkpoint's data position is a
     position in that store): `--data` naming another one is refused while the recorded one
-    is there; when it is gone (moved), the other is taken, with a warning."""
+    is there, unless it is the same generated data (same dataset, images and seed: a copy,
+    or the same generation made again, as when a run is moved); when the recorded one is
+    gone, the other is taken, with a warning unless it is the generation the run records."""
     value = recorded["train"]
     path = Path(value) if Path(value).is_absolute() else out / value
     if Path(given).resolve() == path.resolve():
         return
+    made = _generation_at(given)
     if is_store(path):
+        if made is not None and made == _generation_at(path):
+            log.info("%s holds the data %s was trained on (%d %s images of seed %d); continuing on it",
+                     given, out, made[1], made[0], made[2])
+            return
         raise CheckpointError(f"{out} is trained on {value}, not {given}; continue it without `data` (or with "
-                              f"that store), or train on {given} into another `out`")
+                              f"that store, or a copy of it), or train on {given} into another `out`")
+    record = recorded.get("generated") or {}
+    if made is not None and record.get("dataset") == made[0] and list(record.get("train", ())) == list(made[1:]):
+        log.info("the training data of %s (%s) is gone; continuing on %s, the same generated data", out, value, given)
+        return
     log.warning("the training data of %s (%s) is gone; continuing on %s", out, value, given)
+
+
+def _generation_at(path: str | Path) -> tuple[str, int, int] | None:
+    """`generation` of the store at `path`; None when it is not a generated store or
+    cannot be opened."""
+    try:
+        return generation(open_store(path))
+    except (DatasetError, OSError, ValueError, KeyError):
+        return None
+
+
+def generation_record(train, held) -> dict[str, Any] | None:
+    """How a checkpoint records the datasets a run trains and is evaluated on (opened
+    stores; `held` may be None) when they are generated ones: ``{"dataset", "train":
+    [images, seed], "eval": [images, seed]}``, from which a run directory moved or cloned
+    without its data makes them again; None when the training store is not generated.
+    It is read from the stores themselves, whoever generated them."""
+    made = generation(train)
+    if made is None:
+        return None
+    record: dict[str, Any] = {"dataset": made[0], "train": list(made[1:])}
+    other = generation(held) if held is not None else None
+    if other is not None and other[0] == made[0]:
+        record["eval"] = list(other[1:])
+    return record

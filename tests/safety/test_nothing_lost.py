@@ -22,7 +22,7 @@ import xarray as xr
 import iodine_pyro.data.batches as batches
 import iodine_pyro.training.state as training_state
 import iodine_pyro.training.step as training_step
-from iodine_pyro.checkpoint import load_checkpoint, save_checkpoint
+from iodine_pyro.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from iodine_pyro.data import DatasetError, generate, is_store, open_dataset
 from iodine_pyro.io import WriteError, pid_alive
 from iodine_pyro.training import MANIFEST, TrainingError, fit
@@ -626,13 +626,22 @@ def test_data_paths_recorded_in_a_checkpoint_stay_inside_the_run(tmp_path):
     fit(out=out, steps=1, num_images=8, overrides=TINY_OVERRIDES, progress=False)
     shutil.rmtree(out / "data")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    for value, error in (("../elsewhere/test", CheckpointError), (str(tmp_path / "abs" / "test"), DatasetError)):
-        ckpt["data"]["eval"] = value
-        torch.save(ckpt, out / "checkpoint.pt")
-        with pytest.raises(error, match="pass `data`"):
-            Run.open(out).data_path()
-        assert_one_line(run_main("evaluate", out, "--num-images", 4), "pass --data")
+    ckpt["data"]["eval"] = "../elsewhere/test"
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="pass `data`"):
+        Run.open(out).data_path()
+    assert_one_line(run_main("evaluate", out, "--num-images", 4), "pass --data")
+    # generated data recorded at an absolute path that is gone is made again inside the run
+    ckpt["data"]["eval"] = str(tmp_path / "abs" / "test")
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert Run.open(out).data_path() == str(out / "data" / "test")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]   # nothing written outside the run
+    del ckpt["data"]["generated"]["eval"]                             # and nothing else is generated
+    torch.save(ckpt, out / "checkpoint.pt")
+    shutil.rmtree(out / "data")
+    assert Run.open(out).data_path() == str(tmp_path / "abs" / "test")
+    assert_one_line(run_main("evaluate", out, "--num-images", 4), "no dataset at")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]
 
 
 def test_a_metrics_row_that_is_not_one_never_stops_a_run(tmp_path, data):
@@ -647,17 +656,53 @@ def test_a_metrics_row_that_is_not_one_never_stops_a_run(tmp_path, data):
 
 
 def test_continuing_a_run_keeps_its_training_data(tmp_path, data):
-    from iodine_pyro.checkpoint import CheckpointError
 
     out = tmp_path / "run"
     tiny_fit(out, data, steps=1)
-    other = shutil.copytree(data, tmp_path / "other")
+    other = shutil.copytree(data, tmp_path / "other")      # in chunks of 16: not regenerable, so not the same
     before = tree_state(out)
     for extra in ({}, {"resume": True}):
         with pytest.raises(CheckpointError, match="is trained on"):
             tiny_fit(out, other, steps=2, **extra)
     assert tree_state(out) == before
     tiny_fit(out, data, steps=2)
+
+
+def test_a_run_continues_on_the_same_generated_data_in_another_store(tmp_path):
+    mine = generate("tetrominoes", 48, tmp_path / "mine", seed=0, progress=False, workers=1)
+    out = tmp_path / "run"
+    tiny_fit(out, mine, steps=1)
+    other = generate("tetrominoes", 48, tmp_path / "other", seed=1, progress=False, workers=1)
+    with pytest.raises(CheckpointError, match="is trained on"):
+        tiny_fit(out, other, steps=2)
+    again = generate("tetrominoes", 48, tmp_path / "again", seed=0, progress=False, workers=1)
+    tiny_fit(out, again, steps=2)                          # the same generation, made again: taken
+    assert load_checkpoint(out / "checkpoint.pt")["data"]["train"] == str(again.resolve())
+
+
+def test_a_run_moved_away_from_its_data_makes_it_again_and_continues_exactly(tmp_path):
+    """A run trained on a generated store it was given (--data), copied elsewhere as its
+    checkpoint and metrics alone, continues there: the store is generated again inside
+    it from what the checkpoint records, and the steps are those of the run left behind."""
+    data = generate("tetrominoes", 48, tmp_path / "data", seed=0, progress=False, workers=1)
+    held = generate("tetrominoes", 16, tmp_path / "held", seed=7, progress=False, workers=1)
+    first = tmp_path / "first"
+    tiny_fit(first, data, steps=2, eval_data=held)
+    record = load_checkpoint(first / "checkpoint.pt")["data"]
+    assert record["generated"] == {"dataset": "tetrominoes", "train": [48, 0], "eval": [16, 7]}
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        shutil.copy(first / name, moved / name)
+    data.rename(tmp_path / "gone")                                    # the store it was given has moved away
+    held.rename(tmp_path / "held-gone")
+    fit(out=moved, steps=4, resume=True, progress=False)
+    ckpt = load_checkpoint(moved / "checkpoint.pt")
+    assert (ckpt["data"]["train"], ckpt["data"]["eval"]) == ("data/train", "data/test")
+    assert open_dataset(moved / "data" / "train").attrs["seed"] == 0
+    (tmp_path / "gone").rename(data)
+    tiny_fit(first, data, steps=4, eval_data=tmp_path / "held-gone")
+    assert_same_params(params(first), params(moved))
 
 
 PAIR_KILLER = r"""
