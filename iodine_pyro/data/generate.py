@@ -279,10 +279,14 @@ def generation(ds) -> tuple[str, int, int] | None:
     if attrs.get("format") != FORMAT or name not in DATASETS or "converted_from" in attrs:
         return None
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in (seed, n)) \
-            or int(n) != ds.sizes["image"] or "image" not in ds \
-            or tuple(ds["image"].encoding.get("chunks") or (None,))[0] != CHUNK_SIZE:
+            or int(n) != ds.sizes["image"] or _chunk_size(ds) != CHUNK_SIZE:
         return None
     return str(name), int(n), int(seed)
+
+
+def _chunk_size(ds) -> int | None:
+    """Images per stored chunk of the store `ds` (the unit its images were drawn in)."""
+    return tuple(ds["image"].encoding.get("chunks") or (None,))[0] if "image" in ds else None
 
 
 def ensure(name: str, num_images: int, out: str | Path, *, seed: int = 0, progress: bool = True,
@@ -299,9 +303,8 @@ def ensure(name: str, num_images: int, out: str | Path, *, seed: int = 0, progre
         if ds is not None:
             attrs = ds.attrs
             if generation(ds) != (name, num_images, seed):
-                chunks = tuple(ds["image"].encoding.get("chunks") or (None,))[0] if "image" in ds else None
                 raise DatasetError(f"{out} holds {ds.sizes['image']} {attrs.get('dataset')} images of seed "
-                                   f"{attrs.get('seed')} in chunks of {chunks}, not {num_images} {name} images "
+                                   f"{attrs.get('seed')} in chunks of {_chunk_size(ds)}, not {num_images} {name} images "
                                    f"of seed {seed} in chunks of {CHUNK_SIZE}; choose another directory or remove it")
             return out
         return generate(name, num_images, out, seed=seed, progress=progress, overwrite=True, workers=workers)

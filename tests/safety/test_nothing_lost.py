@@ -656,7 +656,6 @@ def test_a_metrics_row_that_is_not_one_never_stops_a_run(tmp_path, data):
 
 
 def test_continuing_a_run_keeps_its_training_data(tmp_path, data):
-
     out = tmp_path / "run"
     tiny_fit(out, data, steps=1)
     other = shutil.copytree(data, tmp_path / "other")      # in chunks of 16: not regenerable, so not the same
