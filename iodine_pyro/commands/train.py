@@ -72,7 +72,7 @@ def fit(
         help=f"Guide: {', '.join(guide_names())} (iterative: IODINE's; amortized: the one-shot VAE baseline; "
              f"slot_attention: a slot-attention encoder, optionally refined) (default: the configuration's).", callback=choice("--guide", guide_names, "guide"))] = None,
     decoder: Annotated[Optional[Decoder], typer.Option(help="broadcast (default) or deconv (the ablation).")] = None,
-    num_slots: Annotated[Optional[int], typer.Option(min=1, help="K (default: the dataset's).")] = None,
+    num_slots: Annotated[Optional[int], typer.Option(min=1, help="K (default: the dataset's; with --resume, the K trained with from the run's step on).")] = None,
     num_iters: Annotated[Optional[int], typer.Option(min=1, help="T refinement iterations (default: 5).")] = None,
     ablate: Annotated[list[str], typer.Option(metavar="INPUT", help="Leave out a refinement input by name (repeatable).")] = [],
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the preset's).",
@@ -85,8 +85,9 @@ def fit(
     max_bad_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after N non-finite steps in a row (default 20).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help=(
         "Continue the run in OUT with its own settings; a learning-rate schedule given with it (--lr, or "
-        "the [train] schedule fields of --config, listed in the README) applies from its step on; any "
-        "other change is refused."))] = False,
+        "the [train] schedule fields of --config, listed in the README) applies from its step on, as does "
+        "--num-slots with a guide that runs with any K (iterative, slot_attention); any other change is "
+        "refused."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in OUT (only the files it made).")] = False,
     device: Device = "cpu",
     threads: Threads = None,

@@ -125,7 +125,7 @@ class RunPlan:
     store: Any                         # the training store (an xarray Dataset), opened and checked
     background: int                    # its background groups
     data: dict[str, Any]               # the datasets as the checkpoint records them
-    schedule_changes: list[str]        # what a --resume changed of the learning-rate schedule
+    schedule_changes: list[str]        # what a --resume changed of the schedule (and K)
 
 
 def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
@@ -166,8 +166,8 @@ def _continued_settings(request: FitRequest, ckpt: dict[str, Any], resuming: boo
     """The configuration, seed and schedule changes of a run continued from `ckpt`."""
     path = request.out / CHECKPOINT
     check_resumable(ckpt, path)
-    check_memory(ckpt["config"], device, what="fit")
     cfg, changes = resumed_config(ckpt["config"], request.overrides) if resuming else (ckpt["config"], [])
+    check_memory(cfg, device, what="fit")                  # with the K it will train with
     seed = ckpt.get("extra", {}).get("seed", request.seed)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise CheckpointError(f"checkpoint {path} has an invalid seed {seed!r}")

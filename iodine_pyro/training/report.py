@@ -56,6 +56,7 @@ class MetricsLog:
                      **{k: round(v, 3) for k, v in state.clock().items()},
                      **({"beta": float(geco.beta)} if geco is not None else {}),
                      **({"pixel_scale": system.model.pixel_scale} if state.cfg.train.pixel_scale_final else {}),
+                     "num_slots": state.cfg.model.num_slots,        # K of the step (a resume may change it)
                      **(self._batch_metrics(state.step, system, batch) if self.main else {})}
         self.file.write(json.dumps(self.last) + "\n")
         return self.last

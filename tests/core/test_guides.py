@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from iodine_pyro.config import make_config
+from iodine_pyro.config import make_config, resumed_config
 from iodine_pyro.evaluate import evaluate
 from iodine_pyro.guides import build_guide, guide_kinds, register_guide
 from iodine_pyro.guides.base import Guide, Step
@@ -45,6 +45,23 @@ class MeanFieldGuide(Guide):
 def registered():
     register_guide(MeanFieldGuide)
     return MeanFieldGuide.kind
+
+
+@pytest.mark.parametrize("kind", ["iterative", "slot_attention", "amortized", "registered"])
+def test_a_resumed_run_changes_k_only_where_no_parameter_has_a_slot_dimension(kind, registered):
+    kind = registered if kind == "registered" else kind
+    stored = make_config("tetrominoes", "paper", {"guide.kind": kind})
+    can = build_guide(Iodine(stored).model, stored).can_change_slots
+    assert can == (kind in ("iterative", "slot_attention"))
+    if can:
+        cfg, changes = resumed_config(stored, {"model.num_slots": 6, "train.lr": 1e-4})
+        assert cfg.model.num_slots == 6 and stored.model.num_slots == 4
+        assert changes == ["model.num_slots 4 -> 6", "train.lr 0.0003 -> 0.0001"]
+    else:
+        with pytest.raises(ValueError, match="model.num_slots 4 -> 6 would change it"):
+            resumed_config(stored, {"model.num_slots": 6})
+    with pytest.raises(ValueError, match="model.latent_dim 32 -> 8"):
+        resumed_config(stored, {"model.latent_dim": 8})
 
 
 def test_a_registered_guide_is_a_configuration_choice(registered):

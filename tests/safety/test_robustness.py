@@ -1,5 +1,6 @@
 """Nothing lost: crashes, signals, numerical faults, bad input, determinism."""
 
+import json
 import random
 import signal
 import subprocess
@@ -227,22 +228,28 @@ def test_nan_or_out_of_range_pixels_are_refused_by_the_api():
 
 
 @pytest.mark.slow
-def test_a_run_of_another_k_is_refused_and_kept(tmp_path, data, tiny_toml):
+def test_a_run_of_another_k_is_refused_unless_resumed_and_kept(tmp_path, data, tiny_toml):
     out = tmp_path / "run"
     assert cli(*fit_args(out, data, tiny_toml, 2)).returncode == 0
     before = (out / "checkpoint.pt").read_bytes()
     proc = cli(*fit_args(out, data, tiny_toml, 4, "--num-slots", "5"))
     assert_one_line_error(proc, "holds another run", "num_slots")
     assert (out / "checkpoint.pt").read_bytes() == before           # nothing written over it
-    # --resume continues the stored run with its own settings, and refuses to change them;
-    # --overwrite replaces it
-    proc = cli(*fit_args(out, data, tiny_toml, 4, "--num-slots", "5", "--resume"))
-    assert_one_line_error(proc, "model.num_slots 4 -> 5", "a resumed run may change only")
+    # --resume continues the stored run with its own settings and refuses what would change
+    # its parameters or guide ...
+    proc = cli(*fit_args(out, data, tiny_toml, 4, "--num-iters", "2", "--resume"))
+    assert_one_line_error(proc, "guide.num_iters 3 -> 2", "a resumed run may change only")
     assert (out / "checkpoint.pt").read_bytes() == before
-    proc = cli(*fit_args(out, data, tiny_toml, 4, "--resume"))
+    # ... but not K: no parameter of the iterative guide has a slot dimension, so the run
+    # trains on with 5 slots from its step, and each metrics row says with how many
+    proc = cli(*fit_args(out, data, tiny_toml, 4, "--num-slots", "5", "--resume"))
     assert proc.returncode == 0, proc.stderr
+    assert f"resuming the run in {out} at step 2 with model.num_slots 4 -> 5" in proc.stdout
     ckpt = load_checkpoint(out)
-    assert ckpt["step"] == 4 and ckpt["config"].model.num_slots == 4
+    assert ckpt["step"] == 4 and ckpt["config"].model.num_slots == 5
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["num_slots"]) for r in rows] == [(1, 4), (2, 4), (3, 5), (4, 5)]
+    # --overwrite replaces it
     proc = cli(*fit_args(out, data, tiny_toml, 2, "--num-slots", "5", "--overwrite"))
     assert proc.returncode == 0, proc.stderr
     ckpt = load_checkpoint(out)

@@ -184,13 +184,14 @@ def test_a_resumed_run_may_start_annealing_and_is_evaluated_at_its_sigma(tmp_pat
     overrides = {**TINY_OVERRIDES, "model.pixel_scale": 0.3, "train.geco_goal": 1e-4}
     fit(out=tmp_path / "run", data=data, steps=2, overrides=overrides, progress=False, log_every=1)
     anneal = {"train.pixel_scale_final": 0.1, "train.pixel_anneal_start": 2, "train.pixel_anneal_steps": 2,
-              "train.geco_release_step": 2}
+              "train.geco_release_step": 2, "train.geco_rate": 1e-3, "train.geco_goal": 2e-4}
     done = fit(out=tmp_path / "run", data=data, steps=5, overrides=anneal, resume=True, progress=False,
                log_every=1)
     rows = [json.loads(line) for line in (done.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [round(r["pixel_scale"], 4) for r in rows[2:]] == [0.3, 0.1732, 0.1]   # the sigma of each step
     assert rows[3]["beta"] > rows[2]["beta"]              # released: beta rises although MSE >> goal
+    assert rows[4]["beta"] / rows[3]["beta"] == pytest.approx(math.exp(1e-3))   # at the new rate
     assert Run.open(done.out).system.model.pixel_scale == pytest.approx(0.1)
     per_step, T = rows[-1]["per_step"], done.system.cfg.guide.num_iters      # every refinement step's metrics
     assert set(per_step) >= {"fg_ari", "ari", "bg_slots", "mse", "kl"} and len(per_step["mse"]) == T
