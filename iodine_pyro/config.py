@@ -353,9 +353,9 @@ SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.
                    "train.pixel_return_start")
 # ... and, with a guide that runs with any K (`can_change_slots`: no parameter has a slot
 # dimension), the number of slots: trained on from the run's step on, as `evaluate
-# --num-slots` tests with it. Measured on Tetrominoes (docs/learning.md): 4 slots after 6
-# gather objects that were cut across the spare slots (slots per image owning part of its 3
-# objects 4.4 -> 3.7, FG-ARI +0.01 to +0.03 in 36 CPU-minutes).
+# --num-slots` tests with it. Measured on Tetrominoes (docs/learning.md): 5 or 4 slots after
+# 6 gather objects that were cut across the spare slots (slots per image owning part of its
+# 3 objects 4.4 -> 4.0 or 3.7; FG-ARI 0.84 -> 0.85-0.86 in 24 CPU-minutes).
 SLOT_FIELDS = ("model.num_slots",)
 
 
