@@ -29,8 +29,8 @@ from .config import Config, held_out, pixel_scale_at
 from .data import DatasetError, background_groups, ensure_generated, is_sequence, is_store, load_images, open_dataset
 from .system import Iodine
 
-__all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset", "data_location", "open_checked",
-           "recorded_data"]
+__all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset", "data_location",
+           "generate_recorded", "open_checked", "recorded_data"]
 
 PRETRAINED_PREFIX = "pretrained:"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -72,9 +72,14 @@ def recorded_data(data: dict[str, Any], which: str, out: Path, progress: bool) -
     generated first when it has to be."""
     path, make = data_location(data, which, out)
     if make:
-        n, seed = data["generated"][which]
-        ensure_generated(data["generated"]["dataset"], int(n), path, seed=int(seed), progress=progress)
+        generate_recorded(data, which, path, progress)
     return path
+
+
+def generate_recorded(data: dict[str, Any], which: str, path: str, progress: bool) -> None:
+    """Generate at `path` the ``train`` or ``eval`` set whose generation `data` records."""
+    n, seed = data["generated"][which]
+    ensure_generated(data["generated"]["dataset"], int(n), path, seed=int(seed), progress=progress)
 
 
 def data_location(data: dict[str, Any], which: str, out: Path) -> tuple[str | None, bool]:

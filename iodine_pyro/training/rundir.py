@@ -26,7 +26,7 @@ from ..config import Config, field_differences, held_out
 from ..data import DATASETS, DatasetError, ensure_generated, generation, is_store
 from ..data.store import open_store
 from ..io import TEMP_SUFFIX, WriteError, in_use, lock_dir, remove_stale, remove_tree, write_text
-from ..run import DATA_DIR, DATA_NAMES, data_location, recorded_data
+from ..run import DATA_DIR, DATA_NAMES, data_location, generate_recorded
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,8 @@ def run_data(recorded: dict[str, Any], which: str, out: Path, progress: bool) ->
     path, make = data_location(recorded, which, out)
     if make:
         record_store(out, Path(path))
-    return recorded_data(recorded, which, out, progress)
+        generate_recorded(recorded, which, path, progress)
+    return path
 
 
 def held_out_for(ds, out: Path, seed: int, progress: bool) -> Path | None:
