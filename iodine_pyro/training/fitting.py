@@ -80,7 +80,7 @@ def _train(request: FitRequest, processes: Processes) -> FitResult:
                                 data=plan.data)
     if plan.ckpt is not None:
         state.restore(plan.ckpt, request.out / CHECKPOINT)
-        _report_resumed(request, processes, state.step, plan.schedule_changes)
+        _report_resumed(request, processes, state.step, plan.resume_changes)
     step = make_step(state.system, state.optimizer, plan.cfg.train.clip_norm, processes,
                      sync_free=speed.deferred, seed=plan.seed)
     loop = Loop(state, step, processes, request, plan.background)
@@ -125,7 +125,7 @@ class RunPlan:
     store: Any                         # the training store (an xarray Dataset), opened and checked
     background: int                    # its background groups
     data: dict[str, Any]               # the datasets as the checkpoint records them
-    schedule_changes: list[str]        # what a --resume changed of the schedule (and K)
+    resume_changes: list[str]          # what a --resume changed (its schedule, K), one line each
 
 
 def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
@@ -163,7 +163,7 @@ def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
 
 def _continued_settings(request: FitRequest, ckpt: dict[str, Any], resuming: bool,
                         device: torch.device) -> tuple[Config, int, list[str]]:
-    """The configuration, seed and schedule changes of a run continued from `ckpt`."""
+    """The configuration, seed and resume changes of a run continued from `ckpt`."""
     path = request.out / CHECKPOINT
     check_resumable(ckpt, path)
     cfg, changes = resumed_config(ckpt["config"], request.overrides) if resuming else (ckpt["config"], [])
