@@ -35,9 +35,10 @@ __all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset
 PRETRAINED_PREFIX = "pretrained:"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # name -> (checkpoint file in PRETRAINED_DIR, images of its generated held-out set, their seed)
-# (each trained on 20,000 generated images from seed 0, with its held-out set by `held_out`)
+# (each trained on 20,000 generated images from seed 0, with its held-out set by `held_out`;
+# tetrominoes-bg: the background recipe's run, its training seed 1 on the same images)
 PRETRAINED = {name: (f"{name}.pt", *held_out(20_000, 0))
-              for name in ("tetrominoes", "tetrominoes-amortized", "tetrominoes-slot_attention")}
+              for name in ("tetrominoes", "tetrominoes-amortized", "tetrominoes-slot_attention", "tetrominoes-bg")}
 IMAGES, SEQUENCES = "images", "sequences"
 
 
