@@ -30,7 +30,7 @@ from iodine_pyro import figures
 from iodine_pyro.checkpoint import save_weights
 from iodine_pyro.data import convert_tfrecords
 from iodine_pyro.evaluate import evaluate
-from iodine_pyro.run import PRETRAINED_DIR, Run
+from iodine_pyro.run import PRETRAINED, PRETRAINED_DIR, Run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("fg_ari", "ari", "bg_slots", "bg_share", "mse", "kl")     # the last refinement step's, per held-out set
@@ -59,6 +59,9 @@ def main() -> None:
         return
     if not a.run:
         p.error("--run is required (or --table-only, --refresh)")
+    if a.name not in PRETRAINED:     # before any work: `pretrained:NAME` opens only registered names
+        p.error(f"--name {a.name!r} is not in iodine_pyro.run.PRETRAINED; add it there first "
+                f"(registered: {', '.join(sorted(PRETRAINED))})")
     run = Run.open(a.run)
     held_out = evaluate(run, num_images=a.num_images, batch_size=64, progress=True)
     ckpt = run.ckpt                                                   # loaded once, by Run.open
