@@ -27,7 +27,7 @@ import torch
 from iodine_pyro.commands.options import parse_duration
 from iodine_pyro.compare import compare, write_report
 from iodine_pyro.compare.report import _fmt, _pm  # the report's own number formats
-from iodine_pyro.run import PRETRAINED, PRETRAINED_PREFIX
+from iodine_pyro.run import PRETRAINED_PREFIX, pretrained_models
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "img" / "comparison"
@@ -75,14 +75,14 @@ def main() -> None:
     if a.from_json:
         result = json.loads((OUT / "compare.json").read_text())
     else:
-        missing = [m for m in MODELS if m not in PRETRAINED or not (ROOT / "iodine_pyro" / "pretrained" /
-                                                                    PRETRAINED[m][0]).exists()]
+        shipped = pretrained_models()
+        missing = [m for m in MODELS if m not in shipped]
         if missing:
             raise SystemExit(f"not shipped: {', '.join(missing)} (benchmarks/ship_pretrained.py ships a run)")
         limit = None if a.time_limit.strip().lower() == "none" else parse_duration(a.time_limit)
         result = compare([PRETRAINED_PREFIX + m for m in MODELS], num_images=a.num_images, time_limit=limit,
                          progress=True)
-        n, seed = PRETRAINED[MODELS[0]][1:]                  # a page names the set, not this machine's cache
+        n, seed = shipped[MODELS[0]].held_out                # a page names the set, not this machine's cache
         result["settings"]["data"] = f"the shipped models' held-out set (generated: {n} images, seed {seed})"
     paths = write_report(result, OUT)
     report = paths["table"].read_text()

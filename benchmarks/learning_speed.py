@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -94,6 +95,14 @@ VARIANTS: dict[str, tuple[str, str, dict, bool]] = {
                     {"guide.grad_steps": 2}, True),
     "fast-first-slot": ("fast, slot 1 refined from its own trained lambda_1", "fast",
                         {"guide.first_slot_init": True}, True),
+    "fast-anneal-0.2-k6-goal-k5": ("fast-anneal-0.2-k6-goal, then 5 slots from 88 CPU-minutes on (a resume with "
+                                   "`--num-slots 5`)", "fast", {**ANNEAL, "train.pixel_scale_final": 0.2,
+                                                              "model.num_slots": 6, "train.geco_goal": 0.005}, True),
+}
+# variant: (CPU minutes, overrides): from that much training on, each point resumes the run
+# with the overrides, as `fit --resume` would (only what a resume may change: the schedule, K)
+LATER: dict[str, tuple[float, dict]] = {
+    "fast-anneal-0.2-k6-goal-k5": (88.0, {"model.num_slots": 5}),
 }
 METRICS = ("fg_ari", "ari", "bg_slots", "bg_share", "mse", "kl")
 
@@ -135,13 +144,17 @@ def worker(a) -> None:
     results = out / "results.jsonl"
     done = {r["point"] for r in read_rows(results) if (r["variant"], r["seed"]) == (a.variant, a.seed)}
     preset, overrides, amp = overrides_of(a.variant)
+    spacing = a.budget / a.evals
     for point in range(1, a.evals + 1):
         if point in done:
             continue
-        result = fit(out=run, steps=10**9, dataset="tetrominoes", preset=preset, overrides=overrides,
+        later_min, later = LATER.get(a.variant, (math.inf, {}))
+        resume = (point - 1) * spacing >= later_min - 1e-9        # this point trains after the change
+        result = fit(out=run, steps=10**9, dataset="tetrominoes", preset=preset,
+                     overrides={**overrides, **later} if resume else overrides, resume=resume,
                      data=out / "data" / "train", eval_data=out / "data" / "test", seed=a.seed,
                      log_every=100, checkpoint_every=10**9, progress=False, amp=amp,
-                     time_limit=a.budget * 60 / a.evals, time_clock="cpu")
+                     time_limit=spacing * 60, time_clock="cpu")
         if result.stopped == "signal":   # short of the point: its steps are in the checkpoint, and the
             # point is measured from there when the study is resumed
             print(f"{a.variant} seed {a.seed}: stopped at step {result.step} before point {point}; "

@@ -14,13 +14,15 @@
 again (steps 1 and 4: its held-out set, ``--official`` where given) and rewrites the metrics
 of its ``<name>.json``, keeping its weights and the rest: for a metric added after it shipped.
 
-``iodine-pyro evaluate pretrained:<name>`` (and sample, compare, plot) then use the weights.
+``iodine-pyro evaluate pretrained:<name>`` (and sample, compare, plot) then use the weights:
+the two files are the whole of shipping (`iodine_pyro.run.pretrained_models`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from iodine_pyro import figures
 from iodine_pyro.checkpoint import save_weights
 from iodine_pyro.data import convert_tfrecords
 from iodine_pyro.evaluate import evaluate
-from iodine_pyro.run import PRETRAINED, PRETRAINED_DIR, Run
+from iodine_pyro.run import PRETRAINED_DIR, Run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("fg_ari", "ari", "bg_slots", "bg_share", "mse", "kl")     # the last refinement step's, per held-out set
@@ -59,18 +61,20 @@ def main() -> None:
         return
     if not a.run:
         p.error("--run is required (or --table-only, --refresh)")
-    if a.name not in PRETRAINED:     # before any work: `pretrained:NAME` opens only registered names
-        p.error(f"--name {a.name!r} is not in iodine_pyro.run.PRETRAINED; add it there first "
-                f"(registered: {', '.join(sorted(PRETRAINED))})")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", a.name):    # a file name, and `pretrained:NAME`
+        p.error(f"--name {a.name!r}: use lower-case letters, digits, '-' and '_'")
     run = Run.open(a.run)
     held_out = evaluate(run, num_images=a.num_images, batch_size=64, progress=True)
     ckpt = run.ckpt                                                   # loaded once, by Run.open
     generated = (ckpt["data"].get("generated") or {}).get("eval")     # [images, seed] when fit made it
+    spent = ckpt["extra"].get("spent", {})                            # training seconds, wall and CPU
     summary = {"name": a.name, "dataset": run.cfg.dataset, "preset": run.cfg.preset, "guide": run.cfg.guide.kind,
-               "step": run.step, "train_minutes": round(ckpt["extra"].get("spent", {}).get("time", 0) / 60, 1),
+               "step": run.step, "train_minutes": round(spent.get("time", 0) / 60, 1),
+               "train_cpu_minutes": round(spent.get("cpu_time", 0) / 60, 1),   # thread-seconds, as the study counts
                "hardware": a.hardware, "command": a.command,
                "held_out": {"data": (f"generated: {generated[0]} images, seed {generated[1]}" if generated
                                      else Path(held_out["data"]).name),
+                            "generated": list(generated) if generated else None,   # `pretrained_models`
                             "num_images": held_out["num_images"],
                             **shown(held_out)}}
     if a.official:
@@ -126,7 +130,8 @@ def write_table() -> None:
             "training | trained with |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shipped = [json.loads(p.read_text()) for p in PRETRAINED_DIR.glob("*.json")]
     for info in sorted(shipped, key=lambda i: (i.get("guide", "iterative") != "iterative", i["name"])):
-        hours = f"{info['train_minutes'] / 60:.1f} h on {info.get('hardware') or 'a CPU'}"
+        cpu = f" ({info['train_cpu_minutes'] / 60:.1f} CPU-hours)" if info.get("train_cpu_minutes") else ""
+        hours = f"{info['train_minutes'] / 60:.1f} h{cpu} on {info.get('hardware') or 'a CPU'}"
         for key in ("held_out", "official"):
             ev = info.get(key)
             if ev is None:

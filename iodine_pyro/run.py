@@ -16,29 +16,52 @@ generated once into the cache (``$IODINE_PYRO_CACHE``, default ``~/.cache/iodine
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import xarray as xr
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metrics
-from .config import Config, held_out, pixel_scale_at
+from .config import Config, pixel_scale_at
 from .data import DatasetError, background_groups, ensure_generated, is_sequence, is_store, load_images, open_dataset
 from .system import Iodine
 
-__all__ = ["PRETRAINED", "PRETRAINED_PREFIX", "Run", "cache_dir", "check_dataset", "data_location",
-           "generate_recorded", "open_checked", "recorded_data"]
+__all__ = ["PRETRAINED_PREFIX", "Run", "Shipped", "cache_dir", "check_dataset", "data_location",
+           "generate_recorded", "open_checked", "pretrained_models", "recorded_data"]
 
 PRETRAINED_PREFIX = "pretrained:"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-# name -> (checkpoint file in PRETRAINED_DIR, images of its generated held-out set, their seed)
-# (each trained on 20,000 generated images from seed 0, with its held-out set by `held_out`;
-# tetrominoes-bg: the background recipe's run, its training seed 1 on the same images)
-PRETRAINED = {name: (f"{name}.pt", *held_out(20_000, 0))
-              for name in ("tetrominoes", "tetrominoes-amortized", "tetrominoes-slot_attention", "tetrominoes-bg")}
+
+
+class Shipped(NamedTuple):
+    """A model shipped with the package (``pretrained:NAME``)."""
+
+    weights: Path                        # NAME.pt: parameters and configuration
+    held_out: tuple[int, int] | None     # (images, seed) of the generated held-out set it was judged on
+
+
+def pretrained_models() -> dict[str, Shipped]:
+    """Every shipped model by name: each evaluation file ``NAME.json`` in the package's
+    ``pretrained/`` folder with its weights ``NAME.pt`` beside it (`benchmarks/ship_pretrained.py`
+    writes both), so that shipping a model is writing its two files."""
+    models = {}
+    for path in sorted(PRETRAINED_DIR.glob("*.json")):
+        weights = path.with_suffix(".pt")
+        if not weights.is_file():
+            continue
+        try:
+            generated = json.loads(path.read_text())["held_out"].get("generated")
+            held = (int(generated[0]), int(generated[1])) if generated else None
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{path} is not a shipped model's evaluation file ({type(e).__name__}: {e})") from None
+        models[path.stem] = Shipped(weights, held)
+    return models
+
+
 IMAGES, SEQUENCES = "images", "sequences"
 
 
@@ -155,15 +178,15 @@ class Run:
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, ref: str | Path, device: str | torch.device = "cpu", amp: bool = False) -> "Run":
-        """A run directory, a checkpoint file, or ``pretrained:NAME`` (see `PRETRAINED`),
+        """A run directory, a checkpoint file, or ``pretrained:NAME`` (`pretrained_models`),
         ready for inference (`set_precision`: channels-last, bf16 autocast with `amp`)."""
         text = str(ref)
         if text.startswith(PRETRAINED_PREFIX):
-            name = text[len(PRETRAINED_PREFIX):]
-            if name not in PRETRAINED:
+            name, shipped = text[len(PRETRAINED_PREFIX):], pretrained_models()
+            if name not in shipped:
                 raise CheckpointError(f"no shipped model {name!r}; shipped: "
-                                      f"{', '.join(PRETRAINED_PREFIX + n for n in PRETRAINED)}")
-            path, run_name, home = PRETRAINED_DIR / PRETRAINED[name][0], f"pretrained-{name}", None
+                                      f"{', '.join(PRETRAINED_PREFIX + n for n in shipped)}")
+            path, run_name, home = shipped[name].weights, f"pretrained-{name}", None
         else:
             path = Path(ref)
             home = path if path.is_dir() or path.suffix != ".pt" else path.parent
@@ -246,9 +269,10 @@ class Run:
         if recorded:
             return recorded
         name = self.ref[len(PRETRAINED_PREFIX):] if self.ref.startswith(PRETRAINED_PREFIX) else None
-        if name is None:
+        held = pretrained_models()[name].held_out if name is not None else None
+        if held is None:
             raise DatasetError(f"{self.ref} records no held-out set; pass `data`")
-        _, n, seed = PRETRAINED[name]
+        n, seed = held
         path = cache_dir() / "heldout" / f"{self.cfg.dataset}-{n}-seed{seed}"
         return str(ensure_generated(self.cfg.dataset, n, path, seed=seed, progress=False))
 

@@ -224,7 +224,7 @@ def closing_lines(run, out: Path, curves: bool, device: str) -> list[str]:
     """What the pictures show, judged from numbers measured on held-out images
     (`segmentation_numbers`), and where segmentation is heading (the shipped model) when the
     run is still below it."""
-    from ..run import PRETRAINED, PRETRAINED_DIR, PRETRAINED_PREFIX
+    from ..run import PRETRAINED_DIR, PRETRAINED_PREFIX, pretrained_models
 
     lines = [f"pictures: {out / 'decomposition.png'} (4 held-out images split into slots, one column per slot)"
              + (f", {out / 'curves.png'} (training curves)" if curves else "")]
@@ -238,7 +238,7 @@ def closing_lines(run, out: Path, curves: bool, device: str) -> list[str]:
     lines.append(what_it_shows(m))
     name = run.cfg.dataset
     shipped = PRETRAINED_DIR / f"{name}.json"
-    if name in PRETRAINED and shipped.is_file():
+    if name in pretrained_models():
         info = json.loads(shipped.read_text())
         best = info["held_out"]["fg_ari"]
         if not m["fg_ari"] >= best:

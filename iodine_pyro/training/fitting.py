@@ -137,7 +137,7 @@ def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
     for given in (request.data, request.eval_data):             # checked before anything is written
         if given is not None and not resuming:
             open_checked(given, cfg, command="fit")
-    check_memory(cfg, device, what="fit")
+    check_memory(cfg, device, num_slots=most_slots(cfg), what="fit")
     _check_request(cfg, out, request.data, request.num_images)
     ckpt = processes.main_first(prepare_run_dir, out, cfg, resume=request.resume, overwrite=request.overwrite,
                                 keep=(request.data, request.eval_data))
@@ -161,13 +161,25 @@ def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
     return RunPlan(cfg, ckpt, seed, ds, background, data, changes)
 
 
+def most_slots(cfg: Config) -> int:
+    """The largest K a run of `cfg` trains with (its schedule may change K: `num_slots_at`)."""
+    return max(cfg.model.num_slots, cfg.train.num_slots_final or 0)
+
+
 def _continued_settings(request: FitRequest, ckpt: dict[str, Any], resuming: bool,
                         device: torch.device) -> tuple[Config, int, list[str]]:
     """The configuration, seed and resume changes of a run continued from `ckpt`."""
     path = request.out / CHECKPOINT
     check_resumable(ckpt, path)
     cfg, changes = resumed_config(ckpt["config"], request.overrides) if resuming else (ckpt["config"], [])
-    check_memory(cfg, device, what="fit")                  # with the K it will train with
+    t, step = cfg.train, int(ckpt["step"])
+    if t.num_slots_final is not None and step >= t.num_slots_step and cfg.model.num_slots != t.num_slots_final:
+        if any(c.startswith("model.num_slots ") for c in changes):
+            raise ValueError(f"model.num_slots {cfg.model.num_slots}: from step {t.num_slots_step} on the run "
+                             f"trains with train.num_slots_final {t.num_slots_final}; change that field (or set "
+                             "it to none) to go on with another K")
+        changes.append(f"model.num_slots {cfg.model.num_slots} -> {t.num_slots_final} (train.num_slots_final)")
+    check_memory(cfg, device, num_slots=most_slots(cfg), what="fit")    # with the K it will train with
     seed = ckpt.get("extra", {}).get("seed", request.seed)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise CheckpointError(f"checkpoint {path} has an invalid seed {seed!r}")

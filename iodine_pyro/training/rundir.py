@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CHECKPOINT, METRICS, CheckpointError, load_checkpoint
-from ..config import Config, field_differences, held_out
+from ..config import Config, field_differences, held_out, num_slots_at
 from ..data import DATASETS, DatasetError, ensure_generated, generation, is_store
 from ..data.store import open_store
 from ..io import TEMP_SUFFIX, WriteError, in_use, lock_dir, remove_stale, remove_tree, write_text
@@ -220,6 +221,17 @@ def _remove_leftovers(out: Path, manifest: dict[str, Any] | None, ckpt: dict[str
     return [n for n in entries if (out / n).exists() or _is_link(out / n)]
 
 
+def as_of_step(cfg: Config, step: int) -> Config:
+    """`cfg` as a run of it stands after `step` steps: with the K of its schedule
+    (`num_slots_at`), which training writes into ``model.num_slots``."""
+    k = num_slots_at(cfg, step)
+    if k == cfg.model.num_slots:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.model.num_slots = k
+    return cfg
+
+
 def _refuse_another_run(out: Path, stored: Config, cfg: Config, checkpointed: bool) -> None:
     """A run of another configuration is refused, naming the first differences."""
     diff = config_differences(stored, cfg)
@@ -258,8 +270,8 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool,
         _remove_run(out, manifest, ckpt, {Path(p).resolve() for p in keep if p})
         manifest = ckpt = None
     if ckpt is not None:
-        if not resume:
-            _refuse_another_run(out, ckpt["config"], cfg, checkpointed=True)
+        if not resume:       # compared as of its step: a K changed by the schedule is the same run's
+            _refuse_another_run(out, ckpt["config"], as_of_step(cfg, int(ckpt["step"])), checkpointed=True)
         return ckpt
     if resume:
         raise CheckpointError(f"no run to resume in {out} (no {CHECKPOINT})")

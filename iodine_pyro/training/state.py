@@ -4,12 +4,13 @@ and the checkpoint that holds them.
 `TrainingState.save` writes, and `TrainingState.restore` reads, the checkpoint format of
 `iodine_pyro.checkpoint` (format version 1); a run continued from it draws the same
 numbers as the uninterrupted run, bit for bit. What changes with the step (the learning
-rate's warm-up and decay, GECO's KL weight, the pixel scale) is set here too
+rate's warm-up and decay, GECO's KL weight, the pixel scale, K) is set here too
 (`TrainingState.schedule`), so that a restored state schedules exactly as the saved one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -19,10 +20,12 @@ import pyro
 import torch
 
 from ..checkpoint import CheckpointError, save_checkpoint, set_rng_state
-from ..config import Config, pixel_scale_at
+from ..config import Config, num_slots_at, pixel_scale_at
 from ..data import Batches
 from ..system import Iodine
 from .speed import Speed
+
+log = logging.getLogger(__name__)
 
 
 def make_optimizer(system: Iodine, cfg: Config, fused: bool = False) -> torch.optim.Adam:
@@ -158,8 +161,19 @@ class TrainingState:
             raise CheckpointError(f"{path} holds non-finite parameters; it cannot be resumed")
         self.step = int(ckpt["step"])
 
+    def _follow_slots(self) -> None:
+        """``model.num_slots`` := K of the coming step (`num_slots_at`): the K the model, the
+        guide, the metrics row and an evaluation of the checkpoint use."""
+        k = num_slots_at(self.cfg, self.step)
+        if k != self.cfg.model.num_slots:
+            log.info("step %d: training with %d slots from here on (train.num_slots_final)", self.step, k)
+            for cfg in {id(c): c for c in (self.cfg, self.system.cfg)}.values():
+                cfg.model.num_slots = k
+
     def save(self, path: Path) -> None:
-        """Write the checkpoint (atomically: `checkpoint.save_checkpoint`)."""
+        """Write the checkpoint (atomically: `checkpoint.save_checkpoint`), with the K of
+        its next step: a checkpoint at step n holds K = `num_slots_at` (cfg, n)."""
+        self._follow_slots()
         save_checkpoint(path, cfg=self.cfg, system_state=self.system.state_dict(),
                         optimizer_state=self.optimizer.state_dict(), step=self.step,
                         data_state=self.batches.state_dict(), data=self.data,
@@ -177,10 +191,11 @@ class TrainingState:
                 "cpu_time": self.spent["cpu_time"] + time.process_time() - cpu}
 
     def schedule(self) -> float | torch.Tensor:
-        """Set the learning rate and the pixel scale of the coming step; its KL weight."""
+        """Set the learning rate, the pixel scale and K of the coming step; its KL weight."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
         self.system.model.pixel_scale = pixel_scale_at(self.cfg, self.step)
+        self._follow_slots()
         return self.geco.beta if self.geco is not None else 1.0
 
     def observe(self, mse: torch.Tensor, applied: torch.Tensor | bool) -> None:

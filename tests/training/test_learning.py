@@ -9,7 +9,7 @@ import torch
 from torch.distributions import kl_divergence
 
 from iodine_pyro.checkpoint import load_checkpoint
-from iodine_pyro.config import make_config, pixel_scale_at
+from iodine_pyro.config import make_config, num_slots_at, pixel_scale_at
 from iodine_pyro.data import generate
 from iodine_pyro.system import Iodine
 from iodine_pyro.run import Run
@@ -165,6 +165,40 @@ def test_pixel_scale_returns_to_its_start_after_the_sharp_phase():
     assert pixel_scale_at(early, 400) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="set train.pixel_scale_final too"):   # a return from no anneal
         make_config("tetrominoes", "fast", {"train.pixel_return_start": 400})
+
+
+def test_the_number_of_slots_changes_at_its_step():
+    cfg = make_config("tetrominoes", "fast", {"model.num_slots": 6, "train.num_slots_final": 5,
+                                              "train.num_slots_step": 100})
+    assert [num_slots_at(cfg, s) for s in (0, 99, 100, 10**6)] == [6, 6, 5, 5]
+    assert num_slots_at(make_config("tetrominoes", "fast"), 10**6) == 4      # no schedule: the model's K
+    with pytest.raises(ValueError, match="train.num_slots_final: the amortized guide has parameters for each"):
+        make_config("tetrominoes", "fast", {"guide.kind": "amortized", "train.num_slots_final": 5})
+
+
+def test_a_run_that_changes_k_at_a_step_is_the_run_resumed_with_that_k(tmp_path, data):
+    """`train.num_slots_final` from step 2 trains exactly the run that `--resume --num-slots`
+    at step 2 trains; the checkpoint, the metrics rows and the evaluation have the K of their
+    step, and the same call again continues the run instead of calling it another."""
+    scheduled = {**TINY_OVERRIDES, "train.num_slots_final": 5, "train.num_slots_step": 2}
+    a = fit(out=tmp_path / "a", data=data, steps=4, overrides=scheduled, progress=False, log_every=1)
+    fit(out=tmp_path / "b", data=data, steps=2, overrides=TINY_OVERRIDES, progress=False, log_every=1)
+    fit(out=tmp_path / "b", data=data, steps=4, overrides={"model.num_slots": 5}, resume=True, progress=False,
+        log_every=1)
+    assert_same_params(params(tmp_path / "a"), params(tmp_path / "b"))
+    rows = [json.loads(line) for line in (a.out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["num_slots"]) for r in rows] == [(1, 4), (2, 4), (3, 5), (4, 5)]
+    assert load_checkpoint(a.out)["config"].model.num_slots == 5
+    assert Run.open(a.out).cfg.model.num_slots == 5
+    more = fit(out=tmp_path / "a", data=data, steps=5, overrides=scheduled, progress=False, log_every=1)
+    assert more.step == 5 and load_checkpoint(a.out)["config"].model.num_slots == 5
+    with pytest.raises(ValueError, match="trains with train.num_slots_final 5"):   # K is the schedule's past it
+        fit(out=tmp_path / "a", data=data, steps=6, overrides={"model.num_slots": 6}, resume=True, progress=False)
+    # a checkpoint before the step keeps the K it trained with, and its resume changes K at the step
+    fit(out=tmp_path / "c", data=data, steps=1, overrides=scheduled, progress=False)
+    assert load_checkpoint(tmp_path / "c")["config"].model.num_slots == 4
+    fit(out=tmp_path / "c", data=data, steps=4, overrides=scheduled, progress=False, log_every=1)
+    assert_same_params(params(tmp_path / "c"), params(tmp_path / "b"))
 
 
 def test_geco_release_returns_beta_to_one_whatever_the_mse():
