@@ -22,7 +22,9 @@ Writes under ``--out``:
 
 The variants are `VARIANTS` below: the `paper` preset, the study's `base` recipe, and the
 base with one lever set back (to the paper's value, or to the other
-choice), and the background levers against the ``fast`` preset. Seeds may run to different
+choice), and the background levers against the ``fast`` preset; a variant in `LATER` changes
+what a resume may change (the schedule, K) from one of its points on, each later point a
+``fit --resume`` with those settings. Seeds may run to different
 budgets (rerun with a larger ``--budget`` and the same ``--evals`` spacing to extend one):
 the table compares each variant's seeds at the largest CPU time all of them reached, and
 gives its longest run beside it.
