@@ -174,7 +174,7 @@ def _continued_settings(request: FitRequest, ckpt: dict[str, Any], resuming: boo
     cfg, changes = resumed_config(ckpt["config"], request.overrides) if resuming else (ckpt["config"], [])
     t, step = cfg.train, int(ckpt["step"])
     if t.num_slots_final is not None and step >= t.num_slots_step and cfg.model.num_slots != t.num_slots_final:
-        if any(c.startswith("model.num_slots ") for c in changes):
+        if cfg.model.num_slots != ckpt["config"].model.num_slots:     # the resume itself asked for this K
             raise ValueError(f"model.num_slots {cfg.model.num_slots}: from step {t.num_slots_step} on the run "
                              f"trains with train.num_slots_final {t.num_slots_final}; change that field (or set "
                              "it to none) to go on with another K")
