@@ -167,6 +167,7 @@ class Run:
         name: a short name (the run directory's, or ``pretrained-<name>``).
         home: the run directory (None for a shipped model): default place of outputs.
         ref: what the run was opened from: ``pretrained:NAME``, or the resolved path.
+        shipped: the shipped model's entry (`pretrained_models`) when it is one, else None.
     """
 
     system: Iodine
@@ -174,19 +175,21 @@ class Run:
     name: str
     home: Path | None
     ref: str
+    shipped: Shipped | None = None
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, ref: str | Path, device: str | torch.device = "cpu", amp: bool = False) -> "Run":
         """A run directory, a checkpoint file, or ``pretrained:NAME`` (`pretrained_models`),
         ready for inference (`set_precision`: channels-last, bf16 autocast with `amp`)."""
-        text = str(ref)
+        text, shipped = str(ref), None
         if text.startswith(PRETRAINED_PREFIX):
-            name, shipped = text[len(PRETRAINED_PREFIX):], pretrained_models()
-            if name not in shipped:
+            name, models = text[len(PRETRAINED_PREFIX):], pretrained_models()
+            if name not in models:
                 raise CheckpointError(f"no shipped model {name!r}; shipped: "
-                                      f"{', '.join(PRETRAINED_PREFIX + n for n in shipped)}")
-            path, run_name, home = shipped[name].weights, f"pretrained-{name}", None
+                                      f"{', '.join(PRETRAINED_PREFIX + n for n in models)}")
+            shipped = models[name]
+            path, run_name, home = shipped.weights, f"pretrained-{name}", None
         else:
             path = Path(ref)
             home = path if path.is_dir() or path.suffix != ".pt" else path.parent
@@ -202,7 +205,7 @@ class Run:
                                   f"{str(e).splitlines()[0]}") from None
         system.model.pixel_scale = pixel_scale_at(ckpt["config"], int(ckpt["step"]))  # as trained at its step
         system.eval()
-        return cls(system, ckpt, run_name, home, text).set_precision(amp)
+        return cls(system, ckpt, run_name, home, text, shipped).set_precision(amp)
 
     @classmethod
     def of(cls, run: "Run | str | Path", device: str | torch.device = "cpu", amp: bool | None = None) -> "Run":
@@ -268,8 +271,7 @@ class Run:
         recorded = recorded_data(self.ckpt.get("data") or {}, "eval", self.home or Path("."), progress=False)
         if recorded:
             return recorded
-        name = self.ref[len(PRETRAINED_PREFIX):] if self.ref.startswith(PRETRAINED_PREFIX) else None
-        held = pretrained_models()[name].held_out if name is not None else None
+        held = self.shipped.held_out if self.shipped is not None else None
         if held is None:
             raise DatasetError(f"{self.ref} records no held-out set; pass `data`")
         n, seed = held
