@@ -403,8 +403,9 @@ def num_slots_at(cfg: Config, step: int) -> int:
     spare slots while the objects separate and the background gathers, then with one,
     the pieces of objects cut across the spare slots gather (slots per image owning part
     of its 3 objects 4.4 -> 4.0, FG-ARI 0.84 -> 0.85-0.86 within 12 CPU-minutes); switched
-    at the 88th of the 2 CPU-hours, FG-ARI 0.825 with ARI 0.888 at their end, against 0.806
-    with 0.854 with six throughout (one seed)."""
+    at the 88th of the 2 CPU-hours, FG-ARI 0.825 and 0.800 with ARI 0.888 and 0.884 at their
+    end (two seeds), against 0.806 and 0.812 with ARI 0.854 and 0.912 with six throughout:
+    the background kept, the objects within the seed-to-seed spread."""
     t = cfg.train
     return t.num_slots_final if t.num_slots_final is not None and step >= t.num_slots_step else cfg.model.num_slots
 
