@@ -19,6 +19,8 @@ Writes under ``--out``:
 
     python benchmarks/learning_speed.py --budget 30 --seeds 0 1 --parallel 2
     python benchmarks/learning_speed.py --budget 1 --evals 2 --variants paper fast --seeds 0   # a smoke run
+    python benchmarks/learning_speed.py --rows docs/img/background_levers_results.jsonl \
+        --variants fast-anneal-0.2-k6-goal fast-anneal-0.2-k6-goal-k5 --until 120 --out runs/kswitch   # kept rows
 
 The variants are `VARIANTS` below: the `paper` preset, the study's `base` recipe, and the
 base with one lever set back (to the paper's value, or to the other
@@ -201,9 +203,11 @@ def far(cpu_min: float, common: float) -> bool:
     return abs(cpu_min - common) > 0.1 * common
 
 
-def summarize(out: Path) -> None:
+def summarize(out: Path, rows: list[dict] | None = None, variants: list[str] | None = None) -> None:
     """summary.md and curves.png from results.jsonl: every variant measured in `out`, by
-    this call or an earlier one, in the order of VARIANTS.
+    this call or an earlier one, in the order of VARIANTS; or from `rows` (read from a
+    results file elsewhere, such as the rows kept in docs/img), the `variants` given, in
+    their order.
 
     Each variant is compared at the largest CPU time that all of its seeds reached: each
     seed's evaluation nearest to it (its CPU minutes beside its value where they differ by
@@ -212,11 +216,11 @@ def summarize(out: Path) -> None:
 
     from iodine_pyro.figures import draw_learning_speed
 
-    rows = read_rows(out / "results.jsonl")
+    rows = read_rows(out / "results.jsonl") if rows is None else rows
     lines = ["| variant | what | seeds | CPU min | steps | FG-ARI | ARI | bg slots | bg share | MSE | KL | "
              "FG-ARI per seed | longest run |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
-    for v in VARIANTS:
+    for v in variants or VARIANTS:
         mine = [r for r in rows if r["variant"] == v]
         if not mine:
             continue
@@ -229,7 +233,7 @@ def summarize(out: Path) -> None:
         last = max(mine, key=lambda r: (r["cpu_min"], -r["seed"]))
         longest = (f"{last['fg_ari']:.3f} at {last['cpu_min']:.0f} min (seed {last['seed']})"
                    if far(last["cpu_min"], common) else "")
-        lines.append(f"| {v} | {VARIANTS[v][0]} | {len(seeds)} | {mean['cpu_min']:.0f} | {mean['step']:.0f} | "
+        lines.append(f"| {v} | {VARIANTS[v][0] if v in VARIANTS else ''} | {len(seeds)} | {mean['cpu_min']:.0f} | {mean['step']:.0f} | "
                      f"{mean['fg_ari']:.3f} | {mean['ari']:.3f} | {mean['bg_slots']:.2f} | {mean['bg_share']:.3f} | "
                      f"{mean['mse']:.4f} | "
                      f"{mean['kl']:.1f} | {per_seed} | {longest} |")
@@ -243,7 +247,7 @@ def summarize(out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, help=f"variants to run (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--budget", type=float, default=30.0, help="CPU minutes of training per run")
     p.add_argument("--evals", type=int, default=6, help="held-out evaluations per run, evenly over the budget")
@@ -252,12 +256,28 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=20_000, help="generated training images")
     p.add_argument("--eval-images", type=int, default=256, help="held-out images")
     p.add_argument("--out", default="runs/learning-speed")
+    p.add_argument("--rows", type=Path, help="train nothing: summarize and draw the --variants (default: every "
+                   "one) of this results file into --out")
+    p.add_argument("--until", type=float, help="with --rows: only the points of the first this many CPU minutes "
+                   "(a point taken at that budget, a few seconds past it, is kept)")
     p.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     a = p.parse_args()
     out = Path(a.out)
     if a.worker:
         a.variant, a.seed = a.worker[0], int(a.worker[1])
         return worker(a)
+    if a.rows is not None:
+        rows = [r for r in read_rows(a.rows) if a.until is None or r["cpu_min"] <= a.until * 1.05]
+        present = list(dict.fromkeys(r["variant"] for r in rows))
+        unknown = [v for v in a.variants or () if v not in present]
+        if not rows or unknown:
+            p.error(f"{a.rows} has no rows" + (f" of {', '.join(unknown)}" if unknown else ""))
+        out.mkdir(parents=True, exist_ok=True)
+        return summarize(out, rows, a.variants or present)
+    unknown = [v for v in a.variants or () if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant {', '.join(unknown)}: one of {', '.join(VARIANTS)}")
+    a.variants = a.variants or list(VARIANTS)
     out.mkdir(parents=True, exist_ok=True)
     prepare_data(out, a.num_images, a.eval_images)
     variants = [v for v in a.variants if applies(v)]

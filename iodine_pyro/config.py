@@ -347,8 +347,10 @@ def field_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 
 
 # What a resumed run may change: how it is optimised from its step on, never what it is
-# (model, guide, data, batch). Lowering the learning rate of a long run is the common case.
-SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.warmup_steps",
+# (model, guide, data). Lowering the learning rate of a long run is the common case; the
+# batch grows the same way (the data stream goes on from the image it stands at,
+# `Batches.load_state_dict`).
+SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.warmup_steps", "train.batch_size",
                    "train.clip_norm", "train.max_bad_steps", "train.geco_goal", "train.geco_rate",
                    "train.geco_release_step",
                    "train.pixel_scale_final", "train.pixel_anneal_start", "train.pixel_anneal_steps",
@@ -421,8 +423,7 @@ def resumed_config(stored: Config, overrides: dict[str, Any] | None) -> tuple[Co
     that change its schedule, or its number of slots (`resumable_fields`), applied.
     Returns it and a line per field changed (``"train.lr 0.001 -> 0.00025"``); overrides
     equal to the stored values change nothing. Any other field that would change raises
-    ValueError naming it: a run keeps its parameters' shapes, guide, data and batch to the
-    end.
+    ValueError naming it: a run keeps its parameters' shapes, guide and data to the end.
 
     The schedule is a function of the run's step (`learning_rate`), so a decay given at
     step 9,000 with ``lr_decay_steps`` 3,000 applies three decays at once."""

@@ -85,9 +85,9 @@ def fit(
     max_bad_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after N non-finite steps in a row (default 20).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help=(
         "Continue the run in OUT with its own settings; a learning-rate schedule given with it (--lr, or "
-        "the [train] schedule fields of --config, listed in the README) applies from its step on, as does "
-        "--num-slots with a guide that runs with any K (iterative, slot_attention); any other change is "
-        "refused."))] = False,
+        "the [train] schedule fields of --config, listed in the README) applies from its step on, as do "
+        "--batch-size and --num-slots (with a guide that runs with any K: iterative, slot_attention); any "
+        "other change is refused."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in OUT (only the files it made).")] = False,
     device: Device = "cpu",
     threads: Threads = None,

@@ -240,11 +240,15 @@ class Batches:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a :meth:`state_dict`; the next batch is the one it names."""
+        """Continue from a :meth:`state_dict`; the next batch is the one it names.
+
+        The state counts images, so a stream of another batch size continues from the same
+        image of the same epoch's order (a run resumed with a larger batch); where that is
+        past the last whole batch of the epoch (``drop_last``), from the next epoch's first."""
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < max(self._epoch_end(), 1):
+        if epoch < 0 or not 0 <= position < max(self.num_images, 1):
             raise ValueError(f"invalid data state {state} for {self.num_images} images")
-        self.epoch, self.position = epoch, position
+        self.epoch, self.position = (epoch + 1, 0) if position >= self._epoch_end() else (epoch, position)
         self._stream = None
 
 

@@ -59,7 +59,7 @@ drawing.py         the drawing side's shared pieces: matplotlib, `slot_colors`, 
 decompositions.py  decomposition, sequence, mask-logits
 traversals.py      traversal
 projections.py     projection
-training.py        curves, ablation, learning speed
+training.py        curves, ablation, learning speed, branches of a resumed run
 datasets.py        ``data show``'s grid of images and ground-truth masks
 comparison.py      the guide comparison's ELBO, FG-ARI and MSE panels
 =================  ==========================================================================
@@ -74,8 +74,8 @@ from .decompositions import (decomposition, decomposition_arrays, draw_decomposi
                              draw_sequence, mask_logits, mask_logits_arrays, sequence, sequence_arrays)
 from .files import DPI, FigureFiles, save_figure, write_figure
 from .projections import CATEGORICAL, RGB_NAMES, draw_projection, projection, projection_arrays
-from .training import (CURVE_KEYS, CURVE_LABELS, FEW_POINTS, ablation, ablation_runs, curves, curves_data,
-                       draw_curves, draw_learning_speed)
+from .training import (BRANCH_KEYS, CURVE_KEYS, CURVE_LABELS, FEW_POINTS, ablation, ablation_runs, branch_curves,
+                       curves, curves_data, draw_branches, draw_curves, draw_learning_speed)
 from .traversals import TRAVERSAL_DIMS, draw_traversal, traversal, traversal_arrays
 
 __all__ = [
@@ -86,7 +86,7 @@ __all__ = [
     # the drawing halves and the constants other modules and tests use
     "draw_comparison", "dataset_grid", "draw_decomposition", "draw_mask_logits", "draw_sequence", "DPI",
     "CATEGORICAL", "RGB_NAMES", "draw_projection", "CURVE_KEYS", "CURVE_LABELS", "FEW_POINTS", "draw_curves",
-    "draw_learning_speed", "TRAVERSAL_DIMS", "draw_traversal",
+    "draw_learning_speed", "BRANCH_KEYS", "branch_curves", "draw_branches", "TRAVERSAL_DIMS", "draw_traversal",
 ]
 
 _DRAWING = ("slot_colors",)   # names of the drawing side, imported (with matplotlib) when first used

@@ -1,6 +1,7 @@
-"""Training curves and input ablations (Figures 33 to 40), and learning speed
-(benchmarks/learning_speed.py): `curves_data` reads the runs' metrics (no matplotlib),
-`draw_curves` draws them, `curves` and `ablation` write both (`write_figure`)."""
+"""Training curves and input ablations (Figures 33 to 40), learning speed
+(benchmarks/learning_speed.py) and the branches of a resumed run (benchmarks/branch_curves.py):
+`curves_data` reads the runs' metrics (no matplotlib), `draw_curves` draws them, `curves`
+and `ablation` write both (`write_figure`)."""
 
 from __future__ import annotations
 
@@ -212,17 +213,97 @@ def _draw_learning_speed(curves: dict[str, dict[str, list[list[float]]]], keys: 
             mean = np.mean([a[:n] for a in series], 0)
             ax.plot(mean[:, 0], mean[:, 2 + j], color=colors[v], linewidth=2.4 if v in fixed else 1.6,
                     marker="o", markersize=3, label=v)
-        name, ylabel = CURVE_LABELS[key]
-        ax.set_title(f"held-out {name}", fontsize=10)
-        ax.set_xlabel("training CPU minutes (one thread)", fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.tick_params(labelsize=7)
-        if key in ("mse", "kl"):
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(keys):]:
+        _held_out_panel(ax, key, "training CPU minutes (one thread)")
+    _finish_panels(fig, axes, len(keys), "variant", title, png)
+
+
+def _held_out_panel(ax, key: str, xlabel: str) -> None:
+    """Title, axis labels and scale of a panel of held-out `key`."""
+    name, ylabel = CURVE_LABELS[key]
+    ax.set_title(f"held-out {name}", fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    if key in ("mse", "kl"):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def _finish_panels(fig, axes, used: int, legend_title: str, title: str, png: Path) -> None:
+    """Blank the unused panels, put one legend beside them, title and write the figure."""
+    for ax in axes.flat[used:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=8, title="variant", title_fontsize=8)
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, title=legend_title, title_fontsize=8)
     fig.suptitle(title, fontsize=10)
     figures.save_figure(fig, png)
+
+
+# ---------------------------------------------------------------------------------------
+# Branches of a resumed run (benchmarks/branch_curves.py)
+# ---------------------------------------------------------------------------------------
+BRANCH_KEYS = ("fg_ari", "ari", "bg_share", "mse")
+
+
+def branch_curves(rows: Sequence[dict[str, Any]], keys: Sequence[str] = BRANCH_KEYS) -> dict[str, list[list[float]]]:
+    """The held-out evaluations of one run and of the copies resumed from it with other
+    settings, as one curve per arm: ``{arm: [[step, cpu_min, *values of keys], ...]}`` by
+    step, arms in the order they first appear.
+
+    Each row names its ``arm``; the rows of an arm that branched from another name it and
+    the step it left (``"parent": {"arm": ..., "step": ...}``, the same on each of them),
+    and the parent's evaluation at that step starts the branch's curve, so a lever is seen
+    leaving the line it was measured beside. Raises ValueError for a row without an arm or
+    with one of the keys missing, a parent not given as an arm and a step, a parent that is
+    not an arm of the rows, one arm given two parents, or a branch point the parent was not
+    evaluated at."""
+    curves: dict[str, list[list[float]]] = {}
+    parents: dict[str, tuple[str, int]] = {}
+    for i, r in enumerate(rows):
+        arm = r.get("arm")
+        if not isinstance(arm, str) or not arm:
+            raise ValueError(f"row {i + 1} names no arm (an \"arm\" field)")
+        missing = [k for k in ("step", "cpu_min", *keys) if k not in r]
+        if missing:
+            raise ValueError(f"row {i + 1} ({arm}) has no {', '.join(missing)}")
+        curves.setdefault(arm, []).append([float(r["step"]), float(r["cpu_min"]), *(float(r[k]) for k in keys)])
+        if r.get("parent") is not None:
+            if not isinstance(r["parent"], dict) or not {"arm", "step"} <= set(r["parent"]):
+                raise ValueError(f"row {i + 1} ({arm}): parent {r['parent']!r} is not {{\"arm\": ..., \"step\": ...}}")
+            parent = (r["parent"]["arm"], int(r["parent"]["step"]))
+            if parents.setdefault(arm, parent) != parent:
+                raise ValueError(f"arm {arm!r} branches from both {parents[arm]} and {parent}")
+    for arm, (parent, step) in parents.items():
+        if parent not in curves or parent == arm:
+            raise ValueError(f"arm {arm!r} branches from {parent!r}, which is not another arm of the rows")
+        start = [p for p in curves[parent] if p[0] == step]
+        if not start:
+            raise ValueError(f"arm {arm!r} branches from {parent!r} at step {step:,}, where {parent!r} "
+                             f"has no evaluation")
+        curves[arm] = start[:1] + curves[arm]
+    return {arm: sorted(points) for arm, points in curves.items()}
+
+
+def draw_branches(rows: Sequence[dict[str, Any]], png: str | Path, keys: Sequence[str] = BRANCH_KEYS,
+                  title: str = "Held-out metrics of a run and its branches") -> FigureFiles:
+    """Panels of held-out `keys` against the training step, one line per arm of
+    `branch_curves`, each branch drawn from its parent's point; ``PNG`` and its ``.json``
+    (the plotted points) as a pair (`write_figure`)."""
+    curves = branch_curves(rows, keys)
+    data = json.dumps({"keys": list(keys), "columns": ["step", "cpu_min", *keys], "curves": curves})
+    return figures.write_figure(data, png, lambda path: _draw_branches(curves, keys, path, title))
+
+
+def _draw_branches(curves: dict[str, list[list[float]]], keys: Sequence[str], png: Path, title: str) -> None:
+    from .drawing import plt
+
+    cols = min(2, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols + 3.2, 3.0 * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    for ax, (j, key) in zip(axes.flat, enumerate(keys)):
+        for arm, points in curves.items():
+            a = np.array(points, float)
+            ax.plot(a[:, 0], a[:, 2 + j], marker="o", markersize=3, linewidth=1.4, label=arm)
+        _held_out_panel(ax, key, "training step")
+    _finish_panels(fig, axes, len(keys), "arm", title, png)

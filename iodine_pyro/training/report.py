@@ -57,6 +57,7 @@ class MetricsLog:
                      **({"beta": float(geco.beta)} if geco is not None else {}),
                      **({"pixel_scale": system.model.pixel_scale} if state.cfg.train.pixel_scale_final else {}),
                      "num_slots": state.cfg.model.num_slots,        # K of the step (a resume may change it)
+                     "batch_size": state.cfg.train.batch_size,      # its images (so may a resume)
                      **(self._batch_metrics(state.step, system, batch) if self.main else {})}
         self.file.write(json.dumps(self.last) + "\n")
         return self.last

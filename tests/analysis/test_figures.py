@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from iodine_pyro.checkpoint import load_checkpoint
 
 from ..helpers import TINY_OVERRIDES, run_main, status_of, tiny_run
 
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -263,3 +265,74 @@ def test_a_drawing_that_fails_leaves_neither_file(run_dir, tmp_path, monkeypatch
     monkeypatch.undo()
     files = figures.decomposition(run_dir, tmp_path / "d.png", num_images=1)
     assert files.data == tmp_path / "d.npz" and files.data.is_file() and files.png.is_file()
+
+
+def _row(arm, step, fg_ari, parent=None):
+    return {"arm": arm, "step": step, "cpu_min": step / 30, "fg_ari": fg_ari, "ari": fg_ari / 2,
+            "bg_share": 0.8, "mse": 0.01, **({"parent": parent} if parent else {})}
+
+
+BRANCHED = [_row("base", 0, 0.1), _row("base", 100, 0.5), _row("base", 200, 0.6),
+            _row("lever", 300, 0.9, {"arm": "base", "step": 100}), _row("lever", 200, 0.7, {"arm": "base", "step": 100}),
+            _row("base", 300, 0.62)]
+
+
+def test_a_branch_starts_where_it_left_its_parent():
+    curves = figures.branch_curves(BRANCHED)
+    assert list(curves) == ["base", "lever"]
+    assert [p[0] for p in curves["base"]] == [0, 100, 200, 300]
+    assert [(p[0], p[2]) for p in curves["lever"]] == [(100, 0.5), (200, 0.7), (300, 0.9)]
+    assert curves["lever"][0] == curves["base"][1]                  # the parent's own point, every value
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{**BRANCHED[0], "arm": ""}], "names no arm"),
+    ([{k: v for k, v in BRANCHED[0].items() if k != "mse"}], "has no mse"),
+    ([_row("lever", 200, 0.7, {"arm": "base", "step": 100})], "not another arm"),
+    ([_row("lever", 200, 0.7, {"arm": "base"})], "is not"),
+    ([_row("base", 0, 0.1), _row("lever", 200, 0.7, {"arm": "base", "step": 100})], "has no evaluation"),
+    ([*BRANCHED, _row("lever", 400, 0.9, {"arm": "base", "step": 200})], "branches from both"),
+])
+def test_branch_curves_refuse_rows_that_do_not_form_branches(rows, needle):
+    with pytest.raises(ValueError, match=needle):
+        figures.branch_curves(rows)
+
+
+def test_branch_curves_script_draws_the_picture_and_its_points(tmp_path):
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps({**r, "variant": "v"}) + "\n" for r in BRANCHED)
+                       + json.dumps({**_row("other", 0, 0.3), "variant": "w"}) + "\n")
+    out = tmp_path / "branches.png"
+    script = [sys.executable, str(ROOT / "benchmarks" / "branch_curves.py"), str(results), "--out", str(out)]
+    proc = subprocess.run([*script, "--variant", "v"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert_picture(out)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["columns"] == ["step", "cpu_min", "fg_ari", "ari", "bg_share", "mse"]
+    assert data["curves"] == figures.branch_curves(BRANCHED)        # arm "other" is variant w's
+    proc = subprocess.run([*script, "--variant", "nope"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "no rows" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_learning_speed_draws_kept_rows_without_training(tmp_path):
+    rows = [{"variant": v, "seed": s, "cpu_min": m, "step": 100 * m, "fg_ari": f + m / 100, "ari": 0.5,
+             "bg_slots": 1.0, "bg_share": 0.9, "mse": 0.01, "kl": 500.0}
+            for v, f in (("fast", 0.2), ("a-continuation", 0.3)) for s in (0, 1) for m in (8, 16, 24)]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = [sys.executable, str(ROOT / "benchmarks" / "learning_speed.py"), "--rows", str(results)]
+    out = tmp_path / "drawn"
+    proc = subprocess.run([*script, "--variants", "a-continuation", "fast", "--until", "16", "--out", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "data").exists()                              # nothing generated, nothing trained
+    assert_picture(out / "curves.png")
+    curves = json.loads((out / "curves.json").read_text())["curves"]
+    assert list(curves) == ["a-continuation", "fast"]               # the order asked for
+    assert [p[0] for p in curves["fast"]["1"]] == [8, 16]            # cut at --until
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[2].startswith("| a-continuation |  | 2 | 16 | 1600 | 0.460 |")
+    assert table[3].startswith("| fast | the fast preset | 2 | 16 | 1600 | 0.360 |")
+    proc = subprocess.run([*script, "--variants", "nope", "--out", str(out)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == 2 and "no rows of nope" in proc.stderr and "Traceback" not in proc.stderr

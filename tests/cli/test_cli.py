@@ -268,7 +268,7 @@ def test_fit_with_a_time_limit_and_no_steps_trains_until_the_limit(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_resume_takes_a_new_learning_rate_and_refuses_any_other_change(run_dir, tmp_path):
+def test_fit_resume_takes_a_new_learning_rate_and_batch_and_refuses_any_other_change(run_dir, tmp_path):
     import shutil
 
     from iodine_pyro.checkpoint import load_checkpoint
@@ -282,9 +282,15 @@ def test_fit_resume_takes_a_new_learning_rate_and_refuses_any_other_change(run_d
     from iodine_pyro.training import learning_rate
     lr = learning_rate(ckpt["config"], 2)                              # the new rate, in the preset's warm-up
     assert all(g["lr"] == pytest.approx(lr) for g in ckpt["optimizer"]["param_groups"])
-    proc = cli("fit", "--out", out, "--resume", "--steps", 4, "--batch-size", 8, "--quiet")
-    assert_one_line_error(proc, "train.batch_size 4 -> 8", "may change only train.lr")
+    proc = cli("fit", "--out", out, "--resume", "--steps", 4, "--decoder", "deconv", "--quiet")
+    assert_one_line_error(proc, "model.decoder 'broadcast' -> 'deconv'", "may change only train.lr")
     assert load_checkpoint(out)["step"] == 3                          # refused before any step
+    proc = cli("fit", "--out", out, "--resume", "--steps", 4, "--batch-size", 8, "--log-every", 1, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "with train.batch_size 4 -> 8" in proc.stdout              # the batch is the schedule's too
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["batch_size"]) for r in rows][-2:] == [(3, 4), (4, 8)]
+    assert load_checkpoint(out)["config"].train.batch_size == 8
 
 
 def test_the_default_thread_count_leaves_busy_cores_alone():

@@ -477,6 +477,25 @@ def test_batches_resume(store, skip):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
 
 
+@pytest.mark.parametrize("taken", [3, 8])  # mid-epoch; past the larger batch's last whole one
+def test_batches_resume_with_another_batch_size(store, taken):
+    """The state counts images: a stream of batch 32 resumed from one of batch 16 goes on
+    from the same image of the same order, or at the next epoch where the rest of this one
+    is less than a batch (150 images: 9 batches of 16, 4 of 32)."""
+    ds = open_dataset(store)
+    small = Batches(ds, 16, seed=5, buffer_chunks=2)
+    _take(small, taken)
+    state = small.state_dict()
+    if taken == 8:
+        _take(small, 1)                                  # the epoch's last batch of 16: 128 -> 144
+        assert small.state_dict() == {"epoch": 1, "position": 0}
+    expected = torch.cat([b["image"] for b in _take(small, 4)])
+    large = Batches(ds, 32, seed=5, buffer_chunks=2)
+    large.load_state_dict(dict(state))
+    got = torch.cat([b["image"] for b in _take(large, 2)])
+    assert torch.equal(got, expected)
+
+
 def test_batches_epoch_coverage(store):
     ds = open_dataset(store)
     everything = set(_keys(load_images(ds, 0, N_IMAGES)))
