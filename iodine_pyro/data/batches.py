@@ -248,7 +248,7 @@ class Batches:
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < max(self.num_images, 1):
             raise ValueError(f"invalid data state {state} for {self.num_images} images")
-        self.epoch, self.position = (epoch + 1, 0) if position >= self._epoch_end() else (epoch, position)
+        self._advance(epoch, position, self._epoch_end())
         self._stream = None
 
 
