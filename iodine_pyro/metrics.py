@@ -44,10 +44,13 @@ tables (a batched matmul) in float64; results are float64 tensors of shape
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ari", "owners", "region_shares", "summarize", "mse", "slot_stability", "slots_owning"]
+__all__ = ["FATES", "Fates", "ari", "mse", "object_fates", "owners", "region_shares", "slot_stability",
+           "slots_owning", "summarize"]
 
 
 def _num_dropped_groups(foreground_only: bool | int, n_groups: int) -> int:
@@ -205,6 +208,92 @@ def region_shares(true_masks: torch.Tensor, pred_masks: torch.Tensor, background
     owner = F.one_hot(first_argmax(pred, 1), K).to(torch.float64)       # [B, N, K]
     per_slot = torch.bmm(inside.unsqueeze(1), owner).squeeze(1)          # [B, K] pixels held
     return per_slot / inside.sum(1, keepdim=True)                        # 0 / 0: NaN
+
+
+FATES = ("clean", "cut", "merged")   # `object_fates` codes 0-2, in this order
+
+
+class Fates(NamedTuple):
+    """:func:`object_fates`: per image and object (the groups after the background)."""
+
+    fate: torch.Tensor             # int64 [B, O]: index in FATES, -1 where the object has no pixel
+    share: torch.Tensor            # float64 [B, O]: share of the object's pixels its slot holds, NaN if absent
+    to_background: torch.Tensor    # float64 [B, O]: share held by the background's slots (not its own)
+    to_objects: torch.Tensor       # float64 [B, O]: share held by other objects' slots (not the background's)
+    to_spare: torch.Tensor         # float64 [B, O]: share held by slots that are no object's nor the background's
+    with_background: torch.Tensor  # bool [B, O]: its slot is one that holds most of a background group
+
+
+def object_fates(true_masks: torch.Tensor, pred_masks: torch.Tensor, background: int = 1,
+                 clean_share: float = 0.8) -> Fates:
+    """What became of each object of each image: where a FG-ARI below 1 comes from.
+
+    An object's slot is the one holding most of its pixels (pixels go to the slot of their
+    largest mask, ties to the first, as in :func:`ari`). Each object present in an image
+    gets the first fate that applies:
+
+    * ``merged``: another object of the image has the same slot (FG-ARI sees one cluster);
+    * ``cut``: its slot holds less than `clean_share` of its pixels, the rest went to
+      other slots;
+    * ``clean``: otherwise.
+
+    The share its slot does not hold is split three ways, by who holds it: the background's
+    slots (those holding most of a background group's pixels), the other objects' slots, or
+    spare slots (neither): a cut object's rest in a spare slot is a piece a slot fewer could
+    gather. ``with_background`` says whether its own slot is a background slot: FG-ARI does
+    not see that, ARI does.
+    With the background shared by every slot, many whole objects share a slot with its
+    largest part; with the background in one slot, an object there was painted as
+    background. On Multi-dSprites a model whose sprites are blurred discs cuts more
+    sprites than it merges (docs/learning.md): the fates name what FG-ARI averages away.
+
+    Args:
+        true_masks: [B, G, H, W] 0/1 ground-truth masks, the first `background` groups the
+            background.
+        pred_masks: [B, K, H, W] predicted masks (probabilities or one-hot).
+        background: leading groups that make the background.
+        clean_share: the share of its pixels an object's slot must hold to be ``clean``, in
+            (0, 1].
+    Returns:
+        :class:`Fates`, each field [B, G - background].
+    """
+    if true_masks.dim() != 4 or pred_masks.dim() != 4 or true_masks.shape[0] != pred_masks.shape[0] \
+            or true_masks.shape[2:] != pred_masks.shape[2:]:
+        raise ValueError(f"object_fates expects [B, G, H, W] and [B, K, H, W] masks, got shapes "
+                         f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}")
+    if not 0 <= background <= true_masks.shape[1]:
+        raise ValueError(f"background must lie in [0, {true_masks.shape[1]}], got {background}")
+    if not 0.0 < clean_share <= 1.0:
+        raise ValueError(f"clean_share must lie in (0, 1], got {clean_share}")
+    K = pred_masks.shape[1]
+    pred = pred_masks.flatten(2)
+    pred = pred if pred.is_floating_point() else pred.to(torch.float64)
+    owner = F.one_hot(first_argmax(pred, 1), K).to(torch.float64)           # [B, N, K]
+    inside = (true_masks.flatten(2) > 0).to(torch.float64)                  # [B, G, N]
+    held = torch.bmm(inside, owner)                                         # [B, G, K] pixels
+    area = held.sum(2)                                                      # [B, G]
+    top, slot = held.max(2)                                                 # ties: the first slot
+    present = area > 0
+    bg_slots = (F.one_hot(slot[:, :background], K).bool() & present[:, :background, None]).any(1)  # [B, K]
+    obj_slot, obj_present = slot[:, background:], present[:, background:]
+    same = (obj_slot[:, :, None] == obj_slot[:, None, :]) & obj_present[:, :, None] & obj_present[:, None, :]
+    merged = same.sum(2) > 1
+    area = area[:, background:]
+    share = top[:, background:] / area                                      # 0 / 0: NaN
+    cut = (share < clean_share) & ~merged
+    fate = torch.where(merged, FATES.index("merged"), torch.where(cut, FATES.index("cut"), FATES.index("clean")))
+    own = F.one_hot(obj_slot, K).bool()                                     # [B, O, K]
+    obj_slots = (own & obj_present[:, :, None]).any(1)                      # [B, K]
+    held = held[:, background:]
+
+    def held_by(slots: torch.Tensor) -> torch.Tensor:                       # slots: bool [B, (O,) K]
+        return (held * slots.to(held.dtype)).sum(2) / area
+
+    return Fates(torch.where(obj_present, fate, -1), share,
+                 to_background=held_by(bg_slots[:, None] & ~own),
+                 to_objects=held_by(obj_slots[:, None] & ~bg_slots[:, None] & ~own),
+                 to_spare=held_by((~obj_slots & ~bg_slots)[:, None].expand_as(own)),
+                 with_background=bg_slots.gather(1, obj_slot) & obj_present)
 
 
 def summarize(values: torch.Tensor) -> float:

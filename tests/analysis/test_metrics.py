@@ -1,9 +1,13 @@
-"""Tests for iodine_pyro.metrics (ARI / FG-ARI, summarize, MSE)."""
+"""Tests for iodine_pyro.metrics (ARI / FG-ARI, summarize, MSE, slots owning a region, object fates)."""
 
 import itertools
+import json
 import math
+import subprocess
+import sys
 import warnings
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iodine_pyro.metrics import ari, mse, region_shares, slots_owning, summarize
+from iodine_pyro.evaluate import evaluate
+from iodine_pyro.metrics import FATES, ari, mse, object_fates, region_shares, slots_owning, summarize
+
+from ..helpers import ENV
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROPERTY = settings(
     derandomize=True, deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
@@ -382,3 +391,86 @@ def test_slots_owning_invariant_to_slot_permutation_and_bounded(problem, seed, r
     assert_same(a, b)
     finite = a[~torch.isnan(a)]
     assert ((finite >= 1) & (finite <= logits.shape[1])).all()
+
+
+# --------------------------------------------------------------------------- what became of each object
+
+
+def test_object_fates_hand_computed():
+    # background (0): pixels 0-5; object 1 clean, object 2 cut in half, objects 3 and 4 in one
+    # slot, object 5 painted by the background's slot, object 6 absent
+    true, pred = label_rows([0] * 6 + [1] * 4 + [2] * 4 + [3] * 2 + [4] * 2 + [5] * 2,
+                            [0] * 6 + [1, 1, 1, 1] + [2, 2, 3, 3] + [4, 4] + [4, 4] + [0, 0])
+    true = torch.cat([true, torch.zeros_like(true[:, :1])], 1)               # group 6: no pixel
+    f = object_fates(true, pred)
+    assert [FATES[i] if i >= 0 else None for i in f.fate[0].tolist()] == \
+        ["clean", "cut", "merged", "merged", "clean", None]
+    assert f.share[0, :5].tolist() == [1.0, 0.5, 1.0, 1.0, 1.0] and math.isnan(f.share[0, 5])
+    assert f.to_spare[0, :5].tolist() == [0.0, 0.5, 0.0, 0.0, 0.0]          # slot 3 holds no object's most
+    assert f.with_background[0].tolist() == [False, False, False, False, True, False]
+    # object 1 drawn half by the background's slot and half by object 2's: where its rest went
+    f = object_fates(*label_rows([0] * 4 + [1] * 4 + [2] * 4, [0] * 4 + [1, 1, 0, 2] + [2] * 4))
+    assert f.share[0].tolist() == [0.5, 1.0] and FATES[f.fate[0, 0]] == "cut"
+    assert (f.to_background[0, 0], f.to_objects[0, 0], f.to_spare[0, 0]) == (0.25, 0.25, 0.0)
+    assert FATES[object_fates(true, pred, clean_share=0.5).fate[0, 1]] == "clean"
+    no_background = object_fates(true, pred, background=0)                  # group 0 an object like the rest
+    assert [FATES[f] if f >= 0 else None for f in no_background.fate[0].tolist()] == \
+        ["merged", "clean", "cut", "merged", "merged", "merged", None]
+    assert not no_background.with_background.any()
+
+
+def test_object_fates_bad_input_raises():
+    true, pred = label_rows([0, 1, 1], [0, 1, 1])
+    for kwargs in ({"clean_share": 0.0}, {"clean_share": 1.5}, {"background": 3}):
+        with pytest.raises(ValueError):
+            object_fates(true, pred, **kwargs)
+    with pytest.raises(ValueError):
+        object_fates(true[0], pred)
+
+
+@PROPERTY
+@given(problems(allow_unlabelled=False), st.integers(0, 2**32 - 1), st.integers(0, 2))
+def test_object_fates_laws(problem, seed, extra_slots):
+    labels, G, logits = problem
+    masks = onehot_masks(labels, G)
+    f = object_fates(masks, logits)
+    fate, share, with_background = f.fate, f.share, f.with_background
+    perm = torch.as_tensor(np.random.default_rng(seed).permutation(logits.shape[1]))
+    pf, ps, *_, pw = object_fates(masks, logits[:, perm])
+    present = masks[:, 1:].flatten(2).sum(2) > 0
+    assert (fate >= 0).eq(present).all() and share.isnan().eq(~present).all()
+    assert ((fate >= -1) & (fate < len(FATES))).all()
+    whole = share + f.to_background + f.to_objects + f.to_spare             # every pixel held by one slot
+    assert torch.allclose(whole[present], torch.ones_like(whole[present]))
+    # relabelling the slots changes nothing, unless a tie moves an object's slot
+    ties = (masks.flatten(2) > 0).double() @ torch.nn.functional.one_hot(logits.flatten(2).argmax(1),
+                                                                            logits.shape[1]).double()
+    tied = (ties == ties.max(2, keepdim=True).values).sum(2) > 1
+    if not tied.any():
+        assert fate.equal(pf) and with_background.equal(pw)
+        assert_same(share, ps)
+    # the true segmentation itself: every present object clean and whole
+    perfect = torch.cat([masks, torch.zeros(masks.shape[0], extra_slots, *masks.shape[2:], dtype=masks.dtype)], 1)
+    fate, share, *_, with_background = object_fates(masks, perfect[:, torch.randperm(perfect.shape[1], generator=torch.Generator().manual_seed(seed % 2**31))])
+    assert (fate[present] == FATES.index("clean")).all() and (share[present] == 1).all()
+    assert not with_background.any()
+
+
+def test_object_fates_script_sorts_every_object_and_matches_evaluate(runs, tmp_path):
+    out = tmp_path / "fates.json"
+    script = ROOT / "benchmarks" / "object_fates.py"
+    proc = subprocess.run([sys.executable, str(script), str(runs["iterative"]), "--num-images", "12",
+                           "--batch-size", "5", "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(out.read_text())
+    counts = [v["objects"] for v in result["fates"].values()]
+    assert list(result["fates"]) == list(FATES) and sum(counts) == result["objects"] > 0
+    assert math.isclose(sum(v["fraction"] for v in result["fates"].values()), 1.0)
+    assert sum(v["images"] for v in result["by_objects"].values()) == result["images"] == 12
+    for v in result["fates"].values():
+        if v["objects"]:
+            assert math.isclose(v["share"] + v["to_background"] + v["to_objects"] + v["to_spare"], 1.0)
+    # the same seeded inference as evaluate at the same batch size
+    same = evaluate(runs["iterative"], num_images=12, batch_size=5, progress=False)
+    assert math.isclose(result["fg_ari"], same["fg_ari"][-1], rel_tol=1e-9)
+    assert "clean" in proc.stdout and "FG-ARI" in proc.stdout
