@@ -241,11 +241,13 @@ def object_fates(true_masks: torch.Tensor, pred_masks: torch.Tensor, background:
     slots (those holding most of a background group's pixels), the other objects' slots, or
     spare slots (neither): a cut object's rest in a spare slot is a piece a slot fewer could
     gather. ``with_background`` says whether its own slot is a background slot: FG-ARI does
-    not see that, ARI does.
-    With the background shared by every slot, many whole objects share a slot with its
-    largest part; with the background in one slot, an object there was painted as
-    background. On Multi-dSprites a model whose sprites are blurred discs cuts more
-    sprites than it merges (docs/learning.md): the fates name what FG-ARI averages away.
+    not see that, ARI does. With the background shared by every slot, many whole objects
+    share a slot with its largest part; with the background in one slot, an object there
+    was painted as background.
+
+    Measured (docs/learning.md): the Multi-dSprites model whose sprites are blurred discs
+    cuts 24% of its sprites and merges 17%; the five-slot Tetrominoes background model cuts
+    20% of its objects, each leaving a quarter of its pixels in the spare slot.
 
     Args:
         true_masks: [B, G, H, W] 0/1 ground-truth masks, the first `background` groups the
