@@ -33,7 +33,7 @@ def fates(ref: str, num_images: int, clean_share: float = 0.8, batch_size: int =
     background = run.background_groups(ds)
     n = min(num_images, ds.sizes["image"])
     parts: dict[str, list[torch.Tensor]] = {}
-    area, fg_ari = [], []
+    fg_ari = []
     with seeded(0, torch.empty(0)), torch.no_grad():
         for start in range(0, n, batch_size):
             batch = load_images(ds, start, min(start + batch_size, n))
@@ -44,16 +44,15 @@ def fates(ref: str, num_images: int, clean_share: float = 0.8, batch_size: int =
             for k, v in object_fates(true, masks, background, clean_share)._asdict().items():
                 parts.setdefault(k, []).append(v)
             fg_ari.append(ari(true, masks, foreground_only=background))
-            area.append((true[:, background:] > 0).flatten(2).sum(2))
     f = {k: torch.cat(v) for k, v in parts.items()}
-    fate, area, fg_ari = f["fate"], torch.cat(area), torch.cat(fg_ari)
+    fate, area, fg_ari = f["fate"], f["area"], torch.cat(fg_ari)
     present = fate >= 0
     total = int(present.sum())
     rows = {}
     for i, name in enumerate(FATES):
         sel = fate == i
         rows[name] = {"objects": int(sel.sum()), "fraction": int(sel.sum()) / max(total, 1),
-                      "median_area": float(area[sel].double().median()) if sel.any() else float("nan"),
+                      "median_area": float(area[sel].median()) if sel.any() else float("nan"),
                       **{k: float(f[k][sel].mean()) if sel.any() else float("nan")
                          for k in ("share", "to_background", "to_objects", "to_spare")},
                       "with_background": int((sel & f["with_background"]).sum())}

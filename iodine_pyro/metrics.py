@@ -73,6 +73,19 @@ def first_argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.max(dim).indices
 
 
+def _pixels_held(true: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+    """float64 [..., G, K]: the pixels of each true group that each slot holds, a pixel going
+    to the slot of its largest mask (ties to the first, as in :func:`ari`).
+
+    Args:
+        true: [..., G, N] float64 group memberships over the N pixels.
+        pred_masks: [..., K, H, W] predicted masks (probabilities or one-hot, any dtype).
+    """
+    pred = pred_masks.flatten(-2)
+    pred = pred if pred.is_floating_point() else pred.to(torch.float64)
+    return true @ F.one_hot(first_argmax(pred, -2), pred.shape[-2]).to(torch.float64)   # owner: [..., N, K]
+
+
 def ari(
     true_masks: torch.Tensor,
     pred_masks: torch.Tensor,
@@ -200,13 +213,9 @@ def region_shares(true_masks: torch.Tensor, pred_masks: torch.Tensor, background
                          f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}")
     if region not in ("background", "objects"):
         raise ValueError(f"region must be 'background' or 'objects', got {region!r}")
-    K = pred_masks.shape[1]
     groups = true_masks[:, :background] if region == "background" else true_masks[:, background:]
     inside = (groups.flatten(2) > 0).any(1).to(torch.float64)            # [B, N]
-    pred = pred_masks.flatten(2)
-    pred = pred if pred.is_floating_point() else pred.to(torch.float64)
-    owner = F.one_hot(first_argmax(pred, 1), K).to(torch.float64)       # [B, N, K]
-    per_slot = torch.bmm(inside.unsqueeze(1), owner).squeeze(1)          # [B, K] pixels held
+    per_slot = _pixels_held(inside.unsqueeze(1), pred_masks).squeeze(1)  # [B, K] pixels held
     return per_slot / inside.sum(1, keepdim=True)                        # 0 / 0: NaN
 
 
@@ -217,6 +226,7 @@ class Fates(NamedTuple):
     """:func:`object_fates`: per image and object (the groups after the background)."""
 
     fate: torch.Tensor             # int64 [B, O]: index in FATES, -1 where the object has no pixel
+    area: torch.Tensor             # float64 [B, O]: the object's pixels, 0 if absent
     share: torch.Tensor            # float64 [B, O]: share of the object's pixels its slot holds, NaN if absent
     to_background: torch.Tensor    # float64 [B, O]: share held by the background's slots (not its own)
     to_objects: torch.Tensor       # float64 [B, O]: share held by other objects' slots (not the background's)
@@ -268,30 +278,24 @@ def object_fates(true_masks: torch.Tensor, pred_masks: torch.Tensor, background:
     if not 0.0 < clean_share <= 1.0:
         raise ValueError(f"clean_share must lie in (0, 1], got {clean_share}")
     K = pred_masks.shape[1]
-    pred = pred_masks.flatten(2)
-    pred = pred if pred.is_floating_point() else pred.to(torch.float64)
-    owner = F.one_hot(first_argmax(pred, 1), K).to(torch.float64)           # [B, N, K]
-    inside = (true_masks.flatten(2) > 0).to(torch.float64)                  # [B, G, N]
-    held = torch.bmm(inside, owner)                                         # [B, G, K] pixels
-    area = held.sum(2)                                                      # [B, G]
+    held = _pixels_held((true_masks.flatten(2) > 0).to(torch.float64), pred_masks)   # [B, G, K] pixels
     top, slot = held.max(2)                                                 # ties: the first slot
-    present = area > 0
+    present = held.sum(2) > 0                                               # [B, G]
     bg_slots = (F.one_hot(slot[:, :background], K).bool() & present[:, :background, None]).any(1)  # [B, K]
-    obj_slot, obj_present = slot[:, background:], present[:, background:]
+    held, top, obj_slot = held[:, background:], top[:, background:], slot[:, background:]   # the objects'
+    area, obj_present = held.sum(2), present[:, background:]               # [B, O]
     same = (obj_slot[:, :, None] == obj_slot[:, None, :]) & obj_present[:, :, None] & obj_present[:, None, :]
     merged = same.sum(2) > 1
-    area = area[:, background:]
-    share = top[:, background:] / area                                      # 0 / 0: NaN
+    share = top / area                                                      # 0 / 0: NaN
     cut = (share < clean_share) & ~merged
     fate = torch.where(merged, FATES.index("merged"), torch.where(cut, FATES.index("cut"), FATES.index("clean")))
     own = F.one_hot(obj_slot, K).bool()                                     # [B, O, K]
     obj_slots = (own & obj_present[:, :, None]).any(1)                      # [B, K]
-    held = held[:, background:]
 
     def held_by(slots: torch.Tensor) -> torch.Tensor:                       # slots: bool [B, (O,) K]
         return (held * slots.to(held.dtype)).sum(2) / area
 
-    return Fates(torch.where(obj_present, fate, -1), share,
+    return Fates(torch.where(obj_present, fate, -1), area, share,
                  to_background=held_by(bg_slots[:, None] & ~own),
                  to_objects=held_by(obj_slots[:, None] & ~bg_slots[:, None] & ~own),
                  to_spare=held_by((~obj_slots & ~bg_slots)[:, None].expand_as(own)),
@@ -345,10 +349,7 @@ def slot_stability(true_masks: torch.Tensor, pred_masks: torch.Tensor, backgroun
                          f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}")
     K = pred_masks.shape[2]
     true = true_masks[:, :, background:].flatten(3).to(torch.float64)      # [B, F, G', N]
-    pred = pred_masks.flatten(3)                                            # [B, F, K, N]
-    pred = pred if pred.is_floating_point() else pred.to(torch.float64)
-    pred_oh = F.one_hot(first_argmax(pred, 2), K).to(torch.float64)        # [B, F, N, K]
-    overlap = true @ pred_oh                                                # [B, F, G', K] pixels
+    overlap = _pixels_held(true, pred_masks)                                # [B, F, G', K] pixels
     visible = overlap.sum(-1) > 0                                           # [B, F, G']
     slot = F.one_hot(overlap.argmax(-1), K) * visible.unsqueeze(-1)         # [B, F, G', K]
     per_slot = slot.sum(1)                                                  # [B, G', K] frames

@@ -406,6 +406,7 @@ def test_object_fates_hand_computed():
     assert [FATES[i] if i >= 0 else None for i in f.fate[0].tolist()] == \
         ["clean", "cut", "merged", "merged", "clean", None]
     assert f.share[0, :5].tolist() == [1.0, 0.5, 1.0, 1.0, 1.0] and math.isnan(f.share[0, 5])
+    assert f.area[0].tolist() == [4.0, 4.0, 2.0, 2.0, 2.0, 0.0]
     assert f.to_spare[0, :5].tolist() == [0.0, 0.5, 0.0, 0.0, 0.0]          # slot 3 holds no object's most
     assert f.with_background[0].tolist() == [False, False, False, False, True, False]
     # object 1 drawn half by the background's slot and half by object 2's: where its rest went
@@ -436,7 +437,8 @@ def test_object_fates_laws(problem, seed, extra_slots):
     f = object_fates(masks, logits)
     fate, share, with_background = f.fate, f.share, f.with_background
     perm = torch.as_tensor(np.random.default_rng(seed).permutation(logits.shape[1]))
-    pf, ps, *_, pw = object_fates(masks, logits[:, perm])
+    p = object_fates(masks, logits[:, perm])
+    pf, ps, pw = p.fate, p.share, p.with_background
     present = masks[:, 1:].flatten(2).sum(2) > 0
     assert (fate >= 0).eq(present).all() and share.isnan().eq(~present).all()
     assert ((fate >= -1) & (fate < len(FATES))).all()
@@ -451,7 +453,8 @@ def test_object_fates_laws(problem, seed, extra_slots):
         assert_same(share, ps)
     # the true segmentation itself: every present object clean and whole
     perfect = torch.cat([masks, torch.zeros(masks.shape[0], extra_slots, *masks.shape[2:], dtype=masks.dtype)], 1)
-    fate, share, *_, with_background = object_fates(masks, perfect[:, torch.randperm(perfect.shape[1], generator=torch.Generator().manual_seed(seed % 2**31))])
+    f = object_fates(masks, perfect[:, torch.randperm(perfect.shape[1], generator=torch.Generator().manual_seed(seed % 2**31))])
+    fate, share, with_background = f.fate, f.share, f.with_background
     assert (fate[present] == FATES.index("clean")).all() and (share[present] == 1).all()
     assert not with_background.any()
 
