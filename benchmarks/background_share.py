@@ -8,7 +8,7 @@ directory, checkpoint or `pretrained:NAME`), on the first `--num-images` images 
 held-out set, last refinement step, the mean share held by each slot index (a slot that a
 guide sets apart, e.g. with ``guide.first_slot_init``, shows as its index), beside
 `bg_share` (the mean over images of the largest share; 1.0: the background in one slot) and
-`bg_slots`.
+`bg_slots`. The inference is `evaluate`'s seeded draw (`--batch-size` is part of it).
 
     python benchmarks/background_share.py pretrained:tetrominoes runs/study-anneal/runs/fast-anneal-s0
 """
@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from iodine_pyro.data import load_images
+from iodine_pyro.evaluate import inferred_batches
 from iodine_pyro.metrics import owners, region_shares
 from iodine_pyro.run import IMAGES, Run
 
@@ -30,13 +30,11 @@ def shares(ref: str, num_images: int, batch_size: int = 32) -> dict:
     background = run.background_groups(ds)
     n = min(num_images, ds.sizes["image"])
     held = []
-    for start in range(0, n, batch_size):
-        batch = load_images(ds, start, min(start + batch_size, n))
-        if "mask" not in batch:
+    for _, true, steps in inferred_batches(run, ds, num_images=n, batch_size=batch_size, progress=True,
+                                           desc="shares"):
+        if true is None:
             raise SystemExit(f"{where} has no ground-truth masks: nothing to say who holds the background")
-        with torch.no_grad():
-            masks = run.system.infer(batch["image"])[-1].masks          # [b, K, H, W]
-        held.append(region_shares(batch["mask"], masks, background))
+        held.append(region_shares(true, steps[-1].masks, background))
     held = torch.cat(held)                                               # [n, K]
     return {"run": ref, "step": run.step, "images": n, "data": str(where),
             "per_slot": held.nanmean(0).tolist(),
@@ -48,10 +46,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories, checkpoints or pretrained:NAME")
     p.add_argument("--num-images", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference call (as evaluate's)")
     a = p.parse_args()
     print(f"{'run':<48} {'step':>6} {'largest share':>13} {'bg slots':>8}  mean share by slot")
     for ref in a.runs:
-        r = shares(ref, a.num_images)
+        r = shares(ref, a.num_images, a.batch_size)
         per = " ".join(f"{v:.3f}" for v in r["per_slot"])
         print(f"{ref:<48} {r['step']:>6} {r['largest']:>13.3f} {r['bg_slots']:>8.2f}  {per}")
 

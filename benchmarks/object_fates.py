@@ -21,8 +21,7 @@ import json
 
 import torch
 
-from iodine_pyro.checkpoint import seeded
-from iodine_pyro.data import load_images
+from iodine_pyro.evaluate import inferred_batches
 from iodine_pyro.metrics import FATES, ari, object_fates, summarize
 from iodine_pyro.run import IMAGES, Run
 
@@ -34,16 +33,13 @@ def fates(ref: str, num_images: int, clean_share: float = 0.8, batch_size: int =
     n = min(num_images, ds.sizes["image"])
     parts: dict[str, list[torch.Tensor]] = {}
     fg_ari = []
-    with seeded(0, torch.empty(0)), torch.no_grad():
-        for start in range(0, n, batch_size):
-            batch = load_images(ds, start, min(start + batch_size, n))
-            if "mask" not in batch:
-                raise SystemExit(f"{where} has no ground-truth masks: no objects to follow")
-            true = batch["mask"]
-            masks = run.system.infer(batch["image"])[-1].masks                      # [b, K, H, W]
-            for k, v in object_fates(true, masks, background, clean_share)._asdict().items():
-                parts.setdefault(k, []).append(v)
-            fg_ari.append(ari(true, masks, foreground_only=background))
+    for _, true, steps in inferred_batches(run, ds, num_images=n, batch_size=batch_size, progress=True, desc="fates"):
+        if true is None:
+            raise SystemExit(f"{where} has no ground-truth masks: no objects to follow")
+        masks = steps[-1].masks                                                     # [b, K, H, W]
+        for k, v in object_fates(true, masks, background, clean_share)._asdict().items():
+            parts.setdefault(k, []).append(v)
+        fg_ari.append(ari(true, masks, foreground_only=background))
     f = {k: torch.cat(v) for k, v in parts.items()}
     fate, area, fg_ari = f["fate"], f["area"], torch.cat(fg_ari)
     present = fate >= 0

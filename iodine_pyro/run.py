@@ -107,8 +107,9 @@ def generate_recorded(data: dict[str, Any], which: str, path: str, progress: boo
 
 
 def data_location(data: dict[str, Any], which: str, out: Path) -> tuple[str | None, bool]:
-    """Where the ``train`` or ``eval`` set a checkpoint records is, and whether it must be
-    generated there. Relative paths lie in the run directory. Generated data (the record
+    """Where the ``train`` or ``eval`` set a checkpoint records is, and whether it is
+    generated data to ensure there (`ensure_generated`: checked, and made when missing or
+    damaged). Relative paths lie in the run directory. Generated data (the record
     says how it was made) is generated again, exactly, when it is gone: where it was when
     that lies inside the run directory (a run directory copied without its data, a
     checkpoint committed without it), else in OUT/data (a run moved away from a store it
@@ -133,7 +134,7 @@ def data_location(data: dict[str, Any], which: str, out: Path) -> tuple[str | No
     if path is None:
         raise CheckpointError(f"the checkpoint in {out} records {which} data at {value!r}, outside its run "
                               f"directory (through '..' or a symbolic link); pass `data`")
-    return str(path), generated and not is_store(path)
+    return str(path), generated
 
 
 def _inside_run(out: Path, rel: str) -> Path | None:

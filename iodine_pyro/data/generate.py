@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..io import WriteError
 from .errors import DatasetError
 from .registry import DATASETS, dataset_spec
 from .store import (
@@ -292,20 +293,38 @@ def _chunk_size(ds) -> int | None:
 def ensure(name: str, num_images: int, out: str | Path, *, seed: int = 0, progress: bool = True,
            workers: int | None = None) -> Path:
     """A complete store of `num_images` images of dataset `name` from `seed` at `out`:
-    the one there when it is that, generated afresh when there is none or an incomplete one
-    (a generation cut short), refused (DatasetError) when it holds other data."""
+    the one there when it is that, generated afresh when there is none or a damaged one,
+    refused (DatasetError) when it holds other data.
+
+    Two processes that ensure the same store at once (an `evaluate` beside a training's,
+    both of a run whose held-out set is not generated yet) both generate it; the one whose
+    store lands second takes the first's, which holds the same images (generation is
+    deterministic), rather than failing because `out` is no longer empty."""
     out = Path(out)
-    if is_store(out):
-        try:
-            ds = open_store(out)
-        except DatasetError:            # incomplete or damaged: generate it again
-            ds = None
-        if ds is not None:
-            attrs = ds.attrs
-            if generation(ds) != (name, num_images, seed):
-                raise DatasetError(f"{out} holds {ds.sizes['image']} {attrs.get('dataset')} images of seed "
-                                   f"{attrs.get('seed')} in chunks of {_chunk_size(ds)}, not {num_images} {name} images "
-                                   f"of seed {seed} in chunks of {CHUNK_SIZE}; choose another directory or remove it")
-            return out
-        return generate(name, num_images, out, seed=seed, progress=progress, overwrite=True, workers=workers)
-    return generate(name, num_images, out, seed=seed, progress=progress, workers=workers)
+    found = _found(name, num_images, seed, out)
+    if found:
+        return out
+    try:
+        return generate(name, num_images, out, seed=seed, progress=progress, overwrite=found is False,
+                        workers=workers)
+    except (WriteError, DatasetError):   # `out` no longer empty, before or after this generation
+        if _found(name, num_images, seed, out):
+            return out                  # generated beside this one meanwhile
+        raise
+
+
+def _found(name: str, num_images: int, seed: int, out: Path) -> bool | None:
+    """True when `out` holds the store `ensure` asks for, False when it holds a damaged
+    one (to generate again), None when it holds none; DatasetError when it holds other data."""
+    if not is_store(out):
+        return None
+    try:
+        ds = open_store(out)
+    except DatasetError:            # incomplete or damaged: generate it again
+        return False
+    if generation(ds) != (name, num_images, seed):
+        attrs = ds.attrs
+        raise DatasetError(f"{out} holds {ds.sizes['image']} {attrs.get('dataset')} images of seed "
+                           f"{attrs.get('seed')} in chunks of {_chunk_size(ds)}, not {num_images} {name} images "
+                           f"of seed {seed} in chunks of {CHUNK_SIZE}; choose another directory or remove it")
+    return True

@@ -8,7 +8,8 @@ import torch
 import xarray as xr
 
 from iodine_pyro.checkpoint import load_checkpoint
-from iodine_pyro.evaluate import evaluate
+from iodine_pyro.evaluate import evaluate, inferred_batches
+from iodine_pyro.metrics import mse
 from iodine_pyro.run import Run
 from iodine_pyro.system import Iodine
 
@@ -64,6 +65,24 @@ def test_evaluate_draws_from_its_own_seeded_stream_and_leaves_the_callers(runs):
     c = evaluate(runs["iterative"], num_images=4, batch_size=2, seed=1, progress=False)
     assert a["kl"] == b["kl"] and a["mse"] == b["mse"]
     assert c["kl"] != a["kl"]                                          # the seed picks the draws
+
+
+def test_inferred_batches_are_the_draws_evaluate_scores(runs):
+    run = Run.open(runs["iterative"])
+    ds, _ = run.dataset()
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    batches = list(inferred_batches(run, ds, num_images=5, batch_size=2))
+    assert torch.equal(torch.get_rng_state(), state)                   # the caller's stream is as it was
+    assert [b.x.shape[0] for b in batches] == [2, 2, 1] and all(b.true is not None for b in batches)
+    assert {len(b.steps) for b in batches} == {run.cfg.guide.num_iters}
+    per_image = torch.cat([mse(b.x, b.steps[-1].recon) for b in batches])
+    scored = evaluate(run, num_images=5, batch_size=2, progress=False)
+    assert float(per_image.mean()) == pytest.approx(scored["mse"][-1], rel=1e-9)
+    again = list(inferred_batches(run, ds, num_images=5, batch_size=2))
+    assert all(torch.equal(a.steps[-1].z, b.steps[-1].z) for a, b in zip(batches, again))
+    with pytest.raises(ValueError, match="at least 1"):
+        next(inferred_batches(run, ds, num_images=0, batch_size=2))
 
 
 def test_the_commands_take_amp_and_record_it(runs, tmp_path):

@@ -644,6 +644,48 @@ def test_data_paths_recorded_in_a_checkpoint_stay_inside_the_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]
 
 
+def test_a_damaged_held_out_set_of_a_run_is_generated_again(tmp_path):
+    from iodine_pyro.evaluate import evaluate
+
+    out = tmp_path / "run"
+    fit(out=out, steps=1, num_images=8, overrides=TINY_OVERRIDES, progress=False)
+    before = evaluate(out, num_images=4, batch_size=4, progress=False)
+    meta = out / "data" / "test" / "image" / "zarr.json"
+    shape = json.loads(meta.read_text())
+    shape["shape"][0] -= 1                                  # one array shorter than the others
+    meta.write_text(json.dumps(shape))
+    with pytest.raises(DatasetError):
+        open_dataset(out / "data" / "test")
+    assert evaluate(out, num_images=4, batch_size=4, progress=False)["fg_ari"] == before["fg_ari"]
+    assert open_dataset(out / "data" / "test").sizes["image"] == json.loads(meta.read_text())["shape"][0]
+
+
+def test_a_store_generated_beside_this_one_is_taken(tmp_path, monkeypatch):
+    """Two commands ensuring the same store at once: the one landing second takes the
+    first's (the same generation) instead of failing because the folder is no longer empty;
+    other data landing there meanwhile is refused."""
+    gen = importlib.import_module("iodine_pyro.data.generate")    # the module, not the function of that name
+    real_write, real_generate = gen.write_chunks, gen.generate
+
+    def landing(seed):
+        def write_chunks(tmp, *args, **kw):
+            n = real_write(tmp, *args, **kw)                       # this one's store is written, not yet in place
+            monkeypatch.setattr(gen, "write_chunks", real_write)
+            real_generate("tetrominoes", 8, Path(tmp).parent / "test", seed=seed, progress=False, workers=1)
+            return n
+        return write_chunks
+
+    out = tmp_path / "a" / "test"
+    monkeypatch.setattr(gen, "write_chunks", landing(3))
+    assert gen.ensure("tetrominoes", 8, out, seed=3, progress=False, workers=1) == out
+    assert open_dataset(out).attrs["seed"] == 3 and sorted(p.name for p in out.parent.iterdir()) == ["test"]
+    out = tmp_path / "b" / "test"
+    monkeypatch.setattr(gen, "write_chunks", landing(4))
+    with pytest.raises(DatasetError, match="not 8 tetrominoes images of seed 3"):
+        gen.ensure("tetrominoes", 8, out, seed=3, progress=False, workers=1)
+    assert open_dataset(out).attrs["seed"] == 4                    # theirs, untouched
+
+
 def test_a_metrics_row_that_is_not_one_never_stops_a_run(tmp_path, data):
     from iodine_pyro.checkpoint import read_metrics
 
