@@ -477,3 +477,24 @@ def test_object_fates_script_sorts_every_object_and_matches_evaluate(runs, tmp_p
     same = evaluate(runs["iterative"], num_images=12, batch_size=5, progress=False)
     assert math.isclose(result["fg_ari"], same["fg_ari"][-1], rel_tol=1e-9)
     assert "clean" in proc.stdout and "FG-ARI" in proc.stdout
+
+
+def test_decoder_limit_script_never_draws_worse_than_the_guide(runs, tmp_path):
+    out = tmp_path / "limit.json"
+    script = ROOT / "benchmarks" / "decoder_limit.py"
+    proc = subprocess.run([sys.executable, str(script), str(runs["iterative"]), "--num-images", "6", "--steps", "20",
+                           "--batch-size", "4", "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(out.read_text())
+    rows = result["rows"]
+    assert list(rows) == ["guide sample", "guide mean", "fitted z"] and result["images"] == 6
+    # the fitted z starts at the guide's mean and keeps the best it meets
+    assert rows["fitted z"]["nll"] <= rows["guide mean"]["nll"]
+    # the guide's sample is the draw evaluate scores
+    same = evaluate(runs["iterative"], num_images=6, batch_size=4, progress=False)
+    assert math.isclose(rows["guide sample"]["fg_ari"], same["fg_ari"][-1], rel_tol=1e-9)
+    assert math.isclose(rows["guide sample"]["mse"], same["mse"][-1], rel_tol=1e-6)
+    assert "fitted z" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), str(runs["iterative"]), "--steps", "-1"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode == 2 and "--steps" in bad.stderr
