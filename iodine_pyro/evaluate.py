@@ -167,12 +167,14 @@ def inferred_batches(run: Run, ds: xr.Dataset, *, num_images: int, batch_size: i
                      progress: bool = False, desc: str = "evaluate") -> Iterator[Inferred]:
     """The guide's inference on the first `num_images` images of `ds`, `batch_size` at a
     time: the draw `evaluate` scores, for any other reader of the same steps
-    (`benchmarks/object_fates.py`, `benchmarks/background_share.py`).
+    (`benchmarks/object_fates.py`, `benchmarks/background_share.py`,
+    `benchmarks/decoder_limit.py`).
 
     The sampling is seeded by `seed` while the iteration runs and the caller's random
     stream is restored when it ends, so the same arguments give the same steps; the batch
     size is part of the draw (FG-ARI 0.01 apart between batch sizes 32 and 64 on
-    Multi-dSprites).
+    Multi-dSprites). The caller's code between batches runs on the same stream: what it
+    draws at random changes the later batches' steps.
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError("`num_images` and `batch_size` must be at least 1")
