@@ -24,23 +24,24 @@ import json
 
 import torch
 
-from iodine_pyro.evaluate import inferred_batches
-from iodine_pyro.metrics import ari, mse, region_shares, summarize
+from iodine_pyro.evaluate import inferred_batches, score_steps
+from iodine_pyro.guides.base import Step
+from iodine_pyro.metrics import summarize
 from iodine_pyro.run import IMAGES, Run
+from iodine_pyro.system import StepResult
 
 ROWS = ("guide sample", "guide mean", "fitted z")
+SCORED = ["mse", "fg_ari", "ari", "bg_share", "nll"]                # rows of evaluate's METRICS table
 
 
-def _scores(model, x: torch.Tensor, true: torch.Tensor, z: torch.Tensor, background: int) -> dict[str, torch.Tensor]:
-    """Per-image MSE, FG-ARI, ARI, background share and NLL of the decoder's drawing of z [B, K, n_z]."""
-    d = model.decode(z)
-    terms = model.terms(x, d)
-    masks = terms.log_masks.exp()                                     # [B, K, H, W]
-    return {"mse": mse(x, d.reconstruction(masks)),
-            "fg_ari": ari(true, masks, foreground_only=background),
-            "ari": ari(true, masks),
-            "bg_share": region_shares(true, masks, background).max(1).values,
-            "nll": -terms.log_px.sum((1, 2)).double()}
+def _scores(system, x: torch.Tensor, true: torch.Tensor, step: StepResult, background: int) -> dict[str, torch.Tensor]:
+    """Per-image MSE, FG-ARI, ARI, background share and NLL of `step`, as `evaluate` scores them."""
+    return {k: v[0] for k, v in score_steps(system, x, [step], true, background, SCORED).items()}
+
+
+def _drawn(system, x: torch.Tensor, lam: torch.Tensor, z: torch.Tensor) -> StepResult:
+    """The step that decodes z [B, K, n_z] (`lam` the guide's posterior, for its KL)."""
+    return system.summarize(x, Step(lam, z, system.model.decode(z)))
 
 
 def fit_latents(model, x: torch.Tensor, z0: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
@@ -76,10 +77,10 @@ def limit(ref: str, num_images: int, steps: int, lr: float, batch_size: int) -> 
         last = inferred[-1]
         mean = system.guide.posterior(last.lam).loc                      # [B, K, n_z]
         with torch.no_grad():
-            rows = {"guide sample": _scores(model, x, true, last.z, background),
-                    "guide mean": _scores(model, x, true, mean, background)}
             fitted = fit_latents(model, x, mean, steps, lr)
-            rows["fitted z"] = _scores(model, x, true, fitted, background)
+            rows = {"guide sample": _scores(system, x, true, last, background),
+                    "guide mean": _scores(system, x, true, _drawn(system, x, last.lam, mean), background),
+                    "fitted z": _scores(system, x, true, _drawn(system, x, last.lam, fitted), background)}
         for r, values in rows.items():
             for k, v in values.items():
                 parts[r].setdefault(k, []).append(v.cpu())

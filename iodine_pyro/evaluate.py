@@ -179,6 +179,7 @@ def inferred_batches(run: Run, ds: xr.Dataset, *, num_images: int, batch_size: i
     if num_images < 1 or batch_size < 1:
         raise ValueError("`num_images` and `batch_size` must be at least 1")
     n = min(num_images, ds.sizes["image"])
+    sequence = is_sequence(ds)
     bar = tqdm(total=n, disable=not progress, desc=desc, unit="img", dynamic_ncols=True)
     try:
         with seeded(seed, torch.empty(0, device=run.device)), torch.no_grad():   # the caller's stream is left as it was
@@ -187,7 +188,7 @@ def inferred_batches(run: Run, ds: xr.Dataset, *, num_images: int, batch_size: i
                 x = batch["image"].to(run.device)                                  # [b, (F,) C, H, W]
                 true = batch["mask"].to(run.device) if "mask" in batch else None
                 steps = run.system.infer(x, num_iters=num_iters, num_slots=num_slots)   # one per step (frame)
-                if is_sequence(ds):
+                if sequence:
                     x, true = x[:, :len(steps)], true[:, :len(steps)] if true is not None else None
                 yield Inferred(x, true, steps)
                 bar.update(x.shape[0])
