@@ -118,7 +118,9 @@ class TrainConfig:
     geco_rate: float = ruled(0.01, number(0))                       # GECO: step of log(beta) per unit violation
     geco_ema: float = ruled(0.99, number(0, 1, lo_open=False, hi_open=True))   # GECO: smoothing of the MSE
     geco_release_step: int | None = ruled(None, optional(integer(0)))   # GECO: from this step on beta returns
-                                                                    # to 1 (the ELBO) at geco_rate per step
+                                                                    # to beta_max at geco_rate per step
+    beta_max: float = ruled(1.0, number(0))                         # the KL's largest weight: GECO's ceiling, or
+                                                                    # without GECO its weight (1: the ELBO)
     pixel_scale_final: float | None = ruled(None, optional(number(0)))  # anneal model.pixel_scale geometrically
     pixel_anneal_start: int = ruled(0, integer(0))                  # ... from this step ...
     pixel_anneal_steps: int = ruled(1, integer(1))                  # ... over this many steps (`pixel_scale_at`)
@@ -352,7 +354,7 @@ def field_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 # `Batches.load_state_dict`).
 SCHEDULE_FIELDS = ("train.lr", "train.lr_decay", "train.lr_decay_steps", "train.warmup_steps", "train.batch_size",
                    "train.clip_norm", "train.max_bad_steps", "train.geco_goal", "train.geco_rate",
-                   "train.geco_release_step",
+                   "train.geco_release_step", "train.beta_max",
                    "train.pixel_scale_final", "train.pixel_anneal_start", "train.pixel_anneal_steps",
                    "train.pixel_return_start", "train.num_slots_final", "train.num_slots_step")
 # ... and, with a guide that runs with any K (`can_change_slots`: no parameter has a slot

@@ -64,22 +64,31 @@ class Geco:
 
     Minimise the KL subject to the reconstruction MSE staying below `goal`: beta falls
     while the (smoothed) MSE of the final refinement step is above the goal, so the
-    networks first learn to reconstruct, and rises back to 1 (the ELBO) once it is below:
+    networks first learn to reconstruct, and rises back to `beta_max` (1: the ELBO) once it
+    is below:
 
         mse_ema <- ema * mse_ema + (1 - ema) * mse
-        log beta <- clip(log beta + rate * clip(1 - mse_ema / goal, -1, 1), log BETA_MIN, 0)
+        log beta <- clip(log beta + rate * clip(1 - mse_ema / goal, -1, 1), log BETA_MIN, log beta_max)
 
     The inner clip bounds a step's change of log beta by `rate`: at initialisation the
     MSE can be a hundred times the goal, which would otherwise drive beta to its floor
     within a few steps (seen: 1e-6 after 100 steps with rate 0.01).
+
+    A ceiling above 1 weights the KL as a beta-VAE does. With a Gaussian pixel likelihood
+    the reconstruction term scales as 1/sigma^2, so sigma 0.1 with beta_max 9 keeps the
+    balance of likelihood and KL that sigma 0.3 has with beta 1, while the mixture's
+    responsibilities are those of the sharper sigma.
 
     The state lives on the training device (no host read per step) and is checkpointed.
     """
 
     BETA_MIN = 1e-6
 
-    def __init__(self, goal: float, rate: float, ema: float, device: torch.device | str = "cpu"):
-        self.goal, self.rate, self.ema = goal, rate, ema
+    def __init__(self, goal: float, rate: float, ema: float, device: torch.device | str = "cpu",
+                 beta_max: float = 1.0):
+        if not beta_max > self.BETA_MIN:
+            raise ValueError(f"GECO's ceiling beta_max must be above its floor {self.BETA_MIN:g}, got {beta_max!r}")
+        self.goal, self.rate, self.ema, self.beta_max = goal, rate, ema, beta_max
         self.log_beta = torch.zeros((), device=device)
         self.mse = torch.full((), float("nan"), device=device)   # NaN: nothing measured yet
 
@@ -89,12 +98,12 @@ class Geco:
 
     def update(self, mse: torch.Tensor, applied: torch.Tensor | bool = True, release: bool = False) -> None:
         """Take the MSE of a step; a step that was not `applied` changes nothing. With
-        `release` beta rises towards 1 at the full rate whatever the MSE (a final phase
+        `release` beta rises towards `beta_max` at the full rate whatever the MSE (a final phase
         on the ELBO: ``train.geco_release_step``)."""
         mse = mse.detach().to(self.mse)
         smoothed = torch.where(torch.isnan(self.mse), mse, self.ema * self.mse + (1 - self.ema) * mse)
         violation = torch.ones_like(smoothed) if release else (1 - smoothed / self.goal).clamp(-1.0, 1.0)
-        log_beta = (self.log_beta + self.rate * violation).clamp(math.log(self.BETA_MIN), 0.0)
+        log_beta = (self.log_beta + self.rate * violation).clamp(math.log(self.BETA_MIN), math.log(self.beta_max))
         ok = torch.as_tensor(applied, device=self.mse.device) & torch.isfinite(smoothed)
         self.mse = torch.where(ok, smoothed, self.mse)
         self.log_beta = torch.where(ok, log_beta, self.log_beta)
@@ -138,7 +147,7 @@ class TrainingState:
         optimizer = make_optimizer(system, cfg, fused=speed.deferred)
         batches = Batches(ds, cfg.train.batch_size, seed=seed)
         t = cfg.train
-        geco = Geco(t.geco_goal, t.geco_rate, t.geco_ema, device) if t.geco_goal is not None else None
+        geco = Geco(t.geco_goal, t.geco_rate, t.geco_ema, device, t.beta_max) if t.geco_goal is not None else None
         return cls(cfg, system, optimizer, batches, geco, seed, data)
 
     def restore(self, ckpt: dict[str, Any], path: Path) -> None:
@@ -196,7 +205,7 @@ class TrainingState:
             group["lr"] = learning_rate(self.cfg, self.step)
         self.system.model.pixel_scale = pixel_scale_at(self.cfg, self.step)
         self._follow_slots()
-        return self.geco.beta if self.geco is not None else 1.0
+        return self.geco.beta if self.geco is not None else self.cfg.train.beta_max
 
     def observe(self, mse: torch.Tensor, applied: torch.Tensor | bool) -> None:
         """Take a step's reconstruction MSE (GECO's constraint); nothing when not `applied`."""

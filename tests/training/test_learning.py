@@ -214,6 +214,35 @@ def test_geco_release_returns_beta_to_one_whatever_the_mse():
     assert float(geco.beta) == 1.0
 
 
+def test_geco_rises_to_its_ceiling_and_no_further():
+    geco = Geco(goal=0.01, rate=0.5, ema=0.0, beta_max=9.0)
+    for _ in range(10):
+        geco.update(torch.tensor(0.0))                    # the goal met: beta rises past 1 ...
+    assert float(geco.beta) == pytest.approx(9.0)         # ... to the ceiling, where it stays
+    for _ in range(40):
+        geco.update(torch.tensor(1.0))
+    assert float(geco.beta) == pytest.approx(Geco.BETA_MIN)
+    with pytest.raises(ValueError, match="beta_max"):
+        Geco(goal=0.01, rate=0.5, ema=0.0, beta_max=1e-7)
+
+
+def test_beta_max_weights_the_kl_with_geco_and_without(tmp_path, data):
+    """A resumed run may raise the KL's ceiling; without GECO it is the KL's fixed weight."""
+    geco = {**TINY_OVERRIDES, "train.geco_goal": 1e-4}
+    fit(out=tmp_path / "g", data=data, steps=2, overrides=geco, progress=False, log_every=1)
+    done = fit(out=tmp_path / "g", data=data, steps=6, resume=True, progress=False, log_every=1,
+               overrides={"train.geco_release_step": 2, "train.geco_rate": 2.0, "train.beta_max": 3.0})
+    rows = [json.loads(line) for line in (done.out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["beta"] < 1 and rows[-1]["beta"] == pytest.approx(3.0)
+    # without GECO beta_max is the KL's weight: same seed and batch, a larger loss
+    elbo = fit(out=tmp_path / "e", data=data, steps=1, overrides=TINY_OVERRIDES, progress=False, log_every=1)
+    beta = fit(out=tmp_path / "b", data=data, steps=1, overrides={**TINY_OVERRIDES, "train.beta_max": 3.0},
+               progress=False, log_every=1)
+    (e,), (b,) = ([json.loads(line) for line in (r.out / "metrics.jsonl").read_text().splitlines()]
+                  for r in (elbo, beta))
+    assert "beta" not in e and b["beta"] == 3.0 and b["loss"] > e["loss"]
+
+
 def test_a_resumed_run_may_start_annealing_and_is_evaluated_at_its_sigma(tmp_path, data):
     overrides = {**TINY_OVERRIDES, "model.pixel_scale": 0.3, "train.geco_goal": 1e-4}
     fit(out=tmp_path / "run", data=data, steps=2, overrides=overrides, progress=False, log_every=1)
