@@ -99,6 +99,10 @@ class GuideConfig:
         return tuple(n for n in self.inputs if n not in self.disabled_inputs)
 
 
+# GECO's floor for beta (`training.Geco`): the KL keeps a weight of at least this
+GECO_BETA_MIN = 1e-6
+
+
 @dataclass
 class TrainConfig:
     """Optimisation: Adam, global gradient-norm clipping."""
@@ -507,6 +511,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.num_slots_final is None or g.kind not in guide_kinds() or guide_class(g.kind).can_change_slots,
          f"train.num_slots_final: the {g.kind} guide has parameters for each of its {m.num_slots} slots "
          "and trains with that K throughout"),
+        (cfg.train.geco_goal is None or cfg.train.beta_max > GECO_BETA_MIN,
+         f"train.beta_max: GECO's ceiling must be above its floor {GECO_BETA_MIN:g}, "
+         f"got {_shown(cfg.train.beta_max)}"),
         (cfg.train.pixel_return_start is None or cfg.train.pixel_scale_final is not None,
          "train.pixel_return_start: sigma returns from an anneal; set train.pixel_scale_final too"),
         (m.decoder != "deconv" or len(m.decoder_channels) >= 1,

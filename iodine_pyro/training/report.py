@@ -54,8 +54,7 @@ class MetricsLog:
         geco, system = state.geco, state.system
         self.last = {"step": state.step, "loss": loss, "grad_norm": grad_norm, "skipped": skipped,
                      **{k: round(v, 3) for k, v in state.clock().items()},
-                     **({"beta": float(geco.beta)} if geco is not None
-                        else {"beta": state.cfg.train.beta_max} if state.cfg.train.beta_max != 1 else {}),
+                     **({"beta": float(state.kl_weight)} if geco is not None or state.cfg.train.beta_max != 1 else {}),
                      **({"pixel_scale": system.model.pixel_scale} if state.cfg.train.pixel_scale_final else {}),
                      "num_slots": state.cfg.model.num_slots,        # K of the step (a resume may change it)
                      "batch_size": state.cfg.train.batch_size,      # its images (so may a resume)

@@ -20,7 +20,7 @@ import pyro
 import torch
 
 from ..checkpoint import CheckpointError, save_checkpoint, set_rng_state
-from ..config import Config, num_slots_at, pixel_scale_at
+from ..config import GECO_BETA_MIN, Config, num_slots_at, pixel_scale_at
 from ..data import Batches
 from ..system import Iodine
 from .speed import Speed
@@ -82,7 +82,7 @@ class Geco:
     The state lives on the training device (no host read per step) and is checkpointed.
     """
 
-    BETA_MIN = 1e-6
+    BETA_MIN = GECO_BETA_MIN
 
     def __init__(self, goal: float, rate: float, ema: float, device: torch.device | str = "cpu",
                  beta_max: float = 1.0):
@@ -205,6 +205,11 @@ class TrainingState:
             group["lr"] = learning_rate(self.cfg, self.step)
         self.system.model.pixel_scale = pixel_scale_at(self.cfg, self.step)
         self._follow_slots()
+        return self.kl_weight
+
+    @property
+    def kl_weight(self) -> float | torch.Tensor:
+        """The KL's weight in force: GECO's beta, or without GECO ``train.beta_max``."""
         return self.geco.beta if self.geco is not None else self.cfg.train.beta_max
 
     def observe(self, mse: torch.Tensor, applied: torch.Tensor | bool) -> None:

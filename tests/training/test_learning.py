@@ -224,6 +224,10 @@ def test_geco_rises_to_its_ceiling_and_no_further():
     assert float(geco.beta) == pytest.approx(Geco.BETA_MIN)
     with pytest.raises(ValueError, match="beta_max"):
         Geco(goal=0.01, rate=0.5, ema=0.0, beta_max=1e-7)
+    # a configuration with that ceiling is refused before any work (fast: GECO on), not at the first step
+    with pytest.raises(ValueError, match="train.beta_max: GECO's ceiling must be above its floor"):
+        make_config("tetrominoes", "fast", {"train.beta_max": 1e-7})
+    assert make_config("tetrominoes", "paper", {"train.beta_max": 1e-7}).train.beta_max == 1e-7   # no GECO: a weight
 
 
 def test_beta_max_weights_the_kl_with_geco_and_without(tmp_path, data):
