@@ -132,8 +132,11 @@ def plan_run(request: FitRequest, processes: Processes) -> RunPlan:
     """Settle the configuration, the run directory (continue, start or refuse) and the
     datasets (given, recorded by the run, or generated in OUT/data) on every process."""
     out, device = request.out, processes.device
-    cfg = make_config(request.dataset, request.preset, request.overrides)
     resuming = request.resume and (out / CHECKPOINT).exists()   # then the stored configuration decides
+    # a resume's overrides are checked against the run's own configuration (`resumed_config`),
+    # not against a new run's: one that completes a stored schedule (pixel_return_start
+    # after the run's own anneal) is valid there and would be refused here
+    cfg = make_config(request.dataset, request.preset, None if resuming else request.overrides)
     for given in (request.data, request.eval_data):             # checked before anything is written
         if given is not None and not resuming:
             open_checked(given, cfg, command="fit")

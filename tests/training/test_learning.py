@@ -266,3 +266,12 @@ def test_a_resumed_run_may_start_annealing_and_is_evaluated_at_its_sigma(tmp_pat
     with pytest.raises(ValueError, match="model.pixel_scale"):  # sigma itself stays the run's
         fit(out=tmp_path / "run", data=data, steps=6, overrides={"model.pixel_scale": 0.1}, resume=True,
             progress=False)
+    # a schedule field that completes the stored anneal is checked against the run's own
+    # configuration (a new run's default has no anneal for sigma to return from)
+    back = fit(out=tmp_path / "run", data=data, steps=8, overrides={"train.pixel_return_start": 5}, resume=True,
+               progress=False, log_every=1)
+    rows = [json.loads(line) for line in (back.out / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["pixel_scale"], 4) for r in rows[5:]] == [0.1, 0.1732, 0.3]   # back over 2 steps
+    with pytest.raises(ValueError, match="pixel_return_start"):   # and refused where it completes nothing
+        fit(out=tmp_path / "fresh", data=data, steps=1, overrides={**TINY_OVERRIDES, "train.pixel_return_start": 5},
+            progress=False)
