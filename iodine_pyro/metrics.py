@@ -219,6 +219,27 @@ def region_shares(true_masks: torch.Tensor, pred_masks: torch.Tensor, background
     return per_slot / inside.sum(1, keepdim=True)                        # 0 / 0: NaN
 
 
+def region_errors(x: torch.Tensor, true_masks: torch.Tensor, means: torch.Tensor, background: int = 1,
+                  region: str = "background") -> torch.Tensor:
+    """What each slot draws over a region: the mean of |mu_k - x| over the region's pixels
+    and the channels, float64 [B, K] (NaN rows for images without pixels of the region).
+    x [B, C, H, W], means [B, K, C, H, W]; the other arguments as in :func:`region_shares`.
+
+    Where every slot draws the background's colour, the mixture scores its pixels alike
+    whichever slot holds them, so no pixel sigma moves it from slot to slot
+    (`benchmarks/background_share.py`)."""
+    if x.dim() != 4 or means.dim() != 5 or means.shape[:1] + means.shape[2:] != x.shape \
+            or true_masks.shape[0] != x.shape[0] or true_masks.shape[2:] != x.shape[2:]:
+        raise ValueError(f"region_errors expects x [B, C, H, W], masks [B, G, H, W] and means [B, K, C, H, W], "
+                         f"got {tuple(x.shape)}, {tuple(true_masks.shape)} and {tuple(means.shape)}")
+    if region not in ("background", "objects"):
+        raise ValueError(f"region must be 'background' or 'objects', got {region!r}")
+    groups = true_masks[:, :background] if region == "background" else true_masks[:, background:]
+    inside = (groups.flatten(2) > 0).any(1).to(torch.float64)                       # [B, N]
+    err = (means.double() - x.double()[:, None]).abs().mean(2).flatten(2)          # [B, K, N]
+    return (err * inside[:, None]).sum(2) / inside.sum(1, keepdim=True)            # 0 / 0: NaN
+
+
 FATES = ("clean", "cut", "merged")   # `object_fates` codes 0-2, in this order
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iodine_pyro.evaluate import evaluate
-from iodine_pyro.metrics import FATES, ari, mse, object_fates, region_shares, slots_owning, summarize
+from iodine_pyro.metrics import FATES, ari, mse, object_fates, region_errors, region_shares, slots_owning, summarize
 
 from ..helpers import ENV
 
@@ -370,6 +370,21 @@ def test_slots_owning_background_in_one_slot_and_spread():
     assert region_shares(true, one, region="objects").tolist() == [[0.5, 0.5, 0.0, 0.0]]
     nothing = onehot_masks(torch.tensor([[1, 1, 1, 1, 1, 1, 2, 2]])[:, None], 3)   # no background pixel
     assert region_shares(nothing, one).isnan().all() and slots_owning(nothing, one).isnan().all()
+
+
+def test_region_errors_hand_computed():
+    """Per slot, |mu_k - x| averaged over the region's pixels and the channels."""
+    true = onehot_masks(torch.tensor([[0, 0, 1, 1]])[:, None], 2)      # [1, 2, 1, 4]: background, one object
+    x = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(1, 1, 1, 4).expand(1, 2, 1, 4)       # 2 channels
+    black = torch.zeros(1, 2, 1, 4)
+    own = torch.tensor([1.0, 1.0, 1.0, 1.0]).view(1, 2, 1, 2).repeat(1, 1, 1, 2)   # the object's colour
+    own[0, 1, 0, 0] = 0.5                                               # one channel of one pixel half-way
+    means = torch.stack([black, own], 1)                                # [1, K=2, C=2, 1, 4]
+    assert region_errors(x, true, means).tolist() == [[0.0, (1 + 1 + 1 + 0.5) / 4]]
+    assert region_errors(x, true, means, region="objects").tolist() == [[1.0, 0.0]]
+    assert region_errors(x, onehot_masks(torch.ones(1, 1, 4, dtype=torch.long), 2), means).isnan().all()
+    with pytest.raises(ValueError, match="region_errors expects"):
+        region_errors(x, true, means[:, :, :1])
 
 
 def test_slots_owning_no_region_is_nan_and_bad_input_raises():
