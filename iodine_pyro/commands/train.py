@@ -86,8 +86,8 @@ def fit(
     resume: Annotated[bool, typer.Option("--resume", help=(
         "Continue the run in OUT with its own settings; a learning-rate schedule given with it (--lr, or "
         "the [train] schedule fields of --config, listed in the README) applies from its step on, as do "
-        "--batch-size and --num-slots (with a guide that runs with any K: iterative, slot_attention); any "
-        "other change is refused."))] = False,
+        "--batch-size, --num-slots (with a guide that runs with any K: iterative, slot_attention) and "
+        "--num-iters (iterative); any other change is refused."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in OUT (only the files it made).")] = False,
     device: Device = "cpu",
     threads: Threads = None,

@@ -201,6 +201,23 @@ def test_a_run_that_changes_k_at_a_step_is_the_run_resumed_with_that_k(tmp_path,
     assert_same_params(params(tmp_path / "c"), params(tmp_path / "b"))
 
 
+def test_a_resumed_run_may_change_t_with_the_iterative_guide_only(tmp_path, data):
+    """T of the iterative guide (one refinement network for every step) may change on
+    resume: the loss runs and weighs the new number of steps, the metrics rows and the
+    checkpoint record it; a one-shot guide has no T to change."""
+    fit(out=tmp_path / "run", data=data, steps=2, overrides=TINY_OVERRIDES, progress=False, log_every=1)
+    done = fit(out=tmp_path / "run", data=data, steps=3, overrides={"guide.num_iters": 5}, resume=True,
+               progress=False, log_every=1)
+    rows = [json.loads(line) for line in (done.out / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["per_step"]["mse"]) for r in rows] == [3, 3, 5]
+    assert load_checkpoint(done.out)["config"].guide.num_iters == 5 and Run.open(done.out).system.weights() == \
+        pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    one_shot = {**TINY_OVERRIDES, "guide.kind": "amortized"}
+    fit(out=tmp_path / "vae", data=data, steps=1, overrides=one_shot, progress=False)
+    with pytest.raises(ValueError, match="guide.num_iters 3 -> 5"):
+        fit(out=tmp_path / "vae", data=data, steps=2, overrides={"guide.num_iters": 5}, resume=True, progress=False)
+
+
 def test_geco_release_returns_beta_to_one_whatever_the_mse():
     geco = Geco(goal=0.01, rate=0.1, ema=0.0)
     for _ in range(20):
