@@ -201,6 +201,15 @@ def owners(held: torch.Tensor, share: float = OWNING_SHARE) -> torch.Tensor:
     return torch.where(held.isnan().any(1), torch.full_like(count, float("nan")), count)
 
 
+def region_pixels(true_masks: torch.Tensor, background: int = 1, region: str = "background") -> torch.Tensor:
+    """float64 [B, H*W]: 1 at the pixels of the region (the first `background` mask groups,
+    or the groups after them for ``"objects"``), else 0."""
+    if region not in ("background", "objects"):
+        raise ValueError(f"region must be 'background' or 'objects', got {region!r}")
+    groups = true_masks[:, :background] if region == "background" else true_masks[:, background:]
+    return (groups.flatten(2) > 0).any(1).to(torch.float64)
+
+
 def region_shares(true_masks: torch.Tensor, pred_masks: torch.Tensor, background: int = 1,
                   region: str = "background") -> torch.Tensor:
     """The share of a region's pixels each slot holds (by the argmax of its masks, ties to
@@ -211,10 +220,7 @@ def region_shares(true_masks: torch.Tensor, pred_masks: torch.Tensor, background
             or true_masks.shape[2:] != pred_masks.shape[2:]:
         raise ValueError(f"region_shares expects [B, G, H, W] and [B, K, H, W] masks, got shapes "
                          f"{tuple(true_masks.shape)} and {tuple(pred_masks.shape)}")
-    if region not in ("background", "objects"):
-        raise ValueError(f"region must be 'background' or 'objects', got {region!r}")
-    groups = true_masks[:, :background] if region == "background" else true_masks[:, background:]
-    inside = (groups.flatten(2) > 0).any(1).to(torch.float64)            # [B, N]
+    inside = region_pixels(true_masks, background, region)               # [B, N]
     per_slot = _pixels_held(inside.unsqueeze(1), pred_masks).squeeze(1)  # [B, K] pixels held
     return per_slot / inside.sum(1, keepdim=True)                        # 0 / 0: NaN
 
@@ -232,10 +238,7 @@ def region_errors(x: torch.Tensor, true_masks: torch.Tensor, means: torch.Tensor
             or true_masks.shape[0] != x.shape[0] or true_masks.shape[2:] != x.shape[2:]:
         raise ValueError(f"region_errors expects x [B, C, H, W], masks [B, G, H, W] and means [B, K, C, H, W], "
                          f"got {tuple(x.shape)}, {tuple(true_masks.shape)} and {tuple(means.shape)}")
-    if region not in ("background", "objects"):
-        raise ValueError(f"region must be 'background' or 'objects', got {region!r}")
-    groups = true_masks[:, :background] if region == "background" else true_masks[:, background:]
-    inside = (groups.flatten(2) > 0).any(1).to(torch.float64)                       # [B, N]
+    inside = region_pixels(true_masks, background, region)                         # [B, N]
     err = (means.double() - x.double()[:, None]).abs().mean(2).flatten(2)          # [B, K, N]
     return (err * inside[:, None]).sum(2) / inside.sum(1, keepdim=True)            # 0 / 0: NaN
 
