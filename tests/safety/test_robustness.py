@@ -237,8 +237,8 @@ def test_a_run_of_another_k_is_refused_unless_resumed_and_kept(tmp_path, data, t
     assert (out / "checkpoint.pt").read_bytes() == before           # nothing written over it
     # --resume continues the stored run with its own settings and refuses what would change
     # its parameters or guide ...
-    proc = cli(*fit_args(out, data, tiny_toml, 4, "--num-iters", "2", "--resume"))
-    assert_one_line_error(proc, "guide.num_iters 3 -> 2", "a resumed run may change only")
+    proc = cli(*fit_args(out, data, tiny_toml, 4, "--decoder", "deconv", "--resume"))
+    assert_one_line_error(proc, "model.decoder 'broadcast' -> 'deconv'", "a resumed run may change only")
     assert (out / "checkpoint.pt").read_bytes() == before
     # ... but not K: no parameter of the iterative guide has a slot dimension, so the run
     # trains on with 5 slots from its step, and each metrics row says with how many
